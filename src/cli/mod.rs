@@ -1,0 +1,65 @@
+//! The command line: one file per subcommand, each owning its clap arguments and its `run`.
+//!
+//! Exit codes are a contract with scripts: 0 success, 1 the operation itself failed (a QMP error,
+//! a failed migration), 2 bad input (a missing socket, bad JSON, bad flags), printed as one line
+//! on stderr.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod nbd_serve;
+mod qmp;
+
+/// Exit code for "the operation ran and failed".
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code for "bad input: nothing was done".
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, about = "Live-migrate QEMU VMs with their local disks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Send one QMP command to a QEMU monitor socket, or follow its events.
+    Qmp(qmp::QmpArgs),
+    /// Serve raw files or block devices over NBD until SIGINT/SIGTERM.
+    NbdServe(nbd_serve::NbdServeArgs),
+}
+
+/// Parses the command line, runs the subcommand on a tokio runtime and returns its exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(EXIT_FAILED, format_args!("cannot start the async runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Qmp(args) => qmp::run(args).await,
+            Command::NbdServe(args) => nbd_serve::run(args).await,
+        }
+    })
+}
+
+/// Prints `ferry: MESSAGE` on stderr and returns `code`: the one-line error every command uses.
+pub fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("ferry: {message}");
+    ExitCode::from(code)
+}
+
+/// Logs go to stderr, filtered by `FERRY_LOG` (e.g. `FERRY_LOG=ferry=debug`); quiet by default so
+/// that stdout stays machine-readable.
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,1 @@
+//! NBD: wire format, server and file backend.
