@@ -8,6 +8,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod agent;
+mod migrate;
 mod nbd_serve;
 mod qmp;
 
@@ -29,6 +31,10 @@ enum Command {
     Qmp(qmp::QmpArgs),
     /// Serve raw files or block devices over NBD until SIGINT/SIGTERM.
     NbdServe(nbd_serve::NbdServeArgs),
+    /// Receive migrations on the destination host (long-running service).
+    Agent(agent::AgentArgs),
+    /// Live-migrate the VM behind a QMP socket to a host running `ferry agent`.
+    Migrate(migrate::MigrateArgs),
 }
 
 /// Parses the command line, runs the subcommand on a tokio runtime and returns its exit code.
@@ -43,6 +49,8 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Qmp(args) => qmp::run(args).await,
             Command::NbdServe(args) => nbd_serve::run(args).await,
+            Command::Agent(args) => agent::run(args).await,
+            Command::Migrate(args) => migrate::run(args).await,
         }
     })
 }
@@ -62,4 +70,34 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Reads a shared token: the file's content without surrounding white space. Refuses a missing,
+/// empty or short token rather than run with a guessable one.
+pub fn read_token(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let text = std::fs::read(path).map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+    let token = text.trim_ascii().to_vec();
+    if token.len() < 16 {
+        return Err(format!(
+            "token file {} holds {} bytes; use at least 16 random bytes (e.g. `head -c 32 /dev/urandom | base64 > {}`)",
+            path.display(),
+            token.len(),
+            path.display()
+        ));
+    }
+    Ok(token)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
 }

@@ -1,0 +1,202 @@
+//! The destination QEMU: started daemonized from the rewritten argv (so it outlives the agent),
+//! driven over its own QMP socket inside the migration directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+/// How long QEMU may take to initialise before `-daemonize` returns.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A failure of the destination QEMU, with what QEMU said where there is something.
+#[derive(Debug, thiserror::Error)]
+pub enum DestinationError {
+    /// QEMU did not start.
+    #[error("destination QEMU failed to start: {detail}")]
+    Start {
+        /// QEMU's own error text (last lines of its stderr) or the spawn error.
+        detail: String,
+    },
+    /// A QMP command failed.
+    #[error("destination QEMU: {what}")]
+    Qmp {
+        /// What was being done.
+        what: String,
+        /// The QMP error.
+        #[source]
+        source: qmp::Error,
+    },
+    /// The incoming migration ended in a state other than `completed`.
+    #[error("incoming migration on the destination ended as `{status}`")]
+    Incoming {
+        /// The final status.
+        status: String,
+    },
+}
+
+fn qmp_err(what: impl Into<String>) -> impl FnOnce(qmp::Error) -> DestinationError {
+    let what = what.into();
+    move |source| DestinationError::Qmp { what, source }
+}
+
+/// A running destination QEMU.
+pub struct Destination {
+    /// Its pid (from `-pidfile`).
+    pub pid: u32,
+    /// Its QMP socket.
+    pub qmp_path: PathBuf,
+    qmp: qmp::Qmp,
+}
+
+impl Destination {
+    /// Runs `argv` (which must contain `-daemonize -pidfile PIDFILE -qmp unix:QMP`) and connects.
+    /// QEMU's parent process exits only once initialisation succeeded or failed, so its exit
+    /// status is the answer to "did it start"; its stderr goes to `dir/qemu.stderr`.
+    pub async fn start(argv: &[String], dir: &Path, pidfile: &Path, qmp_path: &Path) -> Result<Destination, DestinationError> {
+        let (binary, args) = argv.split_first().ok_or_else(|| DestinationError::Start { detail: "empty argv".into() })?;
+        let stderr_path = dir.join("qemu.stderr");
+        let stderr = std::fs::File::create(&stderr_path)
+            .map_err(|e| DestinationError::Start { detail: format!("cannot create {}: {e}", stderr_path.display()) })?;
+        let mut child = tokio::process::Command::new(binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| DestinationError::Start { detail: format!("cannot run {binary}: {e}") })?;
+        let status = match tokio::time::timeout(START_TIMEOUT, child.wait()).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(e)) => return Err(DestinationError::Start { detail: e.to_string() }),
+            Err(_) => {
+                let _ = child.kill().await;
+                return Err(DestinationError::Start { detail: format!("no answer within {}s", START_TIMEOUT.as_secs()) });
+            }
+        };
+        if !status.success() {
+            let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            let detail = last_lines(&text, 3).unwrap_or_else(|| format!("exited with {status}"));
+            return Err(DestinationError::Start { detail });
+        }
+        let pid = std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .ok_or_else(|| DestinationError::Start { detail: format!("no pid in {}", pidfile.display()) })?;
+        let qmp = match qmp::Qmp::connect_unix_timeout(qmp_path, Duration::from_secs(10)).await {
+            Ok(qmp) => qmp,
+            Err(source) => {
+                kill_pid(pid);
+                return Err(DestinationError::Qmp { what: "connecting to its QMP socket".into(), source });
+            }
+        };
+        Ok(Destination { pid, qmp_path: qmp_path.to_path_buf(), qmp })
+    }
+
+    /// Sets `late-block-activate` (images stay inactive until `cont`) and listens for the RAM on
+    /// an ephemeral port of `ip`; returns the port QEMU picked.
+    pub async fn listen(&self, ip: std::net::IpAddr) -> Result<u16, DestinationError> {
+        self.qmp
+            .execute_raw(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "late-block-activate", "state": true}]}),
+            )
+            .await
+            .map_err(qmp_err("setting late-block-activate"))?;
+        let host = match ip {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+        };
+        self.qmp
+            .execute_raw("migrate-incoming", json!({"uri": format!("tcp:{host}:0")}))
+            .await
+            .map_err(qmp_err("migrate-incoming"))?;
+        let info = self.qmp.execute_raw("query-migrate", Value::Null).await.map_err(qmp_err("query-migrate"))?;
+        incoming_port(&info).ok_or_else(|| DestinationError::Start {
+            detail: format!("query-migrate did not report the listening port: {info}"),
+        })
+    }
+
+    /// Waits until the incoming migration is `completed` (Ok) or has failed (Err).
+    pub async fn wait_incoming(&self, timeout: Duration) -> Result<(), DestinationError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.incoming_status().await?;
+            match status.as_str() {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => return Err(DestinationError::Incoming { status }),
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(DestinationError::Incoming { status: format!("{status} (still, after {}s)", timeout.as_secs()) });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The incoming migration's status as QEMU reports it (`none` before anything arrived).
+    pub async fn incoming_status(&self) -> Result<String, DestinationError> {
+        let info = self.qmp.execute_raw("query-migrate", Value::Null).await.map_err(qmp_err("query-migrate"))?;
+        Ok(info.get("status").and_then(Value::as_str).unwrap_or("none").to_string())
+    }
+
+    /// Starts the guest; returns QEMU's timestamp of the RESUME event in microseconds, if seen.
+    pub async fn resume(&self) -> Result<Option<i64>, DestinationError> {
+        let mut events = self.qmp.events();
+        self.qmp.execute_raw("cont", Value::Null).await.map_err(qmp_err("cont"))?;
+        let resumed = events.wait_for(|e| e.name == "RESUME", Duration::from_secs(5)).await;
+        Ok(resumed.ok().map(|e| e.timestamp.as_micros()))
+    }
+
+    /// Kills the destination QEMU (rollback).
+    pub fn kill(&self) {
+        kill_pid(self.pid);
+    }
+}
+
+/// SIGKILL, ignoring a process that is already gone.
+pub fn kill_pid(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// Whether a process with this pid exists.
+pub fn pid_alive(pid: u32) -> bool {
+    i32::try_from(pid).is_ok_and(|p| kill(Pid::from_raw(p), None).is_ok())
+}
+
+fn incoming_port(info: &Value) -> Option<u16> {
+    info.get("socket-address")?
+        .as_array()?
+        .iter()
+        .find_map(|addr| addr.get("port")?.as_str()?.parse().ok())
+}
+
+fn last_lines(text: &str, n: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return None;
+    }
+    Some(lines[lines.len().saturating_sub(n)..].join(" / "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_comes_from_socket_address() {
+        let info = json!({"status": "setup", "socket-address": [{"type": "inet", "host": "127.0.0.1", "port": "40123"}]});
+        assert_eq!(incoming_port(&info), Some(40123));
+        assert_eq!(incoming_port(&json!({"status": "setup"})), None);
+    }
+
+    #[test]
+    fn stderr_is_summarised() {
+        assert_eq!(last_lines("a\n\nb\nc\nd\n", 2).as_deref(), Some("c / d"));
+        assert_eq!(last_lines("\n", 2), None);
+    }
+}

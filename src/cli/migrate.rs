@@ -1,0 +1,67 @@
+//! `ferry migrate --qmp SOCKET --to HOST:PORT --token-file FILE [--json]`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::migrate::report::{HumanReporter, JsonReporter, Reporter};
+use crate::migrate::{migrate, MigrateOptions};
+
+/// Arguments of `ferry migrate`.
+#[derive(clap::Args, Debug)]
+pub struct MigrateArgs {
+    /// The VM's QMP socket (a unix socket on this host).
+    #[arg(long, value_name = "SOCKET")]
+    qmp: PathBuf,
+    /// The destination's `ferry agent`, `HOST:PORT`.
+    #[arg(long, value_name = "HOST:PORT")]
+    to: String,
+    /// File holding the shared token (the same content as the agent's).
+    #[arg(long, value_name = "FILE")]
+    token_file: PathBuf,
+    /// Print one JSON object per line instead of human progress.
+    #[arg(long)]
+    json: bool,
+    /// Mirror in write-blocking mode from the start: guest writes wait for the network, and the
+    /// disks are guaranteed to converge however fast the guest writes.
+    #[arg(long)]
+    sync_writes: bool,
+    /// Give up if the disks are not in sync after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 3600)]
+    mirror_timeout: u64,
+}
+
+/// Runs one migration. Exit 0 when the VM runs on the destination, 1 when it failed (and was
+/// rolled back), 2 on bad input.
+pub async fn run(args: MigrateArgs) -> ExitCode {
+    let token = match super::read_token(&args.token_file) {
+        Ok(t) => t,
+        Err(e) => return super::fail(super::EXIT_USAGE, e),
+    };
+    if !args.qmp.exists() {
+        return super::fail(super::EXIT_USAGE, format!("no QMP socket at {}", args.qmp.display()));
+    }
+    let mut opts = MigrateOptions::new(args.qmp, args.to, token);
+    opts.sync_writes = args.sync_writes;
+    opts.mirror_timeout = Duration::from_secs(args.mirror_timeout);
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        super::terminated().await;
+        on_signal.cancel();
+    });
+    let mut json = JsonReporter;
+    let mut human = HumanReporter::default();
+    let reporter: &mut dyn Reporter = if args.json { &mut json } else { &mut human };
+    match migrate(&opts, reporter, &cancel).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(failure) => {
+            if !args.json {
+                eprintln!("ferry: migration failed during {}: {}", failure.phase, failure.error);
+            }
+            ExitCode::from(super::EXIT_FAILED)
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The source's end of the control connection to `ferry agent` (see [`crate::protocol`]).
+//!
+//! After the handshake a reader task owns the read half and forwards every message to a channel,
+//! so the driver can wait for "the agent said something or hung up" alongside QMP events and
+//! Ctrl-C without cancelling a half-read frame.
+
+use std::time::Duration;
+
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::protocol::{self, AgentMessage, ProtocolError, Signer, SourceMessage};
+use crate::vm::VmDescription;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A control-connection failure, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No TCP connection.
+    #[error("cannot reach the agent at {to}: {source}; is `ferry agent` running there and the port open?")]
+    Connect {
+        /// `HOST:PORT`.
+        to: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The agent said no (its words).
+    #[error("agent refused: {0}")]
+    Refused(String),
+    /// The agent did not prove it holds the token.
+    #[error("the agent at {0} could not prove it holds the token: check --token-file on both hosts")]
+    AgentNotAuthentic(String),
+    /// The connection broke or the agent went silent.
+    #[error("lost the agent: {0}")]
+    Lost(String),
+    /// The agent sent something out of order.
+    #[error("agent sent an unexpected {0}")]
+    Unexpected(String),
+}
+
+impl From<ProtocolError> for ControlError {
+    fn from(e: ProtocolError) -> Self {
+        ControlError::Lost(crate::error_chain(&e))
+    }
+}
+
+/// An authenticated control connection.
+pub struct AgentLink {
+    writer: OwnedWriteHalf,
+    incoming: mpsc::Receiver<Result<AgentMessage, String>>,
+    reader: tokio::task::JoinHandle<()>,
+    /// The agent's host as given by the operator (NBD and RAM connect there too).
+    pub host: String,
+}
+
+impl Drop for AgentLink {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl AgentLink {
+    /// Connects to `to` (`HOST:PORT`) and authenticates both ways.
+    pub async fn connect(to: &str, token: &[u8]) -> Result<AgentLink, ControlError> {
+        let connect = TcpStream::connect(to);
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(ControlError::Connect { to: to.to_string(), source }),
+            Err(_) => {
+                let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s");
+                return Err(ControlError::Connect { to: to.to_string(), source });
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let host = host_of(to);
+        let (mut rd, mut writer) = stream.into_split();
+
+        let hello = SourceMessage::Hello {
+            versions: protocol::SUPPORTED_VERSIONS.to_vec(),
+            software: format!("ferry {}", env!("CARGO_PKG_VERSION")),
+        };
+        protocol::write_message(&mut writer, &hello).await?;
+        let nonce = match read_timeout(&mut rd).await? {
+            AgentMessage::Challenge { nonce, .. } => nonce,
+            other => return Err(unexpected(other)),
+        };
+        let my_nonce = protocol::new_nonce();
+        let auth = SourceMessage::Auth { mac: protocol::sign(token, Signer::Source, &nonce), nonce: my_nonce.clone() };
+        protocol::write_message(&mut writer, &auth).await?;
+        match read_timeout(&mut rd).await? {
+            AgentMessage::Authenticated { mac } if protocol::verify(token, Signer::Agent, &my_nonce, &mac) => {}
+            AgentMessage::Authenticated { .. } => return Err(ControlError::AgentNotAuthentic(to.to_string())),
+            other => return Err(unexpected(other)),
+        }
+
+        let (tx, incoming) = mpsc::channel(8);
+        let reader = tokio::spawn(async move {
+            loop {
+                let msg = protocol::read_message::<_, AgentMessage>(&mut rd).await;
+                let stop = msg.is_err();
+                if tx.send(msg.map_err(|e| crate::error_chain(&e))).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(AgentLink { writer, incoming, reader, host })
+    }
+
+    /// Sends one message.
+    pub async fn send(&mut self, msg: &SourceMessage) -> Result<(), ControlError> {
+        protocol::write_message(&mut self.writer, msg).await.map_err(Into::into)
+    }
+
+    /// The next message from the agent; `Refused` and a closed connection become errors.
+    pub async fn recv(&mut self) -> Result<AgentMessage, ControlError> {
+        match self.incoming.recv().await {
+            Some(Ok(AgentMessage::Refused { reason })) => Err(ControlError::Refused(reason)),
+            Some(Ok(msg)) => Ok(msg),
+            Some(Err(e)) => Err(ControlError::Lost(e)),
+            None => Err(ControlError::Lost("connection closed".into())),
+        }
+    }
+
+    /// Like [`recv`](Self::recv) with a deadline.
+    pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<AgentMessage, ControlError> {
+        match tokio::time::timeout(timeout, self.recv()).await {
+            Ok(r) => r,
+            Err(_) => Err(ControlError::Lost(format!("no answer within {} s", timeout.as_secs()))),
+        }
+    }
+
+    /// Sends the VM; returns `(migration_id, nbd_port, exports)`.
+    pub async fn prepare(&mut self, vm: &VmDescription) -> Result<(String, u16, Vec<protocol::ExportInfo>), ControlError> {
+        self.send(&SourceMessage::Prepare { vm: vm.clone() }).await?;
+        match self.recv_timeout(REPLY_TIMEOUT).await? {
+            AgentMessage::Prepared { migration_id, nbd_port, exports } => Ok((migration_id, nbd_port, exports)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks for the destination QEMU; returns the port it listens on for the RAM.
+    pub async fn start_destination(&mut self) -> Result<u16, ControlError> {
+        self.send(&SourceMessage::StartDestination).await?;
+        match self.recv_timeout(REPLY_TIMEOUT).await? {
+            AgentMessage::DestinationReady { migration_port } => Ok(migration_port),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reports the switchover; returns the agent's `Running` message.
+    pub async fn switched(&mut self) -> Result<AgentMessage, ControlError> {
+        self.send(&SourceMessage::Switched).await?;
+        match self.recv_timeout(REPLY_TIMEOUT).await? {
+            msg @ AgentMessage::Running { .. } => Ok(msg),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+async fn read_timeout<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) -> Result<AgentMessage, ControlError> {
+    match tokio::time::timeout(REPLY_TIMEOUT, protocol::read_message::<_, AgentMessage>(rd)).await {
+        Ok(Ok(AgentMessage::Refused { reason })) => Err(ControlError::Refused(reason)),
+        Ok(Ok(msg)) => Ok(msg),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(ControlError::Lost("no answer during the handshake".into())),
+    }
+}
+
+fn unexpected(msg: AgentMessage) -> ControlError {
+    let text = serde_json::to_value(&msg)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "message".into());
+    ControlError::Unexpected(text)
+}
+
+/// The host part of `HOST:PORT` / `[V6]:PORT`, without brackets.
+pub fn host_of(to: &str) -> String {
+    let host = match to.rsplit_once(':') {
+        Some((h, _)) => h,
+        None => to,
+    };
+    host.trim_start_matches('[').trim_end_matches(']').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_is_split_from_port() {
+        assert_eq!(host_of("10.0.0.2:7000"), "10.0.0.2");
+        assert_eq!(host_of("[::1]:7000"), "::1");
+        assert_eq!(host_of("agent.example:7000"), "agent.example");
+    }
+}

@@ -1,0 +1,225 @@
+//! The disk phase: one NBD target node and one `blockdev-mirror` job per disk, then wait until
+//! every job is READY (in sync, copying new guest writes as they happen).
+//!
+//! Convergence: a guest that writes faster than the network can keep a background mirror from
+//! ever becoming READY. When the remaining work has not shrunk for [`STALL_WINDOW`], the job is
+//! switched to write-blocking mode (`block-job-change`, QEMU 9.1+): guest writes then complete
+//! only once they reached the destination, which bounds the backlog. On older QEMU the switch is
+//! refused and ferry keeps waiting until the `--mirror-timeout`; `--sync-writes` starts every
+//! job in write-blocking mode from the beginning instead.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::control::AgentLink;
+use super::report::{Progress, Reporter};
+use super::source::SourceQemu;
+use super::{Failure, MigrateOptions, PhaseName};
+use crate::vm::DiskDescription;
+
+/// How often job progress is polled and reported.
+const POLL: Duration = Duration::from_millis(250);
+/// How long the remaining work may fail to shrink before the job goes write-blocking.
+const STALL_WINDOW: Duration = Duration::from_secs(10);
+
+/// One disk's mirror.
+#[derive(Debug, Clone)]
+pub struct MirrorJob {
+    /// The disk.
+    pub disk: String,
+    /// QEMU job id.
+    pub job: String,
+    /// The NBD target node on the source QEMU.
+    pub node: String,
+}
+
+/// Names for the nodes and jobs of one migration: unique per migration, so two ferry runs (or a
+/// leftover of a killed one) never collide.
+pub fn plan(disks: &[DiskDescription], tag: &str) -> Vec<MirrorJob> {
+    disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| MirrorJob { disk: d.name.clone(), job: format!("ferry-{tag}-mirror{i}"), node: format!("ferry-{tag}-nbd{i}") })
+        .collect()
+}
+
+/// Per-job convergence tracking.
+struct Tracker {
+    best_remaining: u64,
+    since: Instant,
+    write_blocking: bool,
+}
+
+/// Waits for every job to be READY, reporting progress. Fails on a job error, a cancelled
+/// token, the timeout, or a message/hang-up from the agent.
+pub async fn wait_ready(
+    qemu: &SourceQemu,
+    jobs: &[MirrorJob],
+    events: &mut qmp::Events,
+    reporter: &mut dyn Reporter,
+    cancel: &CancellationToken,
+    agent: &mut AgentLink,
+    opts: &MigrateOptions,
+) -> Result<u64, Failure> {
+    let (timeout, sync_writes) = (opts.mirror_timeout, opts.sync_writes);
+    let fail = |e: String| Failure::new(PhaseName::Mirror, e);
+    let deadline = Instant::now() + timeout;
+    let mut ready: HashMap<String, bool> = jobs.iter().map(|j| (j.job.clone(), false)).collect();
+    let mut trackers: HashMap<String, Tracker> = jobs
+        .iter()
+        .map(|j| (j.job.clone(), Tracker { best_remaining: u64::MAX, since: Instant::now(), write_blocking: sync_writes }))
+        .collect();
+    let mut tick = tokio::time::interval(POLL);
+    let mut copied = 0;
+    loop {
+        if ready.values().all(|r| *r) {
+            return Ok(copied);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(fail("interrupted".into())),
+            msg = agent.recv() => {
+                let why = match msg {
+                    Ok(_) => "the agent sent a message out of turn".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                return Err(fail(why));
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                let waiting: Vec<&str> = jobs.iter().filter(|j| !ready[&j.job]).map(|j| j.disk.as_str()).collect();
+                return Err(fail(format!(
+                    "disks {} did not reach sync within {} s (the guest may write faster than the network; try --sync-writes)",
+                    waiting.join(", "), timeout.as_secs()
+                )));
+            }
+            event = events.next() => {
+                let event = event.map_err(|e| fail(format!("source QEMU: {}", crate::error_chain(&e))))?;
+                let job_id = event.data.get("device").and_then(Value::as_str).unwrap_or("");
+                let Some(job) = jobs.iter().find(|j| j.job == job_id) else { continue };
+                match event.name.as_str() {
+                    "BLOCK_JOB_READY" if !ready.insert(job.job.clone(), true).unwrap_or(true) => {
+                        reporter.report(&Progress::MirrorReady { disk: job.disk.clone() });
+                    }
+                    "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => {
+                        let why = event.data.get("error").and_then(Value::as_str).unwrap_or("the job ended early");
+                        return Err(fail(format!("mirror of disk {} failed: {why}", job.disk)));
+                    }
+                    "BLOCK_JOB_ERROR" => {
+                        let op = event.data.get("operation").and_then(Value::as_str).unwrap_or("I/O");
+                        warn!(disk = %job.disk, op, "mirror I/O error");
+                    }
+                    _ => {}
+                }
+            }
+            _ = tick.tick() => {
+                let list = qemu.block_jobs().await.map_err(|e| fail(crate::error_chain(&e)))?;
+                copied = 0;
+                for job in jobs {
+                    let Some(info) = list.iter().find(|j| j.get("device").and_then(Value::as_str) == Some(&job.job)) else {
+                        return Err(fail(format!("mirror job of disk {} disappeared", job.disk)));
+                    };
+                    let done = info.get("offset").and_then(Value::as_u64).unwrap_or(0);
+                    let total = info.get("len").and_then(Value::as_u64).unwrap_or(0);
+                    copied += done;
+                    reporter.report(&Progress::Mirror { disk: job.disk.clone(), done, total });
+                    if info.get("ready").and_then(Value::as_bool) == Some(true) && !ready[&job.job] {
+                        ready.insert(job.job.clone(), true);
+                        reporter.report(&Progress::MirrorReady { disk: job.disk.clone() });
+                    }
+                    if let Some(t) = trackers.get_mut(&job.job) {
+                        converge(qemu, job, t, total.saturating_sub(done), ready[&job.job], reporter).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn converge(qemu: &SourceQemu, job: &MirrorJob, t: &mut Tracker, remaining: u64, ready: bool, reporter: &mut dyn Reporter) {
+    if ready || t.write_blocking {
+        return;
+    }
+    if remaining < t.best_remaining {
+        t.best_remaining = remaining;
+        t.since = Instant::now();
+        return;
+    }
+    if t.since.elapsed() < STALL_WINDOW {
+        return;
+    }
+    // Not converging. Whether or not QEMU can switch, try only once.
+    t.write_blocking = true;
+    match qemu.make_write_blocking(&job.job).await {
+        Ok(()) => {
+            info!(disk = %job.disk, "mirror switched to write-blocking");
+            reporter.report(&Progress::MirrorWriteBlocking { disk: job.disk.clone() });
+        }
+        Err(e) => warn!(disk = %job.disk, error = %crate::error_chain(&e), "cannot switch mirror to write-blocking"),
+    }
+}
+
+/// At pre-switchover (guest stopped): soft-cancel every READY job, which copies what is still
+/// dirty and completes the job without pivoting; wait until each has completed.
+pub async fn final_sync(qemu: &SourceQemu, jobs: &[MirrorJob], events: &mut qmp::Events, timeout: Duration) -> Result<(), Failure> {
+    let fail = |e: String| Failure::new(PhaseName::Switchover, e);
+    for job in jobs {
+        qemu.cancel_job(&job.job, false).await.map_err(|e| fail(crate::error_chain(&e)))?;
+    }
+    let mut pending: Vec<&MirrorJob> = jobs.iter().collect();
+    let deadline = Instant::now() + timeout;
+    while !pending.is_empty() {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let event = events
+            .wait_for(|e| e.name == "BLOCK_JOB_COMPLETED" || e.name == "BLOCK_JOB_CANCELLED", remaining)
+            .await
+            .map_err(|e| fail(format!("waiting for the final disk sync: {}", crate::error_chain(&e))))?;
+        let id = event.data.get("device").and_then(Value::as_str).unwrap_or("");
+        let Some(pos) = pending.iter().position(|j| j.job == id) else { continue };
+        if let Some(err) = event.data.get("error").and_then(Value::as_str) {
+            return Err(fail(format!("final sync of disk {} failed: {err}", pending[pos].disk)));
+        }
+        if event.name == "BLOCK_JOB_CANCELLED" {
+            return Err(fail(format!("final sync of disk {} was cancelled", pending[pos].disk)));
+        }
+        pending.remove(pos);
+    }
+    Ok(())
+}
+
+/// Rollback: abandon the jobs (force-cancel) and remove the NBD nodes. Best effort: each step
+/// is tried whatever the previous one did.
+pub async fn abandon(qemu: &SourceQemu, jobs: &[MirrorJob], nodes_added: &[String]) {
+    let mut events = qemu.qmp.events();
+    let mut running = Vec::new();
+    if let Ok(list) = qemu.block_jobs().await {
+        for job in jobs {
+            let exists = list.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(&job.job));
+            if exists && qemu.cancel_job(&job.job, true).await.is_ok() {
+                running.push(job.job.clone());
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !running.is_empty() {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match events
+            .wait_for(|e| matches!(e.name.as_str(), "BLOCK_JOB_CANCELLED" | "BLOCK_JOB_COMPLETED"), remaining)
+            .await
+        {
+            Ok(ev) => {
+                let id = ev.data.get("device").and_then(Value::as_str).unwrap_or("");
+                running.retain(|j| j != id);
+            }
+            Err(_) => break,
+        }
+    }
+    for node in nodes_added {
+        if let Err(e) = qemu.del_node(node).await {
+            warn!(%node, error = %crate::error_chain(&e), "rollback: cannot remove NBD node");
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! The source QEMU as the driver sees it: every QMP command the migration sends, in one place.
+//!
+//! Commands whose arguments are stable across QEMU 7.2 and 10.x go through the typed `qapi`
+//! structs; the ones whose schema moved (`blockdev-add` of an nbd node, `blockdev-mirror`,
+//! `migrate`, `query-migrate` fields) go through `execute_raw` with exactly the fields both
+//! versions accept.
+
+use std::path::PathBuf;
+
+use qmp::qapi::qmp as q;
+use serde_json::{json, Value};
+
+use crate::vm::{safe_name, DiskDescription, VmDescription};
+
+/// A QMP failure on the source, with what was being done.
+#[derive(Debug, thiserror::Error)]
+#[error("source QEMU: {what}")]
+pub struct SourceError {
+    /// What was being done.
+    pub what: String,
+    /// The QMP error.
+    #[source]
+    pub source: qmp::Error,
+}
+
+/// A discovery failure that is the VM's fault, not QEMU's: one line for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoverError {
+    /// QMP failed.
+    #[error(transparent)]
+    Qmp(#[from] SourceError),
+    /// The VM is in a state that cannot migrate, or has a device ferry will not move.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Shorthand for wrapping a QMP error with context.
+pub fn ctx(what: impl Into<String>) -> impl FnOnce(qmp::Error) -> SourceError {
+    let what = what.into();
+    move |source| SourceError { what, source }
+}
+
+/// The source QEMU's QMP connection.
+#[derive(Clone)]
+pub struct SourceQemu {
+    /// The connection (public so that callers can subscribe to events).
+    pub qmp: qmp::Qmp,
+}
+
+/// The VM's state at the start, to restore on rollback.
+#[derive(Debug, Clone, Copy)]
+pub struct InitialState {
+    /// Whether the guest was running (ferry resumes it after a rollback only if so).
+    pub running: bool,
+}
+
+impl SourceQemu {
+    /// Reads the VM: its state, argv (through the QMP peer's pid), machine type and disks.
+    pub async fn discover(&self) -> Result<(VmDescription, InitialState), DiscoverError> {
+        let status = self.qmp.execute(q::query_status {}).await.map_err(ctx("query-status"))?;
+        let state = serde_json::to_value(status.status).ok().and_then(|v| v.as_str().map(str::to_string));
+        let state = state.unwrap_or_default();
+        if !matches!(state.as_str(), "running" | "paused") {
+            return Err(DiscoverError::Unsupported(format!(
+                "the VM is `{state}`; only a running or paused VM can be migrated"
+            )));
+        }
+        let argv = self.argv()?;
+        let machine = self.machine().await?;
+        let blocks = self.qmp.execute_raw("query-block", Value::Null).await.map_err(ctx("query-block"))?;
+        let disks = disks_from_query_block(&blocks)?;
+        Ok((VmDescription { argv, machine, disks }, InitialState { running: status.running }))
+    }
+
+    fn argv(&self) -> Result<Vec<String>, DiscoverError> {
+        let pid = self.qmp.peer_pid().ok_or_else(|| {
+            DiscoverError::Unsupported("cannot tell which process owns the QMP socket (is it a unix socket?)".into())
+        })?;
+        let path = PathBuf::from(format!("/proc/{pid}/cmdline"));
+        let raw = std::fs::read(&path).map_err(|e| {
+            DiscoverError::Unsupported(format!("cannot read the QEMU command line from {}: {e}", path.display()))
+        })?;
+        Ok(raw
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect())
+    }
+
+    /// The concrete machine type (`pc` resolves to e.g. `pc-i440fx-10.0`).
+    async fn machine(&self) -> Result<Option<String>, SourceError> {
+        let ty = self
+            .qmp
+            .execute_raw("qom-get", json!({"path": "/machine", "property": "type"}))
+            .await
+            .map_err(ctx("qom-get /machine type"))?;
+        Ok(ty.as_str().map(|t| t.strip_suffix("-machine").unwrap_or(t).to_string()))
+    }
+
+    /// Adds the NBD client node a disk is mirrored into. `discard`/`detect-zeroes: unmap` let the
+    /// mirror send holes as holes, which keeps the destination image sparse.
+    pub async fn add_nbd_target(&self, node: &str, host: &str, port: u16, export: &str) -> Result<(), SourceError> {
+        let args = json!({
+            "driver": "nbd",
+            "node-name": node,
+            "server": {"type": "inet", "host": host, "port": port.to_string()},
+            "export": export,
+            "discard": "unmap",
+            "detect-zeroes": "unmap",
+        });
+        self.qmp.execute_raw("blockdev-add", args).await.map_err(ctx(format!("adding NBD target {node}")))?;
+        Ok(())
+    }
+
+    /// Removes a node added by [`add_nbd_target`](Self::add_nbd_target).
+    pub async fn del_node(&self, node: &str) -> Result<(), SourceError> {
+        self.qmp
+            .execute(q::blockdev_del { node_name: node.to_string() })
+            .await
+            .map_err(ctx(format!("removing node {node}")))?;
+        Ok(())
+    }
+
+    /// Starts a full mirror of `disk` into `target`.
+    pub async fn start_mirror(&self, job: &str, disk: &DiskDescription, target: &str, write_blocking: bool) -> Result<(), SourceError> {
+        let mut args = json!({"job-id": job, "device": disk.node_name, "target": target, "sync": "full"});
+        if write_blocking {
+            args["copy-mode"] = json!("write-blocking");
+        }
+        self.qmp
+            .execute_raw("blockdev-mirror", args)
+            .await
+            .map_err(ctx(format!("starting the mirror of disk {}", disk.name)))?;
+        Ok(())
+    }
+
+    /// `block-job-cancel`: with `force: false` on a READY mirror this is the final sync that
+    /// completes the job without pivoting; with `force: true` it abandons the copy.
+    pub async fn cancel_job(&self, job: &str, force: bool) -> Result<(), SourceError> {
+        self.qmp
+            .execute(q::block_job_cancel { device: job.to_string(), force: Some(force) })
+            .await
+            .map_err(ctx(format!("cancelling job {job}")))?;
+        Ok(())
+    }
+
+    /// Switches a running mirror to write-blocking (active) mode, so that guest writes are copied
+    /// synchronously and the job converges however fast the guest writes. QEMU 9.1 and later.
+    pub async fn make_write_blocking(&self, job: &str) -> Result<(), SourceError> {
+        self.qmp
+            .execute_raw("block-job-change", json!({"id": job, "type": "mirror", "copy-mode": "write-blocking"}))
+            .await
+            .map_err(ctx(format!("switching job {job} to write-blocking")))?;
+        Ok(())
+    }
+
+    /// The block jobs' raw list (`device`, `offset`, `len`, `ready`, `status`).
+    pub async fn block_jobs(&self) -> Result<Vec<Value>, SourceError> {
+        let jobs = self.qmp.execute_raw("query-block-jobs", Value::Null).await.map_err(ctx("query-block-jobs"))?;
+        Ok(jobs.as_array().cloned().unwrap_or_default())
+    }
+
+    /// Sets one migration capability.
+    pub async fn set_capability(&self, name: &str, state: bool) -> Result<(), SourceError> {
+        self.qmp
+            .execute_raw("migrate-set-capabilities", json!({"capabilities": [{"capability": name, "state": state}]}))
+            .await
+            .map_err(ctx(format!("setting migration capability {name}")))?;
+        Ok(())
+    }
+
+    /// Starts the RAM migration to `host:port`.
+    pub async fn migrate(&self, host: &str, port: u16) -> Result<(), SourceError> {
+        let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+        self.qmp
+            .execute_raw("migrate", json!({"uri": format!("tcp:{host}:{port}")}))
+            .await
+            .map_err(ctx("migrate"))?;
+        Ok(())
+    }
+
+    /// `query-migrate`, raw (its fields differ between versions).
+    pub async fn query_migrate(&self) -> Result<Value, SourceError> {
+        self.qmp.execute_raw("query-migrate", Value::Null).await.map_err(ctx("query-migrate"))
+    }
+
+    /// Lets a migration paused at `pre-switchover` finish.
+    pub async fn migrate_continue(&self) -> Result<(), SourceError> {
+        self.qmp
+            .execute(q::migrate_continue { state: q::MigrationStatus::pre_switchover })
+            .await
+            .map_err(ctx("migrate-continue"))?;
+        Ok(())
+    }
+
+    /// Cancels the RAM migration.
+    pub async fn migrate_cancel(&self) -> Result<(), SourceError> {
+        self.qmp.execute(q::migrate_cancel {}).await.map_err(ctx("migrate_cancel"))?;
+        Ok(())
+    }
+
+    /// Whether the guest runs, and QEMU's run state.
+    pub async fn status(&self) -> Result<(bool, String), SourceError> {
+        let status = self.qmp.execute(q::query_status {}).await.map_err(ctx("query-status"))?;
+        let state = serde_json::to_value(status.status).ok().and_then(|v| v.as_str().map(str::to_string));
+        Ok((status.running, state.unwrap_or_default()))
+    }
+
+    /// Resumes the guest.
+    pub async fn cont(&self) -> Result<(), SourceError> {
+        self.qmp.execute(q::cont {}).await.map_err(ctx("cont"))?;
+        Ok(())
+    }
+
+    /// Tells the source QEMU to exit (after the switchover: the VM lives elsewhere now).
+    pub async fn quit(&self) -> Result<(), SourceError> {
+        match self.qmp.execute(q::quit {}).await {
+            Ok(_) | Err(qmp::Error::Disconnected) => Ok(()),
+            Err(e) => Err(ctx("quit")(e)),
+        }
+    }
+}
+
+/// The disks that travel, from `query-block`: every device with a medium inserted. Removable
+/// media with something inserted (a cdrom with an ISO) is refused: eject it first. Empty
+/// removable drives stay as they are.
+pub fn disks_from_query_block(blocks: &Value) -> Result<Vec<DiskDescription>, DiscoverError> {
+    let mut disks = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for block in blocks.as_array().into_iter().flatten() {
+        let Some(inserted) = block.get("inserted") else { continue };
+        let device = block.get("device").and_then(Value::as_str).unwrap_or("").to_string();
+        let qdev = block.get("qdev").and_then(Value::as_str).unwrap_or("");
+        if block.get("removable").and_then(Value::as_bool) == Some(true) {
+            let who = if device.is_empty() { qdev } else { device.as_str() };
+            return Err(DiscoverError::Unsupported(format!(
+                "removable device {who} has media inserted; eject it first (`ferry qmp SOCKET eject '{{\"id\":\"{who}\"}}'`)"
+            )));
+        }
+        let node_name = inserted.get("node-name").and_then(Value::as_str).unwrap_or("").to_string();
+        let size = inserted
+            .get("image")
+            .and_then(|i| i.get("virtual-size"))
+            .and_then(Value::as_u64)
+            .ok_or_else(|| DiscoverError::Unsupported(format!("QEMU did not report the size of disk {node_name}")))?;
+        let base = if !node_name.starts_with('#') && !node_name.is_empty() {
+            node_name.clone()
+        } else if !device.is_empty() {
+            device.clone()
+        } else {
+            safe_name(&node_name)
+        };
+        let mut name = safe_name(&base);
+        let mut n = 1;
+        while !names.insert(name.clone()) {
+            n += 1;
+            name = format!("{}-{n}", safe_name(&base));
+        }
+        disks.push(DiskDescription {
+            name,
+            node_name,
+            device,
+            file: inserted.get("file").and_then(Value::as_str).unwrap_or("").to_string(),
+            format: inserted.get("drv").and_then(Value::as_str).unwrap_or("").to_string(),
+            size,
+            read_only: inserted.get("ro").and_then(Value::as_bool).unwrap_or(false),
+        });
+    }
+    Ok(disks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_are_read_from_query_block() {
+        let blocks = json!([
+            {"device": "", "qdev": "vda-dev", "removable": false,
+             "inserted": {"node-name": "vda", "file": "/a.qcow2", "drv": "qcow2", "ro": false,
+                          "image": {"virtual-size": 1073741824u64}}},
+            {"device": "drive1", "qdev": "x", "removable": false,
+             "inserted": {"node-name": "#block312", "file": "/b.raw", "drv": "raw", "ro": true,
+                          "image": {"virtual-size": 4096}}},
+            {"device": "cd0", "qdev": "y", "removable": true}
+        ]);
+        let disks = disks_from_query_block(&blocks).expect("disks");
+        assert_eq!(disks.len(), 2);
+        assert_eq!((disks[0].name.as_str(), disks[0].size, disks[0].format.as_str()), ("vda", 1 << 30, "qcow2"));
+        assert_eq!((disks[1].name.as_str(), disks[1].node_name.as_str(), disks[1].read_only), ("drive1", "#block312", true));
+    }
+
+    #[test]
+    fn inserted_cdrom_is_refused_with_what_to_do() {
+        let blocks = json!([{"device": "ide1-cd0", "removable": true,
+            "inserted": {"node-name": "#b1", "image": {"virtual-size": 1}}}]);
+        let err = disks_from_query_block(&blocks).expect_err("refused");
+        assert!(err.to_string().contains("eject it first"), "{err}");
+    }
+}

@@ -1,0 +1,333 @@
+//! The control protocol between `ferry migrate` (the source) and `ferry agent` (the destination).
+//!
+//! One TCP connection carries one migration. Every message is a frame: a 4-byte big-endian length
+//! followed by that many bytes of JSON (one object, tagged by `"type"`). Frames over
+//! [`MAX_FRAME`] are refused before anything is allocated.
+//!
+//! ```text
+//!  source (ferry migrate)                               agent (ferry agent)
+//!    │ Hello{versions:[1], software}                        │
+//!    │─────────────────────────────────────────────────────►│ picks the highest common version
+//!    │            Challenge{version, nonce} | Refused{reason}│
+//!    │◄─────────────────────────────────────────────────────│
+//!    │ Auth{mac = HMAC(token, "source"‖nonce), nonce'}      │
+//!    │─────────────────────────────────────────────────────►│ constant-time compare
+//!    │      Authenticated{mac = HMAC(token,"agent"‖nonce')} │ (the source checks the agent, too)
+//!    │◄─────────────────────────────────────────────────────│
+//!    │ Prepare{vm: argv, disks}                             │ preflight: space, argv; images,
+//!    │─────────────────────────────────────────────────────►│ NBD server on an ephemeral port
+//!    │           Prepared{migration_id, nbd_port, exports}  │
+//!    │◄─────────────────────────────────────────────────────│
+//!    │   ... source mirrors every disk into the exports,    │
+//!    │       waits for BLOCK_JOB_READY on each ...          │
+//!    │ StartDestination                                     │ destination QEMU -incoming defer -S,
+//!    │─────────────────────────────────────────────────────►│ late-block-activate,
+//!    │                     DestinationReady{migration_port} │ migrate-incoming tcp:IP:0
+//!    │◄─────────────────────────────────────────────────────│
+//!    │   ... RAM streams; at pre-switchover the source      │
+//!    │       cancels the READY mirrors (final sync) ...     │
+//!    │ Switched                                             │ waits for the incoming migration to
+//!    │─────────────────────────────────────────────────────►│ complete, flushes and drops the
+//!    │                         Running{pid, qmp, resumed_at}│ exports, `cont`
+//!    │◄─────────────────────────────────────────────────────│
+//! ```
+//!
+//! Either side may instead send `Abort`/`Refused` at any point before `Switched`: the agent then
+//! kills the destination QEMU and removes everything it created. If the connection simply drops,
+//! the agent decides by the destination QEMU's own migration state: an incoming migration that
+//! completed means the VM now lives here (the source QEMU has stopped for good), anything else is
+//! rolled back. That keeps "never both, never neither" without trusting the network.
+//!
+//! Versioning: the source lists every version it speaks; the agent answers with the one it picked
+//! or refuses naming both lists. A new version may change any message after `Hello`.
+
+use hmac::{Hmac, Mac};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sha2::Sha256;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::vm::VmDescription;
+
+/// The protocol versions this build speaks, oldest first.
+pub const SUPPORTED_VERSIONS: &[u32] = &[1];
+
+/// The largest frame either side accepts: a VM description with a long argv fits many times over.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Length of the random challenge nonces, in bytes.
+pub const NONCE_LEN: usize = 32;
+
+/// What the source sends.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SourceMessage {
+    /// First message: the versions the source speaks and what it is.
+    Hello {
+        /// Every protocol version the source speaks.
+        versions: Vec<u32>,
+        /// Free text for logs, e.g. `ferry 0.1.0`.
+        software: String,
+    },
+    /// Answer to the agent's challenge, plus the source's own challenge for the agent.
+    Auth {
+        /// Hex HMAC-SHA256 of the agent's nonce under the shared token.
+        mac: String,
+        /// Hex nonce the agent must answer to prove it holds the token too.
+        nonce: String,
+    },
+    /// The VM to receive.
+    Prepare {
+        /// The VM's argv and disks, as read from the source QEMU.
+        vm: VmDescription,
+    },
+    /// Every mirror is READY: start the destination QEMU and listen for the RAM.
+    StartDestination,
+    /// The source QEMU's migration completed: the destination owns the VM now.
+    Switched,
+    /// The source gives up: roll back everything.
+    Abort {
+        /// Why, for the agent's log.
+        reason: String,
+    },
+}
+
+/// What the agent sends.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// The version the agent picked and a fresh nonce to sign.
+    Challenge {
+        /// The chosen protocol version.
+        version: u32,
+        /// Hex nonce for the source to sign with the token.
+        nonce: String,
+    },
+    /// The source proved it holds the token; here is the agent's proof.
+    Authenticated {
+        /// Hex HMAC-SHA256 of the source's nonce under the token.
+        mac: String,
+    },
+    /// Storage is ready and served over NBD.
+    Prepared {
+        /// Identifies this migration in the agent's storage directory and logs.
+        migration_id: String,
+        /// The NBD server's port on the address the source reached the agent on.
+        nbd_port: u16,
+        /// One export per disk, in the order of the VM description's disks.
+        exports: Vec<ExportInfo>,
+    },
+    /// The destination QEMU waits for the RAM on this port (same address as the agent).
+    DestinationReady {
+        /// The port the destination QEMU picked.
+        migration_port: u16,
+    },
+    /// The VM runs on the destination.
+    Running {
+        /// The destination QEMU's pid.
+        pid: u32,
+        /// Path of the destination QEMU's QMP socket (on the destination host).
+        qmp: String,
+        /// QEMU's timestamp of the destination's RESUME event, in microseconds since the epoch.
+        resumed_at_us: Option<i64>,
+        /// Bytes allocated by the destination images after the final flush.
+        allocated_bytes: u64,
+    },
+    /// The agent refuses or failed; it has rolled back. One line meant for the operator.
+    Refused {
+        /// What went wrong and what to do.
+        reason: String,
+    },
+}
+
+/// One disk's export on the agent's NBD server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExportInfo {
+    /// The disk's name in the VM description.
+    pub disk: String,
+    /// The NBD export name: unguessable, so only the authenticated source can find it.
+    pub export: String,
+}
+
+/// A control-protocol failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The socket failed or closed.
+    #[error("control connection failed")]
+    Io(#[from] std::io::Error),
+    /// The peer announced a frame over the cap.
+    #[error("peer sent a {len}-byte frame, more than the {MAX_FRAME}-byte limit")]
+    FrameTooLarge {
+        /// The announced length.
+        len: usize,
+    },
+    /// The frame is not a message of this protocol.
+    #[error("peer sent a message this version does not understand")]
+    Malformed(#[source] serde_json::Error),
+}
+
+/// Writes one message as a frame.
+pub async fn write_message<W, M>(writer: &mut W, message: &M) -> Result<(), ProtocolError>
+where
+    W: AsyncWrite + Unpin,
+    M: Serialize,
+{
+    let body = serde_json::to_vec(message).map_err(ProtocolError::Malformed)?;
+    if body.len() > MAX_FRAME {
+        return Err(ProtocolError::FrameTooLarge { len: body.len() });
+    }
+    let len = u32::try_from(body.len()).map_err(|_| ProtocolError::FrameTooLarge { len: body.len() })?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&body);
+    writer.write_all(&frame).await?;
+    writer.flush().await?;
+    Ok(())
+}
+
+/// Reads one frame and decodes it; the length is checked before the body is allocated.
+pub async fn read_message<R, M>(reader: &mut R) -> Result<M, ProtocolError>
+where
+    R: AsyncRead + Unpin,
+    M: DeserializeOwned,
+{
+    let mut len = [0u8; 4];
+    reader.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtocolError::FrameTooLarge { len });
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).await?;
+    decode(&body)
+}
+
+/// Decodes a frame's body (separate so that it can be fuzzed and unit-tested without a socket).
+pub fn decode<M: DeserializeOwned>(body: &[u8]) -> Result<M, ProtocolError> {
+    serde_json::from_slice(body).map_err(ProtocolError::Malformed)
+}
+
+/// The highest version both sides speak.
+pub fn pick_version(offered: &[u32]) -> Option<u32> {
+    SUPPORTED_VERSIONS.iter().rev().find(|v| offered.contains(v)).copied()
+}
+
+/// A fresh random nonce, hex-encoded.
+pub fn new_nonce() -> String {
+    let bytes: [u8; NONCE_LEN] = rand::random();
+    hex(&bytes)
+}
+
+/// Which side signs: the two directions use different labels so a proof cannot be reflected back.
+#[derive(Debug, Clone, Copy)]
+pub enum Signer {
+    /// `ferry migrate` answering the agent's challenge.
+    Source,
+    /// The agent answering the source's challenge.
+    Agent,
+}
+
+/// HMAC-SHA256 of `label ‖ nonce` under the token, hex-encoded.
+pub fn sign(token: &[u8], signer: Signer, nonce: &str) -> String {
+    hex(&mac(token, signer, nonce).finalize().into_bytes())
+}
+
+/// Checks a proof in constant time; a malformed hex string is simply wrong.
+pub fn verify(token: &[u8], signer: Signer, nonce: &str, proof: &str) -> bool {
+    match unhex(proof) {
+        Some(bytes) => mac(token, signer, nonce).verify_slice(&bytes).is_ok(),
+        None => false,
+    }
+}
+
+fn mac(token: &[u8], signer: Signer, nonce: &str) -> Hmac<Sha256> {
+    // HMAC accepts keys of any length; new_from_slice cannot fail for it.
+    let mut mac = match Hmac::<Sha256>::new_from_slice(token) {
+        Ok(mac) => mac,
+        Err(_) => unreachable_hmac(),
+    };
+    let label: &[u8] = match signer {
+        Signer::Source => b"ferry-v1-source:",
+        Signer::Agent => b"ferry-v1-agent:",
+    };
+    mac.update(label);
+    mac.update(nonce.as_bytes());
+    mac
+}
+
+#[cold]
+fn unreachable_hmac() -> ! {
+    unreachable!("HMAC takes keys of any length")
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 || text.len() > 128 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip() {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let sent = SourceMessage::Hello { versions: vec![1, 7], software: "ferry test".into() };
+        write_message(&mut a, &sent).await.expect("write");
+        let got: SourceMessage = read_message(&mut b).await.expect("read");
+        assert_eq!(got, sent);
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_is_refused_before_allocating() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&u32::MAX.to_be_bytes()).await.expect("write");
+        let err = read_message::<_, SourceMessage>(&mut b).await.expect_err("must refuse");
+        assert!(matches!(err, ProtocolError::FrameTooLarge { len } if len == u32::MAX as usize));
+    }
+
+    #[tokio::test]
+    async fn garbage_is_malformed_not_a_panic() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&5u32.to_be_bytes()).await.expect("write");
+        a.write_all(b"{\"ty").await.expect("write");
+        a.write_all(b"x").await.expect("write");
+        let err = read_message::<_, SourceMessage>(&mut b).await.expect_err("must refuse");
+        assert!(matches!(err, ProtocolError::Malformed(_)));
+    }
+
+    #[test]
+    fn versions_pick_the_highest_common() {
+        assert_eq!(pick_version(&[1, 2, 3]), Some(1));
+        assert_eq!(pick_version(&[2, 3]), None);
+    }
+
+    #[test]
+    fn proofs_verify_only_with_the_right_token_and_direction() {
+        let nonce = new_nonce();
+        let proof = sign(b"secret-token", Signer::Source, &nonce);
+        assert!(verify(b"secret-token", Signer::Source, &nonce, &proof));
+        assert!(!verify(b"other-token", Signer::Source, &nonce, &proof));
+        assert!(!verify(b"secret-token", Signer::Agent, &nonce, &proof), "reflection");
+        assert!(!verify(b"secret-token", Signer::Source, &new_nonce(), &proof));
+        assert!(!verify(b"secret-token", Signer::Source, &nonce, "zz"));
+        assert!(!verify(b"secret-token", Signer::Source, &nonce, ""));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = decode::<SourceMessage>(&bytes);
+            let _ = decode::<AgentMessage>(&bytes);
+        }
+    }
+}
