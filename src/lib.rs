@@ -4,7 +4,34 @@
 //! Where things live:
 //! - [`nbd`]: the NBD wire format, the tokio NBD server and its file backend (the destination's
 //!   data path). Knows nothing of migration.
+//! - [`guest`]: the test guest used by the tests and `ferry demo`: launch, acks, verifier.
+//! - [`protocol`]: the agent control protocol (framing, messages, authentication).
+//! - [`vm`]: the VM description and the rules that rewrite its command line for the destination.
+//! - [`agent`]: `ferry agent`, the destination side.
+//! - [`migrate`]: `ferry migrate`, the source-side driver.
+//! - [`demo`]: `ferry demo`, a whole migration of the test guest on localhost.
 //! - [`cli`]: the command line, one file per subcommand, output formats and exit codes.
 
+pub mod agent;
 pub mod cli;
+pub mod demo;
+pub mod guest;
+pub mod migrate;
 pub mod nbd;
+pub mod protocol;
+pub mod vm;
+
+/// An error and its causes on one line, `outer: inner: root`, as the CLI prints them.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -175,7 +175,8 @@ where
     if body.len() > MAX_FRAME {
         return Err(ProtocolError::FrameTooLarge { len: body.len() });
     }
-    let len = u32::try_from(body.len()).map_err(|_| ProtocolError::FrameTooLarge { len: body.len() })?;
+    let len =
+        u32::try_from(body.len()).map_err(|_| ProtocolError::FrameTooLarge { len: body.len() })?;
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&len.to_be_bytes());
     frame.extend_from_slice(&body);
@@ -208,7 +209,11 @@ pub fn decode<M: DeserializeOwned>(body: &[u8]) -> Result<M, ProtocolError> {
 
 /// The highest version both sides speak.
 pub fn pick_version(offered: &[u32]) -> Option<u32> {
-    SUPPORTED_VERSIONS.iter().rev().find(|v| offered.contains(v)).copied()
+    SUPPORTED_VERSIONS
+        .iter()
+        .rev()
+        .find(|v| offered.contains(v))
+        .copied()
 }
 
 /// A fresh random nonce, hex-encoded.
@@ -281,7 +286,10 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip() {
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let sent = SourceMessage::Hello { versions: vec![1, 7], software: "ferry test".into() };
+        let sent = SourceMessage::Hello {
+            versions: vec![1, 7],
+            software: "ferry test".into(),
+        };
         write_message(&mut a, &sent).await.expect("write");
         let got: SourceMessage = read_message(&mut b).await.expect("read");
         assert_eq!(got, sent);
@@ -291,7 +299,9 @@ mod tests {
     async fn oversized_frame_is_refused_before_allocating() {
         let (mut a, mut b) = tokio::io::duplex(64);
         a.write_all(&u32::MAX.to_be_bytes()).await.expect("write");
-        let err = read_message::<_, SourceMessage>(&mut b).await.expect_err("must refuse");
+        let err = read_message::<_, SourceMessage>(&mut b)
+            .await
+            .expect_err("must refuse");
         assert!(matches!(err, ProtocolError::FrameTooLarge { len } if len == u32::MAX as usize));
     }
 
@@ -301,7 +311,9 @@ mod tests {
         a.write_all(&5u32.to_be_bytes()).await.expect("write");
         a.write_all(b"{\"ty").await.expect("write");
         a.write_all(b"x").await.expect("write");
-        let err = read_message::<_, SourceMessage>(&mut b).await.expect_err("must refuse");
+        let err = read_message::<_, SourceMessage>(&mut b)
+            .await
+            .expect_err("must refuse");
         assert!(matches!(err, ProtocolError::Malformed(_)));
     }
 
@@ -317,8 +329,16 @@ mod tests {
         let proof = sign(b"secret-token", Signer::Source, &nonce);
         assert!(verify(b"secret-token", Signer::Source, &nonce, &proof));
         assert!(!verify(b"other-token", Signer::Source, &nonce, &proof));
-        assert!(!verify(b"secret-token", Signer::Agent, &nonce, &proof), "reflection");
-        assert!(!verify(b"secret-token", Signer::Source, &new_nonce(), &proof));
+        assert!(
+            !verify(b"secret-token", Signer::Agent, &nonce, &proof),
+            "reflection"
+        );
+        assert!(!verify(
+            b"secret-token",
+            Signer::Source,
+            &new_nonce(),
+            &proof
+        ));
         assert!(!verify(b"secret-token", Signer::Source, &nonce, "zz"));
         assert!(!verify(b"secret-token", Signer::Source, &nonce, ""));
     }

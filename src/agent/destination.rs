@@ -56,24 +56,40 @@ impl Destination {
     /// Runs `argv` (which must contain `-daemonize -pidfile PIDFILE -qmp unix:QMP`) and connects.
     /// QEMU's parent process exits only once initialisation succeeded or failed, so its exit
     /// status is the answer to "did it start"; its stderr goes to `dir/qemu.stderr`.
-    pub async fn start(argv: &[String], dir: &Path, pidfile: &Path, qmp_path: &Path) -> Result<Destination, DestinationError> {
-        let (binary, args) = argv.split_first().ok_or_else(|| DestinationError::Start { detail: "empty argv".into() })?;
+    pub async fn start(
+        argv: &[String],
+        dir: &Path,
+        pidfile: &Path,
+        qmp_path: &Path,
+    ) -> Result<Destination, DestinationError> {
+        let (binary, args) = argv.split_first().ok_or_else(|| DestinationError::Start {
+            detail: "empty argv".into(),
+        })?;
         let stderr_path = dir.join("qemu.stderr");
-        let stderr = std::fs::File::create(&stderr_path)
-            .map_err(|e| DestinationError::Start { detail: format!("cannot create {}: {e}", stderr_path.display()) })?;
+        let stderr = std::fs::File::create(&stderr_path).map_err(|e| DestinationError::Start {
+            detail: format!("cannot create {}: {e}", stderr_path.display()),
+        })?;
         let mut child = tokio::process::Command::new(binary)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .map_err(|e| DestinationError::Start { detail: format!("cannot run {binary}: {e}") })?;
+            .map_err(|e| DestinationError::Start {
+                detail: format!("cannot run {binary}: {e}"),
+            })?;
         let status = match tokio::time::timeout(START_TIMEOUT, child.wait()).await {
             Ok(Ok(status)) => status,
-            Ok(Err(e)) => return Err(DestinationError::Start { detail: e.to_string() }),
+            Ok(Err(e)) => {
+                return Err(DestinationError::Start {
+                    detail: e.to_string(),
+                })
+            }
             Err(_) => {
                 let _ = child.kill().await;
-                return Err(DestinationError::Start { detail: format!("no answer within {}s", START_TIMEOUT.as_secs()) });
+                return Err(DestinationError::Start {
+                    detail: format!("no answer within {}s", START_TIMEOUT.as_secs()),
+                });
             }
         };
         if !status.success() {
@@ -84,15 +100,24 @@ impl Destination {
         let pid = std::fs::read_to_string(pidfile)
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
-            .ok_or_else(|| DestinationError::Start { detail: format!("no pid in {}", pidfile.display()) })?;
+            .ok_or_else(|| DestinationError::Start {
+                detail: format!("no pid in {}", pidfile.display()),
+            })?;
         let qmp = match qmp::Qmp::connect_unix_timeout(qmp_path, Duration::from_secs(10)).await {
             Ok(qmp) => qmp,
             Err(source) => {
                 kill_pid(pid);
-                return Err(DestinationError::Qmp { what: "connecting to its QMP socket".into(), source });
+                return Err(DestinationError::Qmp {
+                    what: "connecting to its QMP socket".into(),
+                    source,
+                });
             }
         };
-        Ok(Destination { pid, qmp_path: qmp_path.to_path_buf(), qmp })
+        Ok(Destination {
+            pid,
+            qmp_path: qmp_path.to_path_buf(),
+            qmp,
+        })
     }
 
     /// Sets `late-block-activate` (images stay inactive until `cont`) and listens for the RAM on
@@ -113,7 +138,11 @@ impl Destination {
             .execute_raw("migrate-incoming", json!({"uri": format!("tcp:{host}:0")}))
             .await
             .map_err(qmp_err("migrate-incoming"))?;
-        let info = self.qmp.execute_raw("query-migrate", Value::Null).await.map_err(qmp_err("query-migrate"))?;
+        let info = self
+            .qmp
+            .execute_raw("query-migrate", Value::Null)
+            .await
+            .map_err(qmp_err("query-migrate"))?;
         incoming_port(&info).ok_or_else(|| DestinationError::Start {
             detail: format!("query-migrate did not report the listening port: {info}"),
         })
@@ -130,7 +159,9 @@ impl Destination {
                 _ => {}
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(DestinationError::Incoming { status: format!("{status} (still, after {}s)", timeout.as_secs()) });
+                return Err(DestinationError::Incoming {
+                    status: format!("{status} (still, after {}s)", timeout.as_secs()),
+                });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -138,15 +169,28 @@ impl Destination {
 
     /// The incoming migration's status as QEMU reports it (`none` before anything arrived).
     pub async fn incoming_status(&self) -> Result<String, DestinationError> {
-        let info = self.qmp.execute_raw("query-migrate", Value::Null).await.map_err(qmp_err("query-migrate"))?;
-        Ok(info.get("status").and_then(Value::as_str).unwrap_or("none").to_string())
+        let info = self
+            .qmp
+            .execute_raw("query-migrate", Value::Null)
+            .await
+            .map_err(qmp_err("query-migrate"))?;
+        Ok(info
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_string())
     }
 
     /// Starts the guest; returns QEMU's timestamp of the RESUME event in microseconds, if seen.
     pub async fn resume(&self) -> Result<Option<i64>, DestinationError> {
         let mut events = self.qmp.events();
-        self.qmp.execute_raw("cont", Value::Null).await.map_err(qmp_err("cont"))?;
-        let resumed = events.wait_for(|e| e.name == "RESUME", Duration::from_secs(5)).await;
+        self.qmp
+            .execute_raw("cont", Value::Null)
+            .await
+            .map_err(qmp_err("cont"))?;
+        let resumed = events
+            .wait_for(|e| e.name == "RESUME", Duration::from_secs(5))
+            .await;
         Ok(resumed.ok().map(|e| e.timestamp.as_micros()))
     }
 

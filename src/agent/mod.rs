@@ -66,8 +66,10 @@ pub enum AgentError {
 impl Agent {
     /// Checks the storage directory, cleans up leftovers of a previous agent, and binds.
     pub async fn bind(config: AgentConfig) -> Result<Agent, AgentError> {
-        let meta = std::fs::metadata(&config.storage)
-            .map_err(|source| AgentError::Storage { path: config.storage.display().to_string(), source })?;
+        let meta = std::fs::metadata(&config.storage).map_err(|source| AgentError::Storage {
+            path: config.storage.display().to_string(),
+            source,
+        })?;
         if !meta.is_dir() {
             return Err(AgentError::Storage {
                 path: config.storage.display().to_string(),
@@ -75,10 +77,17 @@ impl Agent {
             });
         }
         recover(&config.storage);
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| AgentError::Listen { addr: config.listen, source })?;
-        Ok(Agent { listener, config: Arc::new(config) })
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| AgentError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        Ok(Agent {
+            listener,
+            config: Arc::new(config),
+        })
     }
 
     /// The address the agent listens on (with the real port if 0 was asked for).
@@ -128,18 +137,25 @@ impl Agent {
 /// Cleans up migration directories a previous agent left behind: a VM that runs here is kept;
 /// anything else (its QEMU killed) is removed.
 fn recover(storage: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(storage) else { return };
+    let Ok(entries) = std::fs::read_dir(storage) else {
+        return;
+    };
     for entry in entries.flatten() {
         let dir = entry.path();
         match storage::read_phase(&dir) {
             Some(storage::Phase::Running) | None => continue,
             Some(storage::Phase::Receiving) => {
-                if let Some(pid) = std::fs::read_to_string(dir.join("qemu.pid")).ok().and_then(|s| s.trim().parse().ok()) {
+                if let Some(pid) = std::fs::read_to_string(dir.join("qemu.pid"))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                {
                     destination::kill_pid(pid);
                 }
                 match std::fs::remove_dir_all(&dir) {
                     Ok(()) => info!(dir = %dir.display(), "removed an unfinished migration"),
-                    Err(e) => warn!(dir = %dir.display(), error = %e, "cannot remove an unfinished migration"),
+                    Err(e) => {
+                        warn!(dir = %dir.display(), error = %e, "cannot remove an unfinished migration")
+                    }
                 }
             }
         }

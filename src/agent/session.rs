@@ -44,14 +44,21 @@ pub enum SessionError {
 pub async fn run(stream: TcpStream, config: &AgentConfig) -> Result<(), SessionError> {
     let local_ip = stream.local_addr().map_err(ProtocolError::from)?.ip();
     let (mut rd, mut wr) = stream.into_split();
-    let version = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut wr, &config.token)).await {
+    let version = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(&mut rd, &mut wr, &config.token),
+    )
+    .await
+    {
         Ok(result) => result?,
         Err(_) => return Err(SessionError::Refused("handshake timed out".into())),
     };
     info!(version, "source authenticated");
     let vm = match protocol::read_message(&mut rd).await? {
         SourceMessage::Prepare { vm } => vm,
-        other => return Err(refuse(&mut wr, format!("expected Prepare, got {}", kind(&other))).await),
+        other => {
+            return Err(refuse(&mut wr, format!("expected Prepare, got {}", kind(&other))).await)
+        }
     };
     let mut received = match prepare(&vm, config, local_ip).await {
         Ok(received) => received,
@@ -65,11 +72,21 @@ pub async fn run(stream: TcpStream, config: &AgentConfig) -> Result<(), SessionE
             // says whether the VM lives here now.
             if received.incoming_completed().await {
                 warn!(migration = %received.dir.id, "control connection lost after switchover; finishing here");
-                received.finish().await.map(|_| ()).map_err(SessionError::Refused)
+                received
+                    .finish()
+                    .await
+                    .map(|_| ())
+                    .map_err(SessionError::Refused)
             } else {
                 received.rollback().await;
                 if let SessionError::Refused(reason) = &err {
-                    let _ = protocol::write_message(&mut wr, &AgentMessage::Refused { reason: reason.clone() }).await;
+                    let _ = protocol::write_message(
+                        &mut wr,
+                        &AgentMessage::Refused {
+                            reason: reason.clone(),
+                        },
+                    )
+                    .await;
                 }
                 Err(err)
             }
@@ -94,13 +111,25 @@ where
         return Err(refuse(wr, reason).await);
     };
     let nonce = protocol::new_nonce();
-    protocol::write_message(wr, &AgentMessage::Challenge { version, nonce: nonce.clone() }).await?;
+    protocol::write_message(
+        wr,
+        &AgentMessage::Challenge {
+            version,
+            nonce: nonce.clone(),
+        },
+    )
+    .await?;
     let (mac, source_nonce) = match protocol::read_message(rd).await? {
         SourceMessage::Auth { mac, nonce } => (mac, nonce),
         other => return Err(refuse(wr, format!("expected Auth, got {}", kind(&other))).await),
     };
     if !protocol::verify(token, Signer::Source, &nonce, &mac) {
-        return Err(refuse(wr, "authentication failed: the source's token does not match this agent's --token-file".into()).await);
+        return Err(refuse(
+            wr,
+            "authentication failed: the source's token does not match this agent's --token-file"
+                .into(),
+        )
+        .await);
     }
     let mac = protocol::sign(token, Signer::Agent, &source_nonce);
     protocol::write_message(wr, &AgentMessage::Authenticated { mac }).await?;
@@ -110,7 +139,13 @@ where
 /// Sends `Refused` (best effort) and returns the matching error.
 async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, reason: String) -> SessionError {
     warn!(%reason, "refusing migration");
-    let _ = protocol::write_message(wr, &AgentMessage::Refused { reason: reason.clone() }).await;
+    let _ = protocol::write_message(
+        wr,
+        &AgentMessage::Refused {
+            reason: reason.clone(),
+        },
+    )
+    .await;
     SessionError::Refused(reason)
 }
 
@@ -141,7 +176,10 @@ struct Received {
 /// Preflight, then directory, images and NBD exports. Refusals leave nothing behind.
 async fn prepare(vm: &VmDescription, config: &AgentConfig, ip: IpAddr) -> Result<Received, String> {
     storage::preflight(&config.storage, vm).map_err(|e| e.to_string())?;
-    let binary = config.qemu_binary.clone().unwrap_or_else(|| default_binary(vm));
+    let binary = config
+        .qemu_binary
+        .clone()
+        .unwrap_or_else(|| default_binary(vm));
     // Dry run with the final paths' shape, so an argv we cannot run is refused before anything
     // is created.
     let probe = context(&binary, &config.storage.join("probe"), vm);
@@ -171,9 +209,18 @@ fn context(binary: &str, dir: &Path, vm: &VmDescription) -> RewriteContext {
     let images: HashMap<String, PathBuf> = vm
         .disks
         .iter()
-        .map(|d| (d.name.clone(), dir.join(format!("disk-{}.raw", crate::vm::safe_name(&d.name)))))
+        .map(|d| {
+            (
+                d.name.clone(),
+                dir.join(format!("disk-{}.raw", crate::vm::safe_name(&d.name))),
+            )
+        })
         .collect();
-    RewriteContext { binary: binary.to_string(), dir: dir.to_path_buf(), images }
+    RewriteContext {
+        binary: binary.to_string(),
+        dir: dir.to_path_buf(),
+        images,
+    }
 }
 
 /// The source's QEMU binary name (found on this host's PATH), unless `--qemu-binary` says otherwise.
@@ -203,33 +250,65 @@ fn check_host_files(vm: &VmDescription) -> Result<(), String> {
     Ok(())
 }
 
-async fn drive<R, W>(rd: &mut R, wr: &mut W, received: &mut Received, ip: IpAddr) -> Result<(), SessionError>
+async fn drive<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    received: &mut Received,
+    ip: IpAddr,
+) -> Result<(), SessionError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let nbd_port = received.nbd.as_ref().map(|n| n.local_addr().port()).unwrap_or(0);
+    let nbd_port = received
+        .nbd
+        .as_ref()
+        .map(|n| n.local_addr().port())
+        .unwrap_or(0);
     let exports = received
         .disks
         .iter()
         .zip(&received.exports)
-        .map(|(disk, export)| ExportInfo { disk: disk.clone(), export: export.clone() })
+        .map(|(disk, export)| ExportInfo {
+            disk: disk.clone(),
+            export: export.clone(),
+        })
         .collect();
-    protocol::write_message(wr, &AgentMessage::Prepared { migration_id: received.dir.id.clone(), nbd_port, exports })
-        .await?;
+    protocol::write_message(
+        wr,
+        &AgentMessage::Prepared {
+            migration_id: received.dir.id.clone(),
+            nbd_port,
+            exports,
+        },
+    )
+    .await?;
 
     match protocol::read_message(rd).await? {
         SourceMessage::StartDestination => {}
         SourceMessage::Abort { reason } => return Err(SessionError::Aborted(reason)),
-        other => return Err(SessionError::Refused(format!("expected StartDestination, got {}", kind(&other)))),
+        other => {
+            return Err(SessionError::Refused(format!(
+                "expected StartDestination, got {}",
+                kind(&other)
+            )))
+        }
     }
-    let migration_port = received.start_destination(ip).await.map_err(|e| SessionError::Refused(e.to_string()))?;
+    let migration_port = received
+        .start_destination(ip)
+        .await
+        .map_err(|e| SessionError::Refused(e.to_string()))?;
     protocol::write_message(wr, &AgentMessage::DestinationReady { migration_port }).await?;
 
     match protocol::read_message(rd).await? {
         SourceMessage::Switched => {}
         SourceMessage::Abort { reason } => return Err(SessionError::Aborted(reason)),
-        other => return Err(SessionError::Refused(format!("expected Switched, got {}", kind(&other)))),
+        other => {
+            return Err(SessionError::Refused(format!(
+                "expected Switched, got {}",
+                kind(&other)
+            )))
+        }
     }
     let running = received.finish().await.map_err(SessionError::Refused)?;
     protocol::write_message(wr, &running).await?;
@@ -243,21 +322,36 @@ impl Received {
             .map_err(|e| format!("cannot start the NBD server: {e}"))?;
         self.nbd = Some(nbd.clone());
         for disk in &vm.disks {
-            let path = self.dir.create_image(&disk.name, disk.size).map_err(|e| e.to_string())?;
+            let path = self
+                .dir
+                .create_image(&disk.name, disk.size)
+                .map_err(|e| e.to_string())?;
             let export = protocol::new_nonce();
-            nbd.add_export(Export { name: export.clone(), path: path.clone(), read_only: false })
-                .map_err(|e| format!("cannot export {}: {e}", path.display()))?;
+            nbd.add_export(Export {
+                name: export.clone(),
+                path: path.clone(),
+                read_only: false,
+            })
+            .map_err(|e| format!("cannot export {}: {e}", path.display()))?;
             self.disks.push(disk.name.clone());
             self.images.push(path);
             self.exports.push(export);
         }
-        self.argv = argv::rewrite(vm, &self.ctx).map_err(|e| e.to_string())?.argv;
+        self.argv = argv::rewrite(vm, &self.ctx)
+            .map_err(|e| e.to_string())?
+            .argv;
         Ok(())
     }
 
     async fn start_destination(&mut self, ip: IpAddr) -> Result<u16, DestinationError> {
         let _ = std::fs::write(self.dir.path.join("argv"), self.argv.join("\n"));
-        let dest = Destination::start(&self.argv, &self.dir.path, &self.ctx.pidfile(), &self.ctx.qmp_socket()).await?;
+        let dest = Destination::start(
+            &self.argv,
+            &self.dir.path,
+            &self.ctx.pidfile(),
+            &self.ctx.qmp_socket(),
+        )
+        .await?;
         let port = dest.listen(ip).await;
         self.destination = Some(dest);
         port
@@ -273,7 +367,9 @@ impl Received {
     /// The source switched over: wait for the RAM, release the disks, start the guest.
     async fn finish(&mut self) -> Result<AgentMessage, String> {
         let dest = self.destination.as_ref().ok_or("no destination QEMU")?;
-        dest.wait_incoming(SWITCH_TIMEOUT).await.map_err(|e| e.to_string())?;
+        dest.wait_incoming(SWITCH_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
         if let Some(nbd) = self.nbd.take() {
             for export in &self.exports {
                 if let Err(e) = nbd.remove_export(export).await {

@@ -64,14 +64,21 @@ pub enum StorageError {
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StorageError + 'a {
-    move |source| StorageError::Io { what, path: path.display().to_string(), source }
+    move |source| StorageError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Refuses a VM whose disks do not fit in `dir` at their full size. The images are sparse, but a
 /// guest may fill them: promising space that is not there would fail mid-migration instead.
 pub fn preflight(dir: &Path, vm: &VmDescription) -> Result<(), StorageError> {
-    let stat = nix::sys::statvfs::statvfs(dir)
-        .map_err(|e| StorageError::Io { what: "cannot read free space of", path: dir.display().to_string(), source: e.into() })?;
+    let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| StorageError::Io {
+        what: "cannot read free space of",
+        path: dir.display().to_string(),
+        source: e.into(),
+    })?;
     let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
     let needed = vm.total_disk_bytes();
     if free < needed.saturating_add(HEADROOM) {
@@ -129,7 +136,8 @@ impl MigrationDir {
             .create_new(true)
             .open(&path)
             .map_err(io_err("cannot create image", &path))?;
-        file.set_len(size).map_err(io_err("cannot size image", &path))?;
+        file.set_len(size)
+            .map_err(io_err("cannot size image", &path))?;
         Ok(path)
     }
 
@@ -150,7 +158,11 @@ impl MigrationDir {
 
 /// Bytes allocated on disk by the given files (what `du` would say).
 pub fn allocated_bytes<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> u64 {
-    paths.into_iter().filter_map(|p| fs::metadata(p).ok()).map(|m| m.blocks() * 512).sum()
+    paths
+        .into_iter()
+        .filter_map(|p| fs::metadata(p).ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
 }
 
 /// The phase recorded in a migration directory, if it has one.
@@ -190,7 +202,10 @@ mod tests {
         let err = preflight(dir.path(), &vm_with(1 << 60)).expect_err("1 EiB does not fit");
         let text = err.to_string();
         assert!(text.starts_with("destination has "), "{text}");
-        assert!(text.contains("the disks need 1048576.0 TiB (vda 1048576.0 TiB)"), "{text}");
+        assert!(
+            text.contains("the disks need 1048576.0 TiB (vda 1048576.0 TiB)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -31,7 +31,12 @@ pub async fn run(args: AgentArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return super::fail(super::EXIT_USAGE, e),
     };
-    let config = AgentConfig { listen: args.listen, storage: args.storage, token, qemu_binary: args.qemu_binary };
+    let config = AgentConfig {
+        listen: args.listen,
+        storage: args.storage,
+        token,
+        qemu_binary: args.qemu_binary,
+    };
     let agent = match Agent::bind(config).await {
         Ok(a) => a,
         Err(e) => return super::fail(super::EXIT_USAGE, crate::error_chain(&e)),

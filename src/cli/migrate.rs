@@ -41,7 +41,10 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
         Err(e) => return super::fail(super::EXIT_USAGE, e),
     };
     if !args.qmp.exists() {
-        return super::fail(super::EXIT_USAGE, format!("no QMP socket at {}", args.qmp.display()));
+        return super::fail(
+            super::EXIT_USAGE,
+            format!("no QMP socket at {}", args.qmp.display()),
+        );
     }
     let mut opts = MigrateOptions::new(args.qmp, args.to, token);
     opts.sync_writes = args.sync_writes;
@@ -59,7 +62,10 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
         Ok(_) => ExitCode::SUCCESS,
         Err(failure) => {
             if !args.json {
-                eprintln!("ferry: migration failed during {}: {}", failure.phase, failure.error);
+                eprintln!(
+                    "ferry: migration failed during {}: {}",
+                    failure.phase, failure.error
+                );
             }
             ExitCode::from(super::EXIT_FAILED)
         }

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod agent;
+mod demo;
 mod migrate;
 mod nbd_serve;
 mod qmp;
@@ -19,7 +20,11 @@ pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser, Debug)]
-#[command(name = "ferry", version, about = "Live-migrate QEMU VMs with their local disks")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Live-migrate QEMU VMs with their local disks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,15 +40,25 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Live-migrate the VM behind a QMP socket to a host running `ferry agent`.
     Migrate(migrate::MigrateArgs),
+    /// Migrate the bundled test guest on this machine, both ends on localhost, and verify it.
+    Demo(demo::DemoArgs),
 }
 
 /// Parses the command line, runs the subcommand on a tokio runtime and returns its exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
-        Err(e) => return fail(EXIT_FAILED, format_args!("cannot start the async runtime: {e}")),
+        Err(e) => {
+            return fail(
+                EXIT_FAILED,
+                format_args!("cannot start the async runtime: {e}"),
+            )
+        }
     };
     runtime.block_on(async move {
         match cli.command {
@@ -51,6 +66,7 @@ pub fn main() -> ExitCode {
             Command::NbdServe(args) => nbd_serve::run(args).await,
             Command::Agent(args) => agent::run(args).await,
             Command::Migrate(args) => migrate::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
         }
     })
 }
@@ -75,7 +91,8 @@ fn init_tracing() {
 /// Reads a shared token: the file's content without surrounding white space. Refuses a missing,
 /// empty or short token rather than run with a guessable one.
 pub fn read_token(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let text = std::fs::read(path).map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+    let text = std::fs::read(path)
+        .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
     let token = text.trim_ascii().to_vec();
     if token.len() < 16 {
         return Err(format!(
@@ -91,7 +108,10 @@ pub fn read_token(path: &std::path::Path) -> Result<Vec<u8>, String> {
 /// Resolves on SIGINT or SIGTERM.
 pub async fn terminated() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! {
                 _ = int.recv() => {}

@@ -31,7 +31,9 @@ pub enum ControlError {
     #[error("agent refused: {0}")]
     Refused(String),
     /// The agent did not prove it holds the token.
-    #[error("the agent at {0} could not prove it holds the token: check --token-file on both hosts")]
+    #[error(
+        "the agent at {0} could not prove it holds the token: check --token-file on both hosts"
+    )]
     AgentNotAuthentic(String),
     /// The connection broke or the agent went silent.
     #[error("lost the agent: {0}")]
@@ -68,10 +70,19 @@ impl AgentLink {
         let connect = TcpStream::connect(to);
         let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(ControlError::Connect { to: to.to_string(), source }),
+            Ok(Err(source)) => {
+                return Err(ControlError::Connect {
+                    to: to.to_string(),
+                    source,
+                })
+            }
             Err(_) => {
-                let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s");
-                return Err(ControlError::Connect { to: to.to_string(), source });
+                let source =
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s");
+                return Err(ControlError::Connect {
+                    to: to.to_string(),
+                    source,
+                });
             }
         };
         let _ = stream.set_nodelay(true);
@@ -88,11 +99,17 @@ impl AgentLink {
             other => return Err(unexpected(other)),
         };
         let my_nonce = protocol::new_nonce();
-        let auth = SourceMessage::Auth { mac: protocol::sign(token, Signer::Source, &nonce), nonce: my_nonce.clone() };
+        let auth = SourceMessage::Auth {
+            mac: protocol::sign(token, Signer::Source, &nonce),
+            nonce: my_nonce.clone(),
+        };
         protocol::write_message(&mut writer, &auth).await?;
         match read_timeout(&mut rd).await? {
-            AgentMessage::Authenticated { mac } if protocol::verify(token, Signer::Agent, &my_nonce, &mac) => {}
-            AgentMessage::Authenticated { .. } => return Err(ControlError::AgentNotAuthentic(to.to_string())),
+            AgentMessage::Authenticated { mac }
+                if protocol::verify(token, Signer::Agent, &my_nonce, &mac) => {}
+            AgentMessage::Authenticated { .. } => {
+                return Err(ControlError::AgentNotAuthentic(to.to_string()))
+            }
             other => return Err(unexpected(other)),
         }
 
@@ -101,17 +118,29 @@ impl AgentLink {
             loop {
                 let msg = protocol::read_message::<_, AgentMessage>(&mut rd).await;
                 let stop = msg.is_err();
-                if tx.send(msg.map_err(|e| crate::error_chain(&e))).await.is_err() || stop {
+                if tx
+                    .send(msg.map_err(|e| crate::error_chain(&e)))
+                    .await
+                    .is_err()
+                    || stop
+                {
                     return;
                 }
             }
         });
-        Ok(AgentLink { writer, incoming, reader, host })
+        Ok(AgentLink {
+            writer,
+            incoming,
+            reader,
+            host,
+        })
     }
 
     /// Sends one message.
     pub async fn send(&mut self, msg: &SourceMessage) -> Result<(), ControlError> {
-        protocol::write_message(&mut self.writer, msg).await.map_err(Into::into)
+        protocol::write_message(&mut self.writer, msg)
+            .await
+            .map_err(Into::into)
     }
 
     /// The next message from the agent; `Refused` and a closed connection become errors.
@@ -128,15 +157,26 @@ impl AgentLink {
     pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<AgentMessage, ControlError> {
         match tokio::time::timeout(timeout, self.recv()).await {
             Ok(r) => r,
-            Err(_) => Err(ControlError::Lost(format!("no answer within {} s", timeout.as_secs()))),
+            Err(_) => Err(ControlError::Lost(format!(
+                "no answer within {} s",
+                timeout.as_secs()
+            ))),
         }
     }
 
     /// Sends the VM; returns `(migration_id, nbd_port, exports)`.
-    pub async fn prepare(&mut self, vm: &VmDescription) -> Result<(String, u16, Vec<protocol::ExportInfo>), ControlError> {
-        self.send(&SourceMessage::Prepare { vm: vm.clone() }).await?;
+    pub async fn prepare(
+        &mut self,
+        vm: &VmDescription,
+    ) -> Result<(String, u16, Vec<protocol::ExportInfo>), ControlError> {
+        self.send(&SourceMessage::Prepare { vm: vm.clone() })
+            .await?;
         match self.recv_timeout(REPLY_TIMEOUT).await? {
-            AgentMessage::Prepared { migration_id, nbd_port, exports } => Ok((migration_id, nbd_port, exports)),
+            AgentMessage::Prepared {
+                migration_id,
+                nbd_port,
+                exports,
+            } => Ok((migration_id, nbd_port, exports)),
             other => Err(unexpected(other)),
         }
     }
@@ -160,7 +200,9 @@ impl AgentLink {
     }
 }
 
-async fn read_timeout<R: tokio::io::AsyncRead + Unpin>(rd: &mut R) -> Result<AgentMessage, ControlError> {
+async fn read_timeout<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+) -> Result<AgentMessage, ControlError> {
     match tokio::time::timeout(REPLY_TIMEOUT, protocol::read_message::<_, AgentMessage>(rd)).await {
         Ok(Ok(AgentMessage::Refused { reason })) => Err(ControlError::Refused(reason)),
         Ok(Ok(msg)) => Ok(msg),
@@ -183,7 +225,9 @@ pub fn host_of(to: &str) -> String {
         Some((h, _)) => h,
         None => to,
     };
-    host.trim_start_matches('[').trim_end_matches(']').to_string()
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
 }
 
 #[cfg(test)]

@@ -44,7 +44,11 @@ pub fn plan(disks: &[DiskDescription], tag: &str) -> Vec<MirrorJob> {
     disks
         .iter()
         .enumerate()
-        .map(|(i, d)| MirrorJob { disk: d.name.clone(), job: format!("ferry-{tag}-mirror{i}"), node: format!("ferry-{tag}-nbd{i}") })
+        .map(|(i, d)| MirrorJob {
+            disk: d.name.clone(),
+            job: format!("ferry-{tag}-mirror{i}"),
+            node: format!("ferry-{tag}-nbd{i}"),
+        })
         .collect()
 }
 
@@ -72,7 +76,16 @@ pub async fn wait_ready(
     let mut ready: HashMap<String, bool> = jobs.iter().map(|j| (j.job.clone(), false)).collect();
     let mut trackers: HashMap<String, Tracker> = jobs
         .iter()
-        .map(|j| (j.job.clone(), Tracker { best_remaining: u64::MAX, since: Instant::now(), write_blocking: sync_writes }))
+        .map(|j| {
+            (
+                j.job.clone(),
+                Tracker {
+                    best_remaining: u64::MAX,
+                    since: Instant::now(),
+                    write_blocking: sync_writes,
+                },
+            )
+        })
         .collect();
     let mut tick = tokio::time::interval(POLL);
     let mut copied = 0;
@@ -139,7 +152,14 @@ pub async fn wait_ready(
     }
 }
 
-async fn converge(qemu: &SourceQemu, job: &MirrorJob, t: &mut Tracker, remaining: u64, ready: bool, reporter: &mut dyn Reporter) {
+async fn converge(
+    qemu: &SourceQemu,
+    job: &MirrorJob,
+    t: &mut Tracker,
+    remaining: u64,
+    ready: bool,
+    reporter: &mut dyn Reporter,
+) {
     if ready || t.write_blocking {
         return;
     }
@@ -156,34 +176,65 @@ async fn converge(qemu: &SourceQemu, job: &MirrorJob, t: &mut Tracker, remaining
     match qemu.make_write_blocking(&job.job).await {
         Ok(()) => {
             info!(disk = %job.disk, "mirror switched to write-blocking");
-            reporter.report(&Progress::MirrorWriteBlocking { disk: job.disk.clone() });
+            reporter.report(&Progress::MirrorWriteBlocking {
+                disk: job.disk.clone(),
+            });
         }
-        Err(e) => warn!(disk = %job.disk, error = %crate::error_chain(&e), "cannot switch mirror to write-blocking"),
+        Err(e) => {
+            warn!(disk = %job.disk, error = %crate::error_chain(&e), "cannot switch mirror to write-blocking")
+        }
     }
 }
 
 /// At pre-switchover (guest stopped): soft-cancel every READY job, which copies what is still
 /// dirty and completes the job without pivoting; wait until each has completed.
-pub async fn final_sync(qemu: &SourceQemu, jobs: &[MirrorJob], events: &mut qmp::Events, timeout: Duration) -> Result<(), Failure> {
+pub async fn final_sync(
+    qemu: &SourceQemu,
+    jobs: &[MirrorJob],
+    events: &mut qmp::Events,
+    timeout: Duration,
+) -> Result<(), Failure> {
     let fail = |e: String| Failure::new(PhaseName::Switchover, e);
     for job in jobs {
-        qemu.cancel_job(&job.job, false).await.map_err(|e| fail(crate::error_chain(&e)))?;
+        qemu.cancel_job(&job.job, false)
+            .await
+            .map_err(|e| fail(crate::error_chain(&e)))?;
     }
     let mut pending: Vec<&MirrorJob> = jobs.iter().collect();
     let deadline = Instant::now() + timeout;
     while !pending.is_empty() {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let event = events
-            .wait_for(|e| e.name == "BLOCK_JOB_COMPLETED" || e.name == "BLOCK_JOB_CANCELLED", remaining)
+            .wait_for(
+                |e| e.name == "BLOCK_JOB_COMPLETED" || e.name == "BLOCK_JOB_CANCELLED",
+                remaining,
+            )
             .await
-            .map_err(|e| fail(format!("waiting for the final disk sync: {}", crate::error_chain(&e))))?;
-        let id = event.data.get("device").and_then(Value::as_str).unwrap_or("");
-        let Some(pos) = pending.iter().position(|j| j.job == id) else { continue };
+            .map_err(|e| {
+                fail(format!(
+                    "waiting for the final disk sync: {}",
+                    crate::error_chain(&e)
+                ))
+            })?;
+        let id = event
+            .data
+            .get("device")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let Some(pos) = pending.iter().position(|j| j.job == id) else {
+            continue;
+        };
         if let Some(err) = event.data.get("error").and_then(Value::as_str) {
-            return Err(fail(format!("final sync of disk {} failed: {err}", pending[pos].disk)));
+            return Err(fail(format!(
+                "final sync of disk {} failed: {err}",
+                pending[pos].disk
+            )));
         }
         if event.name == "BLOCK_JOB_CANCELLED" {
-            return Err(fail(format!("final sync of disk {} was cancelled", pending[pos].disk)));
+            return Err(fail(format!(
+                "final sync of disk {} was cancelled",
+                pending[pos].disk
+            )));
         }
         pending.remove(pos);
     }
@@ -197,7 +248,9 @@ pub async fn abandon(qemu: &SourceQemu, jobs: &[MirrorJob], nodes_added: &[Strin
     let mut running = Vec::new();
     if let Ok(list) = qemu.block_jobs().await {
         for job in jobs {
-            let exists = list.iter().any(|j| j.get("device").and_then(Value::as_str) == Some(&job.job));
+            let exists = list
+                .iter()
+                .any(|j| j.get("device").and_then(Value::as_str) == Some(&job.job));
             if exists && qemu.cancel_job(&job.job, true).await.is_ok() {
                 running.push(job.job.clone());
             }
@@ -207,7 +260,15 @@ pub async fn abandon(qemu: &SourceQemu, jobs: &[MirrorJob], nodes_added: &[Strin
     while !running.is_empty() {
         let remaining = deadline.saturating_duration_since(Instant::now());
         match events
-            .wait_for(|e| matches!(e.name.as_str(), "BLOCK_JOB_CANCELLED" | "BLOCK_JOB_COMPLETED"), remaining)
+            .wait_for(
+                |e| {
+                    matches!(
+                        e.name.as_str(),
+                        "BLOCK_JOB_CANCELLED" | "BLOCK_JOB_COMPLETED"
+                    )
+                },
+                remaining,
+            )
             .await
         {
             Ok(ev) => {

@@ -124,7 +124,11 @@ pub struct Failure {
 impl Failure {
     /// A failure in `phase`.
     pub fn new(phase: PhaseName, error: impl Into<String>) -> Self {
-        Failure { phase, error: error.into(), source_running: false }
+        Failure {
+            phase,
+            error: error.into(),
+            source_running: false,
+        }
     }
 }
 
@@ -135,7 +139,11 @@ const SWITCH_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Runs a whole migration. On failure the rollback has already happened when this returns; the
 /// last event reported is `Completed` or `Failed`.
-pub async fn migrate(opts: &MigrateOptions, reporter: &mut dyn Reporter, cancel: &CancellationToken) -> Result<Summary, Failure> {
+pub async fn migrate(
+    opts: &MigrateOptions,
+    reporter: &mut dyn Reporter,
+    cancel: &CancellationToken,
+) -> Result<Summary, Failure> {
     let result = run(opts, reporter, cancel).await;
     match &result {
         Ok(summary) => reporter.report(&Progress::Completed(summary.clone())),
@@ -148,14 +156,21 @@ pub async fn migrate(opts: &MigrateOptions, reporter: &mut dyn Reporter, cancel:
     result
 }
 
-async fn run(opts: &MigrateOptions, reporter: &mut dyn Reporter, cancel: &CancellationToken) -> Result<Summary, Failure> {
+async fn run(
+    opts: &MigrateOptions,
+    reporter: &mut dyn Reporter,
+    cancel: &CancellationToken,
+) -> Result<Summary, Failure> {
     let started = Instant::now();
     let discover = |e: String| Failure::new(PhaseName::Discover, e);
     let qmp = qmp::Qmp::connect_unix(&opts.qmp_socket)
         .await
         .map_err(|e| discover(crate::error_chain(&e)))?;
     let qemu = SourceQemu { qmp };
-    let (vm, initial) = qemu.discover().await.map_err(|e| discover(crate::error_chain(&e)))?;
+    let (vm, initial) = qemu
+        .discover()
+        .await
+        .map_err(|e| discover(crate::error_chain(&e)))?;
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let mut m = Migration {
         jobs: mirror::plan(&vm.disks, &tag),
@@ -173,7 +188,12 @@ async fn run(opts: &MigrateOptions, reporter: &mut dyn Reporter, cancel: &Cancel
             if failure.phase < PhaseName::Finish {
                 m.rollback(&failure.error).await;
             }
-            failure.source_running = m.qemu.status().await.map(|(running, _)| running).unwrap_or(false);
+            failure.source_running = m
+                .qemu
+                .status()
+                .await
+                .map(|(running, _)| running)
+                .unwrap_or(false);
             Err(failure)
         }
     }
@@ -214,7 +234,14 @@ impl Migration {
         info!(%migration_id, nbd_port, "agent prepared storage");
         reporter.report(&Progress::Prepared {
             migration_id,
-            disks: vm.disks.iter().map(|d| DiskSize { disk: d.name.clone(), size: d.size }).collect(),
+            disks: vm
+                .disks
+                .iter()
+                .map(|d| DiskSize {
+                    disk: d.name.clone(),
+                    size: d.size,
+                })
+                .collect(),
         });
         self.phases.negotiation = started.elapsed().as_millis() as u64;
 
@@ -225,22 +252,31 @@ impl Migration {
         let host = link.host.clone();
         let fail_mirror = |e: String| Failure::new(PhaseName::Mirror, e);
         for job in &self.jobs {
-            let export = exports
-                .iter()
-                .find(|x| x.disk == job.disk)
-                .ok_or_else(|| fail_mirror(format!("the agent prepared no export for disk {}", job.disk)))?;
+            let export = exports.iter().find(|x| x.disk == job.disk).ok_or_else(|| {
+                fail_mirror(format!(
+                    "the agent prepared no export for disk {}",
+                    job.disk
+                ))
+            })?;
             self.qemu
                 .add_nbd_target(&job.node, &host, nbd_port, &export.export)
                 .await
                 .map_err(|e| fail_mirror(crate::error_chain(&e)))?;
             self.nodes_added.push(job.node.clone());
-            let disk = vm.disks.iter().find(|d| d.name == job.disk).ok_or_else(|| fail_mirror("disk list changed".into()))?;
+            let disk = vm
+                .disks
+                .iter()
+                .find(|d| d.name == job.disk)
+                .ok_or_else(|| fail_mirror("disk list changed".into()))?;
             self.qemu
                 .start_mirror(&job.job, disk, &job.node, opts.sync_writes)
                 .await
                 .map_err(|e| fail_mirror(crate::error_chain(&e)))?;
         }
-        let link = self.link.as_mut().ok_or_else(|| fail_mirror("lost the agent".into()))?;
+        let link = self
+            .link
+            .as_mut()
+            .ok_or_else(|| fail_mirror("lost the agent".into()))?;
         let disk_bytes = mirror::wait_ready(
             &self.qemu,
             &self.jobs,
@@ -261,9 +297,15 @@ impl Migration {
             port = link.start_destination() => port.map_err(|e| start_fail(e.to_string()))?,
         };
         let ram_fail = |e: String| Failure::new(PhaseName::Ram, e);
-        self.qemu.set_capability("pause-before-switchover", true).await.map_err(|e| ram_fail(crate::error_chain(&e)))?;
+        self.qemu
+            .set_capability("pause-before-switchover", true)
+            .await
+            .map_err(|e| ram_fail(crate::error_chain(&e)))?;
         self.capability_set = true;
-        self.qemu.migrate(&host, port).await.map_err(|e| ram_fail(crate::error_chain(&e)))?;
+        self.qemu
+            .migrate(&host, port)
+            .await
+            .map_err(|e| ram_fail(crate::error_chain(&e)))?;
         self.migration_started = true;
         self.wait_pre_switchover(opts, reporter, cancel).await?;
         self.phases.ram = ram_start.elapsed().as_millis() as u64;
@@ -273,7 +315,10 @@ impl Migration {
         reporter.report(&Progress::Switchover);
         let switch_fail = |e: String| Failure::new(PhaseName::Switchover, e);
         mirror::final_sync(&self.qemu, &self.jobs, &mut events, SWITCH_TIMEOUT).await?;
-        self.qemu.migrate_continue().await.map_err(|e| switch_fail(crate::error_chain(&e)))?;
+        self.qemu
+            .migrate_continue()
+            .await
+            .map_err(|e| switch_fail(crate::error_chain(&e)))?;
         let info = self.wait_completed().await?;
 
         // The destination owns the VM now. Nothing below may resume the source.
@@ -283,18 +328,31 @@ impl Migration {
                 warn!(%node, error = %crate::error_chain(&e), "removing NBD node after switchover");
             }
         }
-        let link = self.link.as_mut().ok_or_else(|| finish_fail("lost the agent".into()))?;
+        let link = self
+            .link
+            .as_mut()
+            .ok_or_else(|| finish_fail("lost the agent".into()))?;
         let running = link.switched().await.map_err(|e| {
             finish_fail(format!(
                 "{e}; the VM has switched over and the agent finishes it on its own (the source stays paused)"
             ))
         })?;
         self.phases.switchover = switch_start.elapsed().as_millis() as u64;
-        let stop_us = stops.wait_for(|e| e.name == "STOP", Duration::from_millis(100)).await.ok().map(|e| e.timestamp.as_micros());
+        let stop_us = stops
+            .wait_for(|e| e.name == "STOP", Duration::from_millis(100))
+            .await
+            .ok()
+            .map(|e| e.timestamp.as_micros());
         if let Err(e) = self.qemu.quit().await {
             warn!(error = %crate::error_chain(&e), "source QEMU did not quit");
         }
-        let AgentMessage::Running { pid, qmp, resumed_at_us, allocated_bytes } = running else {
+        let AgentMessage::Running {
+            pid,
+            qmp,
+            resumed_at_us,
+            allocated_bytes,
+        } = running
+        else {
             return Err(finish_fail("agent sent an unexpected reply".into()));
         };
         Ok(Summary {
@@ -306,18 +364,30 @@ impl Migration {
             total_ms: started.elapsed().as_millis() as u64,
             phases_ms: self.phases.clone(),
             disk_bytes,
-            ram_bytes: info.get("ram").and_then(|r| r.get("transferred")).and_then(Value::as_u64).unwrap_or(0),
+            ram_bytes: info
+                .get("ram")
+                .and_then(|r| r.get("transferred"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
             destination_allocated_bytes: allocated_bytes,
             destination: DestinationInfo { pid, qmp },
         })
     }
 
-    async fn wait_pre_switchover(&mut self, opts: &MigrateOptions, reporter: &mut dyn Reporter, cancel: &CancellationToken) -> Result<(), Failure> {
+    async fn wait_pre_switchover(
+        &mut self,
+        opts: &MigrateOptions,
+        reporter: &mut dyn Reporter,
+        cancel: &CancellationToken,
+    ) -> Result<(), Failure> {
         let fail = |e: String| Failure::new(PhaseName::Ram, e);
         let deadline = Instant::now() + opts.ram_timeout;
         let mut tick = tokio::time::interval(RAM_POLL);
         loop {
-            let link = self.link.as_mut().ok_or_else(|| fail("lost the agent".into()))?;
+            let link = self
+                .link
+                .as_mut()
+                .ok_or_else(|| fail("lost the agent".into()))?;
             tokio::select! {
                 _ = cancel.cancelled() => return Err(fail("interrupted".into())),
                 _ = tokio::time::sleep_until(deadline) => {
@@ -354,14 +424,23 @@ impl Migration {
         let fail = |e: String| Failure::new(PhaseName::Switchover, e);
         let deadline = Instant::now() + SWITCH_TIMEOUT;
         loop {
-            let info = self.qemu.query_migrate().await.map_err(|e| fail(crate::error_chain(&e)))?;
+            let info = self
+                .qemu
+                .query_migrate()
+                .await
+                .map_err(|e| fail(crate::error_chain(&e)))?;
             match info.get("status").and_then(Value::as_str).unwrap_or("") {
                 "completed" => return Ok(info),
                 "failed" | "cancelled" => {
-                    let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
+                    let why = info
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given");
                     return Err(fail(format!("migration failed at the switchover: {why}")));
                 }
-                _ if Instant::now() >= deadline => return Err(fail("the switchover did not complete".into())),
+                _ if Instant::now() >= deadline => {
+                    return Err(fail("the switchover did not complete".into()))
+                }
                 _ => tokio::time::sleep(SWITCH_POLL).await,
             }
         }
@@ -377,7 +456,14 @@ impl Migration {
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 match self.qemu.query_migrate().await {
-                    Ok(info) if !matches!(info.get("status").and_then(Value::as_str), Some("active" | "cancelling" | "pre-switchover" | "device" | "setup")) => break,
+                    Ok(info)
+                        if !matches!(
+                            info.get("status").and_then(Value::as_str),
+                            Some("active" | "cancelling" | "pre-switchover" | "device" | "setup")
+                        ) =>
+                    {
+                        break
+                    }
                     Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
                     Err(_) => break,
                 }
@@ -386,13 +472,25 @@ impl Migration {
         mirror::abandon(&self.qemu, &self.jobs, &self.nodes_added).await;
         self.nodes_added.clear();
         if self.capability_set {
-            let _ = self.qemu.set_capability("pause-before-switchover", false).await;
+            let _ = self
+                .qemu
+                .set_capability("pause-before-switchover", false)
+                .await;
         }
         if let Some(mut link) = self.link.take() {
             // Wait for the agent to hang up: it has then killed the destination QEMU, so resuming
             // the source below can never make two copies run.
-            if link.send(&SourceMessage::Abort { reason: reason.to_string() }).await.is_ok() {
-                let _ = tokio::time::timeout(Duration::from_secs(15), async { while link.recv().await.is_ok() {} }).await;
+            if link
+                .send(&SourceMessage::Abort {
+                    reason: reason.to_string(),
+                })
+                .await
+                .is_ok()
+            {
+                let _ = tokio::time::timeout(Duration::from_secs(15), async {
+                    while link.recv().await.is_ok() {}
+                })
+                .await;
             }
         }
         if self.initial.running {

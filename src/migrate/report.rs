@@ -156,24 +156,46 @@ impl Reporter for HumanReporter {
 impl HumanReporter {
     fn line(&mut self, event: &Progress) -> Option<String> {
         match event {
-            Progress::Prepared { migration_id, disks } => {
-                let list: Vec<String> = disks.iter().map(|d| format!("{} ({})", d.disk, human_bytes(d.size))).collect();
-                Some(format!("agent accepted migration {migration_id}: {}", list.join(", ")))
+            Progress::Prepared {
+                migration_id,
+                disks,
+            } => {
+                let list: Vec<String> = disks
+                    .iter()
+                    .map(|d| format!("{} ({})", d.disk, human_bytes(d.size)))
+                    .collect();
+                Some(format!(
+                    "agent accepted migration {migration_id}: {}",
+                    list.join(", ")
+                ))
             }
             Progress::Mirror { disk, done, total } => {
-                let percent = if *total == 0 { 100 } else { done.saturating_mul(100) / total };
+                let percent = if *total == 0 {
+                    100
+                } else {
+                    done.saturating_mul(100) / total
+                };
                 let last = self.last_percent.get(disk).copied();
                 if last.is_some_and(|l| percent < l + 5 && (percent != 100 || l == 100)) {
                     return None;
                 }
                 self.last_percent.insert(disk.clone(), percent);
-                Some(format!("  disk {disk}: {} / {} ({percent}%)", human_bytes(*done), human_bytes(*total)))
+                Some(format!(
+                    "  disk {disk}: {} / {} ({percent}%)",
+                    human_bytes(*done),
+                    human_bytes(*total)
+                ))
             }
             Progress::MirrorReady { disk } => Some(format!("  disk {disk}: in sync")),
-            Progress::MirrorWriteBlocking { disk } => {
-                Some(format!("  disk {disk}: guest writes outpace the copy; switching to synchronous mirroring"))
-            }
-            Progress::Ram { status, transferred, remaining, total } => {
+            Progress::MirrorWriteBlocking { disk } => Some(format!(
+                "  disk {disk}: guest writes outpace the copy; switching to synchronous mirroring"
+            )),
+            Progress::Ram {
+                status,
+                transferred,
+                remaining,
+                total,
+            } => {
                 if *transferred < self.last_ram + (64 << 20) && status == "active" {
                     return None;
                 }
@@ -191,16 +213,25 @@ impl HumanReporter {
                  destination allocates {}; VM runs as pid {} (QMP {})",
                 s.total_ms as f64 / 1000.0,
                 s.downtime_ms.map_or("?".to_string(), |d| d.to_string()),
-                s.stop_to_resume_ms.map_or(String::new(), |d| format!(", {d:.1} ms STOP to RESUME")),
+                s.stop_to_resume_ms
+                    .map_or(String::new(), |d| format!(", {d:.1} ms STOP to RESUME")),
                 human_bytes(s.disk_bytes),
                 human_bytes(s.ram_bytes),
                 human_bytes(s.destination_allocated_bytes),
                 s.destination.pid,
                 s.destination.qmp
             )),
-            Progress::Failed { phase, error, source_running } => Some(format!(
+            Progress::Failed {
+                phase,
+                error,
+                source_running,
+            } => Some(format!(
                 "migration failed during {phase}: {error}{}",
-                if *source_running { " (the VM keeps running on the source)" } else { "" }
+                if *source_running {
+                    " (the VM keeps running on the source)"
+                } else {
+                    ""
+                }
             )),
         }
     }
@@ -225,10 +256,22 @@ mod tests {
 
     #[test]
     fn json_shape_is_the_documented_one() {
-        let v = serde_json::to_value(Progress::Mirror { disk: "vda".into(), done: 1, total: 2 }).expect("json");
-        assert_eq!(v, serde_json::json!({"event": "mirror", "disk": "vda", "done": 1, "total": 2}));
-        let v = serde_json::to_value(Progress::Failed { phase: "mirror".into(), error: "x".into(), source_running: true })
-            .expect("json");
+        let v = serde_json::to_value(Progress::Mirror {
+            disk: "vda".into(),
+            done: 1,
+            total: 2,
+        })
+        .expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"event": "mirror", "disk": "vda", "done": 1, "total": 2})
+        );
+        let v = serde_json::to_value(Progress::Failed {
+            phase: "mirror".into(),
+            error: "x".into(),
+            source_running: true,
+        })
+        .expect("json");
         assert_eq!(v["event"], "failed");
         assert_eq!(v["phase"], "mirror");
     }
@@ -236,11 +279,18 @@ mod tests {
     #[test]
     fn human_mirror_lines_are_throttled() {
         let mut h = HumanReporter::default();
-        let ev = |done| Progress::Mirror { disk: "vda".into(), done, total: 100 };
+        let ev = |done| Progress::Mirror {
+            disk: "vda".into(),
+            done,
+            total: 100,
+        };
         assert!(h.line(&ev(1)).is_some());
         assert!(h.line(&ev(3)).is_none());
         assert!(h.line(&ev(7)).is_some());
         assert!(h.line(&ev(100)).is_some());
-        assert!(h.line(&ev(100)).is_none(), "a disk in sync is not repeated every poll");
+        assert!(
+            h.line(&ev(100)).is_none(),
+            "a disk in sync is not repeated every poll"
+        );
     }
 }

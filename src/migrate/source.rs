@@ -57,8 +57,14 @@ pub struct InitialState {
 impl SourceQemu {
     /// Reads the VM: its state, argv (through the QMP peer's pid), machine type and disks.
     pub async fn discover(&self) -> Result<(VmDescription, InitialState), DiscoverError> {
-        let status = self.qmp.execute(q::query_status {}).await.map_err(ctx("query-status"))?;
-        let state = serde_json::to_value(status.status).ok().and_then(|v| v.as_str().map(str::to_string));
+        let status = self
+            .qmp
+            .execute(q::query_status {})
+            .await
+            .map_err(ctx("query-status"))?;
+        let state = serde_json::to_value(status.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string));
         let state = state.unwrap_or_default();
         if !matches!(state.as_str(), "running" | "paused") {
             return Err(DiscoverError::Unsupported(format!(
@@ -67,18 +73,36 @@ impl SourceQemu {
         }
         let argv = self.argv()?;
         let machine = self.machine().await?;
-        let blocks = self.qmp.execute_raw("query-block", Value::Null).await.map_err(ctx("query-block"))?;
+        let blocks = self
+            .qmp
+            .execute_raw("query-block", Value::Null)
+            .await
+            .map_err(ctx("query-block"))?;
         let disks = disks_from_query_block(&blocks)?;
-        Ok((VmDescription { argv, machine, disks }, InitialState { running: status.running }))
+        Ok((
+            VmDescription {
+                argv,
+                machine,
+                disks,
+            },
+            InitialState {
+                running: status.running,
+            },
+        ))
     }
 
     fn argv(&self) -> Result<Vec<String>, DiscoverError> {
         let pid = self.qmp.peer_pid().ok_or_else(|| {
-            DiscoverError::Unsupported("cannot tell which process owns the QMP socket (is it a unix socket?)".into())
+            DiscoverError::Unsupported(
+                "cannot tell which process owns the QMP socket (is it a unix socket?)".into(),
+            )
         })?;
         let path = PathBuf::from(format!("/proc/{pid}/cmdline"));
         let raw = std::fs::read(&path).map_err(|e| {
-            DiscoverError::Unsupported(format!("cannot read the QEMU command line from {}: {e}", path.display()))
+            DiscoverError::Unsupported(format!(
+                "cannot read the QEMU command line from {}: {e}",
+                path.display()
+            ))
         })?;
         Ok(raw
             .split(|b| *b == 0)
@@ -94,12 +118,20 @@ impl SourceQemu {
             .execute_raw("qom-get", json!({"path": "/machine", "property": "type"}))
             .await
             .map_err(ctx("qom-get /machine type"))?;
-        Ok(ty.as_str().map(|t| t.strip_suffix("-machine").unwrap_or(t).to_string()))
+        Ok(ty
+            .as_str()
+            .map(|t| t.strip_suffix("-machine").unwrap_or(t).to_string()))
     }
 
     /// Adds the NBD client node a disk is mirrored into. `discard`/`detect-zeroes: unmap` let the
     /// mirror send holes as holes, which keeps the destination image sparse.
-    pub async fn add_nbd_target(&self, node: &str, host: &str, port: u16, export: &str) -> Result<(), SourceError> {
+    pub async fn add_nbd_target(
+        &self,
+        node: &str,
+        host: &str,
+        port: u16,
+        export: &str,
+    ) -> Result<(), SourceError> {
         let args = json!({
             "driver": "nbd",
             "node-name": node,
@@ -108,22 +140,34 @@ impl SourceQemu {
             "discard": "unmap",
             "detect-zeroes": "unmap",
         });
-        self.qmp.execute_raw("blockdev-add", args).await.map_err(ctx(format!("adding NBD target {node}")))?;
+        self.qmp
+            .execute_raw("blockdev-add", args)
+            .await
+            .map_err(ctx(format!("adding NBD target {node}")))?;
         Ok(())
     }
 
     /// Removes a node added by [`add_nbd_target`](Self::add_nbd_target).
     pub async fn del_node(&self, node: &str) -> Result<(), SourceError> {
         self.qmp
-            .execute(q::blockdev_del { node_name: node.to_string() })
+            .execute(q::blockdev_del {
+                node_name: node.to_string(),
+            })
             .await
             .map_err(ctx(format!("removing node {node}")))?;
         Ok(())
     }
 
     /// Starts a full mirror of `disk` into `target`.
-    pub async fn start_mirror(&self, job: &str, disk: &DiskDescription, target: &str, write_blocking: bool) -> Result<(), SourceError> {
-        let mut args = json!({"job-id": job, "device": disk.node_name, "target": target, "sync": "full"});
+    pub async fn start_mirror(
+        &self,
+        job: &str,
+        disk: &DiskDescription,
+        target: &str,
+        write_blocking: bool,
+    ) -> Result<(), SourceError> {
+        let mut args =
+            json!({"job-id": job, "device": disk.node_name, "target": target, "sync": "full"});
         if write_blocking {
             args["copy-mode"] = json!("write-blocking");
         }
@@ -138,7 +182,10 @@ impl SourceQemu {
     /// completes the job without pivoting; with `force: true` it abandons the copy.
     pub async fn cancel_job(&self, job: &str, force: bool) -> Result<(), SourceError> {
         self.qmp
-            .execute(q::block_job_cancel { device: job.to_string(), force: Some(force) })
+            .execute(q::block_job_cancel {
+                device: job.to_string(),
+                force: Some(force),
+            })
             .await
             .map_err(ctx(format!("cancelling job {job}")))?;
         Ok(())
@@ -148,7 +195,10 @@ impl SourceQemu {
     /// synchronously and the job converges however fast the guest writes. QEMU 9.1 and later.
     pub async fn make_write_blocking(&self, job: &str) -> Result<(), SourceError> {
         self.qmp
-            .execute_raw("block-job-change", json!({"id": job, "type": "mirror", "copy-mode": "write-blocking"}))
+            .execute_raw(
+                "block-job-change",
+                json!({"id": job, "type": "mirror", "copy-mode": "write-blocking"}),
+            )
             .await
             .map_err(ctx(format!("switching job {job} to write-blocking")))?;
         Ok(())
@@ -156,14 +206,21 @@ impl SourceQemu {
 
     /// The block jobs' raw list (`device`, `offset`, `len`, `ready`, `status`).
     pub async fn block_jobs(&self) -> Result<Vec<Value>, SourceError> {
-        let jobs = self.qmp.execute_raw("query-block-jobs", Value::Null).await.map_err(ctx("query-block-jobs"))?;
+        let jobs = self
+            .qmp
+            .execute_raw("query-block-jobs", Value::Null)
+            .await
+            .map_err(ctx("query-block-jobs"))?;
         Ok(jobs.as_array().cloned().unwrap_or_default())
     }
 
     /// Sets one migration capability.
     pub async fn set_capability(&self, name: &str, state: bool) -> Result<(), SourceError> {
         self.qmp
-            .execute_raw("migrate-set-capabilities", json!({"capabilities": [{"capability": name, "state": state}]}))
+            .execute_raw(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": name, "state": state}]}),
+            )
             .await
             .map_err(ctx(format!("setting migration capability {name}")))?;
         Ok(())
@@ -171,7 +228,11 @@ impl SourceQemu {
 
     /// Starts the RAM migration to `host:port`.
     pub async fn migrate(&self, host: &str, port: u16) -> Result<(), SourceError> {
-        let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
         self.qmp
             .execute_raw("migrate", json!({"uri": format!("tcp:{host}:{port}")}))
             .await
@@ -181,13 +242,18 @@ impl SourceQemu {
 
     /// `query-migrate`, raw (its fields differ between versions).
     pub async fn query_migrate(&self) -> Result<Value, SourceError> {
-        self.qmp.execute_raw("query-migrate", Value::Null).await.map_err(ctx("query-migrate"))
+        self.qmp
+            .execute_raw("query-migrate", Value::Null)
+            .await
+            .map_err(ctx("query-migrate"))
     }
 
     /// Lets a migration paused at `pre-switchover` finish.
     pub async fn migrate_continue(&self) -> Result<(), SourceError> {
         self.qmp
-            .execute(q::migrate_continue { state: q::MigrationStatus::pre_switchover })
+            .execute(q::migrate_continue {
+                state: q::MigrationStatus::pre_switchover,
+            })
             .await
             .map_err(ctx("migrate-continue"))?;
         Ok(())
@@ -195,14 +261,23 @@ impl SourceQemu {
 
     /// Cancels the RAM migration.
     pub async fn migrate_cancel(&self) -> Result<(), SourceError> {
-        self.qmp.execute(q::migrate_cancel {}).await.map_err(ctx("migrate_cancel"))?;
+        self.qmp
+            .execute(q::migrate_cancel {})
+            .await
+            .map_err(ctx("migrate_cancel"))?;
         Ok(())
     }
 
     /// Whether the guest runs, and QEMU's run state.
     pub async fn status(&self) -> Result<(bool, String), SourceError> {
-        let status = self.qmp.execute(q::query_status {}).await.map_err(ctx("query-status"))?;
-        let state = serde_json::to_value(status.status).ok().and_then(|v| v.as_str().map(str::to_string));
+        let status = self
+            .qmp
+            .execute(q::query_status {})
+            .await
+            .map_err(ctx("query-status"))?;
+        let state = serde_json::to_value(status.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string));
         Ok((status.running, state.unwrap_or_default()))
     }
 
@@ -228,21 +303,39 @@ pub fn disks_from_query_block(blocks: &Value) -> Result<Vec<DiskDescription>, Di
     let mut disks = Vec::new();
     let mut names = std::collections::HashSet::new();
     for block in blocks.as_array().into_iter().flatten() {
-        let Some(inserted) = block.get("inserted") else { continue };
-        let device = block.get("device").and_then(Value::as_str).unwrap_or("").to_string();
+        let Some(inserted) = block.get("inserted") else {
+            continue;
+        };
+        let device = block
+            .get("device")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let qdev = block.get("qdev").and_then(Value::as_str).unwrap_or("");
         if block.get("removable").and_then(Value::as_bool) == Some(true) {
-            let who = if device.is_empty() { qdev } else { device.as_str() };
+            let who = if device.is_empty() {
+                qdev
+            } else {
+                device.as_str()
+            };
             return Err(DiscoverError::Unsupported(format!(
                 "removable device {who} has media inserted; eject it first (`ferry qmp SOCKET eject '{{\"id\":\"{who}\"}}'`)"
             )));
         }
-        let node_name = inserted.get("node-name").and_then(Value::as_str).unwrap_or("").to_string();
+        let node_name = inserted
+            .get("node-name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let size = inserted
             .get("image")
             .and_then(|i| i.get("virtual-size"))
             .and_then(Value::as_u64)
-            .ok_or_else(|| DiscoverError::Unsupported(format!("QEMU did not report the size of disk {node_name}")))?;
+            .ok_or_else(|| {
+                DiscoverError::Unsupported(format!(
+                    "QEMU did not report the size of disk {node_name}"
+                ))
+            })?;
         let base = if !node_name.starts_with('#') && !node_name.is_empty() {
             node_name.clone()
         } else if !device.is_empty() {
@@ -260,8 +353,16 @@ pub fn disks_from_query_block(blocks: &Value) -> Result<Vec<DiskDescription>, Di
             name,
             node_name,
             device,
-            file: inserted.get("file").and_then(Value::as_str).unwrap_or("").to_string(),
-            format: inserted.get("drv").and_then(Value::as_str).unwrap_or("").to_string(),
+            file: inserted
+                .get("file")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            format: inserted
+                .get("drv")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
             size,
             read_only: inserted.get("ro").and_then(Value::as_bool).unwrap_or(false),
         });
@@ -286,8 +387,22 @@ mod tests {
         ]);
         let disks = disks_from_query_block(&blocks).expect("disks");
         assert_eq!(disks.len(), 2);
-        assert_eq!((disks[0].name.as_str(), disks[0].size, disks[0].format.as_str()), ("vda", 1 << 30, "qcow2"));
-        assert_eq!((disks[1].name.as_str(), disks[1].node_name.as_str(), disks[1].read_only), ("drive1", "#block312", true));
+        assert_eq!(
+            (
+                disks[0].name.as_str(),
+                disks[0].size,
+                disks[0].format.as_str()
+            ),
+            ("vda", 1 << 30, "qcow2")
+        );
+        assert_eq!(
+            (
+                disks[1].name.as_str(),
+                disks[1].node_name.as_str(),
+                disks[1].read_only
+            ),
+            ("drive1", "#block312", true)
+        );
     }
 
     #[test]

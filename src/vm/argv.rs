@@ -22,37 +22,114 @@ use super::VmDescription;
 
 /// QEMU options that take no value. Everything else takes exactly one.
 const FLAGS: &[&str] = &[
-    "S", "snapshot", "nographic", "daemonize", "nodefaults", "no-user-config", "nodefconfig",
-    "no-reboot", "no-shutdown", "enable-kvm", "s", "full-screen", "no-frame", "alt-grab",
-    "ctrl-grab", "no-quit", "no-hpet", "no-acpi", "no-fd-bootchk", "win2k-hack", "usb",
-    "only-migratable", "enable-sync-profile", "preconfig", "xen-attach", "xen-domid-restrict",
-    "version", "h", "help", "semihosting", "rtc-td-hack", "portrait", "sdl", "curses",
-    "enable-fips", "no-kvm",
+    "S",
+    "snapshot",
+    "nographic",
+    "daemonize",
+    "nodefaults",
+    "no-user-config",
+    "nodefconfig",
+    "no-reboot",
+    "no-shutdown",
+    "enable-kvm",
+    "s",
+    "full-screen",
+    "no-frame",
+    "alt-grab",
+    "ctrl-grab",
+    "no-quit",
+    "no-hpet",
+    "no-acpi",
+    "no-fd-bootchk",
+    "win2k-hack",
+    "usb",
+    "only-migratable",
+    "enable-sync-profile",
+    "preconfig",
+    "xen-attach",
+    "xen-domid-restrict",
+    "version",
+    "h",
+    "help",
+    "semihosting",
+    "rtc-td-hack",
+    "portrait",
+    "sdl",
+    "curses",
+    "enable-fips",
+    "no-kvm",
 ];
 
 /// Options that cannot move to another host: why, for the operator.
 const REFUSED: &[(&str, &str)] = &[
-    ("snapshot", "writes go to a temporary overlay that cannot be migrated"),
-    ("loadvm", "it restores a snapshot stored in the source images"),
-    ("mem-path", "guest RAM is backed by a file on the source host"),
+    (
+        "snapshot",
+        "writes go to a temporary overlay that cannot be migrated",
+    ),
+    (
+        "loadvm",
+        "it restores a snapshot stored in the source images",
+    ),
+    (
+        "mem-path",
+        "guest RAM is backed by a file on the source host",
+    ),
     ("fsdev", "it shares a host directory with the guest"),
     ("virtfs", "it shares a host directory with the guest"),
     ("readconfig", "the config file lives on the source host"),
     ("writeconfig", "it writes a file on the source host"),
-    ("nographic", "it ties the serial console to the terminal; use -display none and -serial file:PATH"),
-    ("hda", "use -drive or -blockdev so the disk can be identified"),
-    ("hdb", "use -drive or -blockdev so the disk can be identified"),
-    ("hdc", "use -drive or -blockdev so the disk can be identified"),
-    ("hdd", "use -drive or -blockdev so the disk can be identified"),
-    ("cdrom", "eject the media or use an empty -drive media=cdrom"),
-    ("fda", "use -drive or -blockdev so the disk can be identified"),
-    ("fdb", "use -drive or -blockdev so the disk can be identified"),
-    ("mtdblock", "use -drive or -blockdev so the disk can be identified"),
-    ("sd", "use -drive or -blockdev so the disk can be identified"),
+    (
+        "nographic",
+        "it ties the serial console to the terminal; use -display none and -serial file:PATH",
+    ),
+    (
+        "hda",
+        "use -drive or -blockdev so the disk can be identified",
+    ),
+    (
+        "hdb",
+        "use -drive or -blockdev so the disk can be identified",
+    ),
+    (
+        "hdc",
+        "use -drive or -blockdev so the disk can be identified",
+    ),
+    (
+        "hdd",
+        "use -drive or -blockdev so the disk can be identified",
+    ),
+    (
+        "cdrom",
+        "eject the media or use an empty -drive media=cdrom",
+    ),
+    (
+        "fda",
+        "use -drive or -blockdev so the disk can be identified",
+    ),
+    (
+        "fdb",
+        "use -drive or -blockdev so the disk can be identified",
+    ),
+    (
+        "mtdblock",
+        "use -drive or -blockdev so the disk can be identified",
+    ),
+    (
+        "sd",
+        "use -drive or -blockdev so the disk can be identified",
+    ),
 ];
 
 /// Options the agent sets itself; the source's values are dropped.
-const REPLACED: &[&str] = &["S", "daemonize", "incoming", "pidfile", "qmp", "qmp-pretty", "monitor"];
+const REPLACED: &[&str] = &[
+    "S",
+    "daemonize",
+    "incoming",
+    "pidfile",
+    "qmp",
+    "qmp-pretty",
+    "monitor",
+];
 
 /// File names inside the migration directory that belong to the agent.
 const RESERVED_NAMES: &[&str] = &["qmp.sock", "qemu.pid", "phase", "qemu.stderr"];
@@ -104,7 +181,10 @@ fn refuse(option: &str, value: Option<&str>, reason: impl Into<String>) -> Rewri
         Some(v) => format!("-{option} {v}"),
         None => format!("-{option}"),
     };
-    RewriteError { option, reason: reason.into() }
+    RewriteError {
+        option,
+        reason: reason.into(),
+    }
 }
 
 /// One option of a QEMU command line.
@@ -124,15 +204,24 @@ pub fn parse(args: &[String]) -> Result<Vec<Opt>, RewriteError> {
         let Some(name) = arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) else {
             return Err(RewriteError {
                 option: arg.clone(),
-                reason: "a bare image argument cannot be identified; use -drive or -blockdev".into(),
+                reason: "a bare image argument cannot be identified; use -drive or -blockdev"
+                    .into(),
             });
         };
         if FLAGS.contains(&name) {
-            opts.push(Opt { name: name.to_string(), value: None });
+            opts.push(Opt {
+                name: name.to_string(),
+                value: None,
+            });
             continue;
         }
-        let value = iter.next().ok_or_else(|| refuse(name, None, "it is missing its value"))?;
-        opts.push(Opt { name: name.to_string(), value: Some(value.clone()) });
+        let value = iter
+            .next()
+            .ok_or_else(|| refuse(name, None, "it is missing its value"))?;
+        opts.push(Opt {
+            name: name.to_string(),
+            value: Some(value.clone()),
+        });
     }
     Ok(opts)
 }
@@ -161,7 +250,11 @@ struct Rewriter<'a> {
 }
 
 impl<'a> Rewriter<'a> {
-    fn new(vm: &'a VmDescription, ctx: &'a RewriteContext, opts: &[Opt]) -> Result<Self, RewriteError> {
+    fn new(
+        vm: &'a VmDescription,
+        ctx: &'a RewriteContext,
+        opts: &[Opt],
+    ) -> Result<Self, RewriteError> {
         let blockdevs: HashMap<String, Value> = opts
             .iter()
             .filter(|o| o.name == "blockdev")
@@ -233,8 +326,14 @@ impl<'a> Rewriter<'a> {
             }
             "object" => {
                 let kv = KeyVal::parse(value);
-                if kv.implied() == Some("memory-backend-file") || kv.get("qom-type") == Some("memory-backend-file") {
-                    return Err(refuse(name, Some(value), "guest RAM is backed by a file on the source host"));
+                if kv.implied() == Some("memory-backend-file")
+                    || kv.get("qom-type") == Some("memory-backend-file")
+                {
+                    return Err(refuse(
+                        name,
+                        Some(value),
+                        "guest RAM is backed by a file on the source host",
+                    ));
                 }
                 self.push(name, Some(value.to_string()));
                 Ok(())
@@ -249,15 +348,18 @@ impl<'a> Rewriter<'a> {
     fn drive(&mut self, value: &str) -> Result<(), RewriteError> {
         let mut kv = KeyVal::parse(value);
         if kv.get("snapshot").is_some_and(is_true) {
-            return Err(refuse("drive", Some(value), "snapshot=on keeps writes in a temporary overlay"));
+            return Err(refuse(
+                "drive",
+                Some(value),
+                "snapshot=on keeps writes in a temporary overlay",
+            ));
         }
         let file = kv.get("file").unwrap_or("").to_string();
         let id = kv.get("id").unwrap_or("").to_string();
-        let disk = self
-            .vm
-            .disks
-            .iter()
-            .find(|d| (!id.is_empty() && d.device == id) || (!file.is_empty() && d.file == file));
+        let disk =
+            self.vm.disks.iter().find(|d| {
+                (!id.is_empty() && d.device == id) || (!file.is_empty() && d.file == file)
+            });
         let Some(disk) = disk else {
             if file.is_empty() {
                 // An empty drive (a cdrom without media): nothing host-local in it.
@@ -265,9 +367,17 @@ impl<'a> Rewriter<'a> {
                 return Ok(());
             }
             if kv.get("media") == Some("cdrom") {
-                return Err(refuse("drive", Some(value), "a cdrom with media inserted; eject it first"));
+                return Err(refuse(
+                    "drive",
+                    Some(value),
+                    "a cdrom with media inserted; eject it first",
+                ));
             }
-            return Err(refuse("drive", Some(value), "this drive is not among the disks QEMU reported, so it cannot be copied"));
+            return Err(refuse(
+                "drive",
+                Some(value),
+                "this drive is not among the disks QEMU reported, so it cannot be copied",
+            ));
         };
         let image = self.image_for(&disk.name)?;
         kv.remove_where(|k| k == "format" || k.starts_with("file.") || k.starts_with("backing"));
@@ -280,7 +390,11 @@ impl<'a> Rewriter<'a> {
 
     fn blockdev(&mut self, value: &str) -> Result<(), RewriteError> {
         let parsed = parse_blockdev(value);
-        let node = parsed.get("node-name").and_then(Value::as_str).unwrap_or("").to_string();
+        let node = parsed
+            .get("node-name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         if let Some(disk) = self.vm.disks.iter().find(|d| d.node_name == node) {
             let image = self.image_for(&disk.name)?;
             let mut root = Map::new();
@@ -303,7 +417,11 @@ impl<'a> Rewriter<'a> {
             return Ok(());
         }
         if has_filename(&parsed) {
-            return Err(refuse("blockdev", Some(value), "it opens a file that is not one of the VM's disks"));
+            return Err(refuse(
+                "blockdev",
+                Some(value),
+                "it opens a file that is not one of the VM's disks",
+            ));
         }
         self.push("blockdev", Some(value.to_string()));
         Ok(())
@@ -314,13 +432,19 @@ impl<'a> Rewriter<'a> {
         let inner = value.strip_prefix("mon:").unwrap_or(value);
         let prefix = &value[..value.len() - inner.len()];
         if inner == "stdio" || inner.starts_with("pipe:") {
-            return Err(refuse(name, Some(value), "the destination QEMU runs daemonized; use file:PATH or a unix socket"));
+            return Err(refuse(
+                name,
+                Some(value),
+                "the destination QEMU runs daemonized; use file:PATH or a unix socket",
+            ));
         }
         if let Some(path) = inner.strip_prefix("file:") {
             return Ok(format!("{prefix}file:{}", self.relocate(path)));
         }
         if let Some(rest) = inner.strip_prefix("unix:") {
-            let (path, opts) = rest.split_once(',').map_or((rest, None), |(p, o)| (p, Some(o)));
+            let (path, opts) = rest
+                .split_once(',')
+                .map_or((rest, None), |(p, o)| (p, Some(o)));
             let moved = self.relocate(path);
             return Ok(match opts {
                 Some(o) => format!("{prefix}unix:{moved},{o}"),
@@ -332,7 +456,11 @@ impl<'a> Rewriter<'a> {
 
     fn chardev(&mut self, value: &str) -> Result<(), RewriteError> {
         let mut kv = KeyVal::parse(value);
-        let backend = kv.implied().or_else(|| kv.get("backend")).unwrap_or("").to_string();
+        let backend = kv
+            .implied()
+            .or_else(|| kv.get("backend"))
+            .unwrap_or("")
+            .to_string();
         match backend.as_str() {
             "stdio" | "pipe" | "serial" | "tty" | "parallel" | "parport" => {
                 return Err(refuse("chardev", Some(value), "the destination QEMU runs daemonized and cannot reach this host device; use file or socket"));
@@ -380,7 +508,12 @@ impl<'a> Rewriter<'a> {
     }
 
     fn finish(mut self) -> Result<Rewritten, RewriteError> {
-        if let Some(missing) = self.vm.disks.iter().find(|d| !self.placed.contains(&d.name)) {
+        if let Some(missing) = self
+            .vm
+            .disks
+            .iter()
+            .find(|d| !self.placed.contains(&d.name))
+        {
             return Err(RewriteError {
                 option: missing.name.clone(),
                 reason: format!(
@@ -395,14 +528,20 @@ impl<'a> Rewriter<'a> {
                 self.push("machine", Some(machine));
             }
         }
-        let qmp = format!("unix:{},server=on,wait=off", self.ctx.qmp_socket().display());
+        let qmp = format!(
+            "unix:{},server=on,wait=off",
+            self.ctx.qmp_socket().display()
+        );
         let pidfile = self.ctx.pidfile().to_string_lossy().into_owned();
         self.push("qmp", Some(qmp));
         self.push("pidfile", Some(pidfile));
         self.push("daemonize", None);
         self.push("S", None);
         self.push("incoming", Some("defer".into()));
-        Ok(Rewritten { argv: self.argv, relocated: self.relocated })
+        Ok(Rewritten {
+            argv: self.argv,
+            relocated: self.relocated,
+        })
     }
 }
 
@@ -427,7 +566,9 @@ fn insert_dotted(map: &mut Map<String, Value>, parts: &[&str], value: String) {
             map.insert(last.to_string(), Value::String(value));
         }
         [first, rest @ ..] => {
-            let entry = map.entry(first.to_string()).or_insert_with(|| Value::Object(Map::new()));
+            let entry = map
+                .entry(first.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
             if !entry.is_object() {
                 *entry = Value::Object(Map::new());
             }
@@ -443,7 +584,9 @@ fn collect_chain(node: &str, blockdevs: &HashMap<String, Value>, out: &mut HashS
     if !out.insert(node.to_string()) {
         return;
     }
-    let Some(def) = blockdevs.get(node) else { return };
+    let Some(def) = blockdevs.get(node) else {
+        return;
+    };
     for key in ["file", "backing", "data-file"] {
         if let Some(child) = def.get(key).and_then(Value::as_str) {
             collect_chain(child, blockdevs, out);
@@ -483,7 +626,10 @@ mod tests {
         RewriteContext {
             binary: "qemu-system-x86_64".into(),
             dir: PathBuf::from("/st/m1"),
-            images: names.iter().map(|n| (n.to_string(), PathBuf::from(format!("/st/m1/{n}.raw")))).collect(),
+            images: names
+                .iter()
+                .map(|n| (n.to_string(), PathBuf::from(format!("/st/m1/{n}.raw"))))
+                .collect(),
         }
     }
 
@@ -504,13 +650,34 @@ mod tests {
         assert_eq!(
             out.argv,
             vec![
-                "qemu-system-x86_64", "-M", "pc-i440fx-10.0", "-m", "256", "-blockdev", expected_blockdev,
-                "-device", "virtio-blk-pci,drive=d0", "-serial", "file:/st/m1/serial.log",
-                "-qmp", "unix:/st/m1/qmp.sock,server=on,wait=off", "-pidfile", "/st/m1/qemu.pid",
-                "-daemonize", "-S", "-incoming", "defer",
+                "qemu-system-x86_64",
+                "-M",
+                "pc-i440fx-10.0",
+                "-m",
+                "256",
+                "-blockdev",
+                expected_blockdev,
+                "-device",
+                "virtio-blk-pci,drive=d0",
+                "-serial",
+                "file:/st/m1/serial.log",
+                "-qmp",
+                "unix:/st/m1/qmp.sock,server=on,wait=off",
+                "-pidfile",
+                "/st/m1/qemu.pid",
+                "-daemonize",
+                "-S",
+                "-incoming",
+                "defer",
             ]
         );
-        assert_eq!(out.relocated, vec![("/var/log/vm/serial.log".to_string(), PathBuf::from("/st/m1/serial.log"))]);
+        assert_eq!(
+            out.relocated,
+            vec![(
+                "/var/log/vm/serial.log".to_string(),
+                PathBuf::from("/st/m1/serial.log")
+            )]
+        );
     }
 
     #[test]
@@ -521,7 +688,13 @@ mod tests {
             disks: vec![disk("drv0", "#block120", "drv0", "/src/b.img")],
         };
         let out = rewrite(&vm, &ctx(&["drv0"])).expect("rewrite");
-        assert_eq!(out.argv[1..3], ["-drive", "file=/st/m1/drv0.raw,if=none,id=drv0,cache=none,format=raw"]);
+        assert_eq!(
+            out.argv[1..3],
+            [
+                "-drive",
+                "file=/st/m1/drv0.raw,if=none,id=drv0,cache=none,format=raw"
+            ]
+        );
         assert!(out.argv.windows(2).any(|w| w == ["-machine", "pc-q35-7.2"]));
     }
 
@@ -534,8 +707,14 @@ mod tests {
         };
         let out = rewrite(&vm, &ctx(&[])).expect("rewrite");
         assert_eq!(out.argv[2], "file,id=c1,path=/st/m1/console.log");
-        assert_eq!(out.argv[4], "socket,id=c2,path=/st/m1/2-console.log,server=on,wait=off");
-        assert_eq!(out.argv[6], "file:/st/m1/2-qmp.sock", "must not take the agent's socket name");
+        assert_eq!(
+            out.argv[4],
+            "socket,id=c2,path=/st/m1/2-console.log,server=on,wait=off"
+        );
+        assert_eq!(
+            out.argv[6], "file:/st/m1/2-qmp.sock",
+            "must not take the agent's socket name"
+        );
     }
 
     #[test]
@@ -545,14 +724,27 @@ mod tests {
             ("qemu -snapshot", "-snapshot"),
             ("qemu -hda /x.img", "-hda /x.img"),
             ("qemu -virtfs local,path=/srv", "-virtfs local,path=/srv"),
-            ("qemu -object memory-backend-file,id=m,size=1G,mem-path=/dev/hugepages", "-object memory-backend-file,id=m,size=1G,mem-path=/dev/hugepages"),
-            ("qemu -blockdev driver=file,filename=/other.img,node-name=x", "-blockdev driver=file,filename=/other.img,node-name=x"),
-            ("qemu -drive file=/iso.iso,media=cdrom", "-drive file=/iso.iso,media=cdrom"),
+            (
+                "qemu -object memory-backend-file,id=m,size=1G,mem-path=/dev/hugepages",
+                "-object memory-backend-file,id=m,size=1G,mem-path=/dev/hugepages",
+            ),
+            (
+                "qemu -blockdev driver=file,filename=/other.img,node-name=x",
+                "-blockdev driver=file,filename=/other.img,node-name=x",
+            ),
+            (
+                "qemu -drive file=/iso.iso,media=cdrom",
+                "-drive file=/iso.iso,media=cdrom",
+            ),
             ("qemu /bare.img", "/bare.img"),
             ("qemu -m", "-m"),
         ];
         for (argv, option) in cases {
-            let vm = VmDescription { argv: args(argv), machine: None, disks: vec![] };
+            let vm = VmDescription {
+                argv: args(argv),
+                machine: None,
+                disks: vec![],
+            };
             let err = rewrite(&vm, &ctx(&[])).expect_err(argv);
             assert_eq!(err.option, option, "{argv}");
         }
@@ -567,7 +759,10 @@ mod tests {
         };
         let err = rewrite(&vm, &ctx(&["hot"])).expect_err("hot-plugged");
         assert!(err.reason.contains("hot-plugged"), "{err}");
-        let vm = VmDescription { disks: vec![], ..vm };
+        let vm = VmDescription {
+            disks: vec![],
+            ..vm
+        };
         let out = rewrite(&vm, &ctx(&[])).expect("empty cdrom is fine");
         assert_eq!(out.argv[2], "if=none,id=cd0,media=cdrom");
     }

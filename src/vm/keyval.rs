@@ -39,7 +39,10 @@ impl KeyVal {
 
     /// The value of the first item with this key.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.items.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.items
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The bare first word (implied key), if the option starts with one.
@@ -117,7 +120,10 @@ mod tests {
         kv.set("file", "/new.raw");
         kv.set("format", "raw");
         kv.set("cache", "none");
-        assert_eq!(kv.render(), "file=/new.raw,format=raw,if=none,id=d0,cache=none");
+        assert_eq!(
+            kv.render(),
+            "file=/new.raw,format=raw,if=none,id=d0,cache=none"
+        );
     }
 
     #[test]

@@ -53,7 +53,13 @@ impl VmDescription {
 pub fn safe_name(name: &str) -> String {
     let cleaned: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let trimmed = cleaned.trim_matches('_');
     if trimmed.is_empty() {
@@ -94,6 +100,9 @@ mod tests {
     #[test]
     fn human_units() {
         assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(3 * 1024 * 1024 * 1024 + 100 * 1024 * 1024), "3.1 GiB");
+        assert_eq!(
+            human_bytes(3 * 1024 * 1024 * 1024 + 100 * 1024 * 1024),
+            "3.1 GiB"
+        );
     }
 }

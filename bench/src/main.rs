@@ -1,0 +1,297 @@
+//! `ferry-bench [--quick] [--json FILE]`: measures ferry against the alternatives on this machine,
+//! every comparison in the same run (the machines are noisy: the ratios are what count).
+//!
+//! 1. machine limits: disk write, sparse local copy, TCP loopback ([`physical`]);
+//! 2. mirror throughput into ferry, qemu-nbd, nbdkit and QEMU's built-in server ([`mirror`]);
+//! 3. a sparse giant (20 GiB, 256 MiB of data) into each;
+//! 4. a whole migration of the test guest, ferry vs QEMU alone the libvirt way ([`migration`],
+//!    [`native`]);
+//! 5. the same with the guest writing as fast as it can (convergence);
+//! 6. ferry's own phase times.
+//!
+//! Prints a table, checks the targets of BENCHMARKS.md, and with `--json` writes every row.
+
+mod acks;
+mod image;
+mod migration;
+mod mirror;
+mod native;
+mod physical;
+mod report;
+mod servers;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use migration::Setup;
+use report::Report;
+use servers::Server;
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark ferry against qemu-nbd, nbdkit, QEMU's NBD server and a QEMU-only migration")]
+struct Args {
+    /// Smaller images and fewer repeats: under 3 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Also write every row as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// The ferry binary (default: `ferry` next to this one).
+    #[arg(long, value_name = "PATH")]
+    ferry: Option<PathBuf>,
+    /// Scratch directory (default: a new one under /var/tmp, removed at the end).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Sections to skip: physical, mirror, giant, migration, convergence (repeatable).
+    #[arg(long, value_name = "SECTION")]
+    skip: Vec<String>,
+}
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// The sizes of one run.
+struct Plan {
+    mirror_size: u64,
+    mirror_data: u64,
+    repeats: usize,
+    migration_repeats: usize,
+    giant_size: u64,
+    giant_data: u64,
+    migration: Setup,
+    convergence: Setup,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Plan {
+                mirror_size: 2 * GIB,
+                mirror_data: 512 * MIB,
+                repeats: 3,
+                migration_repeats: 2,
+                giant_size: 20 * GIB,
+                giant_data: 256 * MIB,
+                migration: Setup {
+                    disk: GIB,
+                    data: 128 * MIB,
+                    rate: 100,
+                    mirror_timeout: Duration::from_secs(120),
+                },
+                convergence: Setup {
+                    disk: GIB,
+                    data: 128 * MIB,
+                    rate: 0,
+                    mirror_timeout: Duration::from_secs(30),
+                },
+            }
+        } else {
+            Plan {
+                mirror_size: 8 * GIB,
+                mirror_data: 2 * GIB,
+                repeats: 3,
+                migration_repeats: 3,
+                giant_size: 20 * GIB,
+                giant_data: 256 * MIB,
+                migration: Setup {
+                    disk: 2 * GIB,
+                    data: 512 * MIB,
+                    rate: 100,
+                    mirror_timeout: Duration::from_secs(300),
+                },
+                convergence: Setup {
+                    disk: 2 * GIB,
+                    data: 512 * MIB,
+                    rate: 0,
+                    mirror_timeout: Duration::from_secs(120),
+                },
+            }
+        }
+    }
+}
+
+/// The median of some values (the upper one of the middle two).
+pub fn median(values: &mut [f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    Some(values[values.len() / 2])
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let ferry = match &args.ferry {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("no directory for this binary")?
+            .join("ferry"),
+    };
+    anyhow::ensure!(
+        ferry.exists(),
+        "no ferry binary at {}: build it (`cargo build --release`) or pass --ferry",
+        ferry.display()
+    );
+    let (dir, owned) = match &args.dir {
+        Some(d) => (d.clone(), false),
+        None => (scratch_dir()?, true),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let plan = Plan::new(args.quick);
+    let started = Instant::now();
+    let mut report = Report::new(args.quick);
+    let result = run_all(&args, &plan, &ferry, &dir, &mut report).await;
+    report.finish(started.elapsed());
+    if let Some(path) = &args.json {
+        std::fs::write(path, report.json()?).with_context(|| format!("write {}", path.display()))?;
+    }
+    if owned {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+fn scratch_dir() -> Result<PathBuf> {
+    let dir = PathBuf::from(format!("/var/tmp/ferry-bench.{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn note(text: &str) {
+    eprintln!("ferry-bench: {text}");
+}
+
+async fn run_all(
+    args: &Args,
+    plan: &Plan,
+    ferry: &Path,
+    dir: &Path,
+    report: &mut Report,
+) -> Result<()> {
+    let on = |s: &str| !args.skip.iter().any(|x| x == s);
+    let source = dir.join("mirror-src.raw");
+    if on("physical") || on("mirror") {
+        note(&format!(
+            "creating a {} GiB image with {} MiB of random data",
+            plan.mirror_size / GIB,
+            plan.mirror_data / MIB
+        ));
+        image::create(&source, plan.mirror_size, plan.mirror_data)?;
+    }
+    if on("physical") {
+        note("measuring the machine: dd and TCP loopback");
+        report.limit(physical::disk_write(dir, plan.mirror_data)?);
+        report.limit(physical::sparse_copy(dir, &source, plan.mirror_data)?);
+        report.limit(physical::loopback(plan.mirror_data * 2)?);
+    }
+    if on("mirror") {
+        mirror_section(
+            "mirror",
+            plan.repeats,
+            ferry,
+            &source,
+            plan.mirror_data,
+            dir,
+            report,
+        )
+        .await?;
+    }
+    let _ = std::fs::remove_file(&source);
+    if on("giant") {
+        let giant = dir.join("giant-src.raw");
+        note(&format!(
+            "creating a {} GiB image with {} MiB of data",
+            plan.giant_size / GIB,
+            plan.giant_data / MIB
+        ));
+        image::create(&giant, plan.giant_size, plan.giant_data)?;
+        let repeats = if args.quick { 1 } else { plan.repeats };
+        mirror_section(
+            "giant",
+            repeats,
+            ferry,
+            &giant,
+            plan.giant_data,
+            dir,
+            report,
+        )
+        .await?;
+        let _ = std::fs::remove_file(&giant);
+    }
+    for (section, setup) in [
+        ("migration", &plan.migration),
+        ("convergence", &plan.convergence),
+    ] {
+        if !on(section) {
+            continue;
+        }
+        for round in 0..plan.migration_repeats {
+            for flow in ["ferry", "native"] {
+                note(&format!(
+                    "{section}: {flow} flow (round {} of {})",
+                    round + 1,
+                    plan.migration_repeats
+                ));
+                let run = migrate(flow, ferry, &dir.join(format!("{section}-{flow}")), setup).await;
+                report.migration(section, flow, run);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn migrate(
+    flow: &str,
+    ferry: &Path,
+    dir: &Path,
+    setup: &Setup,
+) -> Result<migration::MigrationRun> {
+    let run = if flow == "ferry" {
+        migration::ferry(ferry, dir, setup).await
+    } else {
+        native::run(dir, setup).await
+    };
+    let _ = std::fs::remove_dir_all(dir);
+    run
+}
+
+/// Mirrors `source` into every server `repeats` times, servers interleaved within each round so
+/// that a noisy minute hits all of them alike.
+async fn mirror_section(
+    section: &'static str,
+    repeats: usize,
+    ferry: &Path,
+    source: &Path,
+    data: u64,
+    dir: &Path,
+    report: &mut Report,
+) -> Result<()> {
+    let src_alloc = image::allocated(source)?;
+    let mut runs: Vec<(Server, Vec<mirror::MirrorRun>)> =
+        Server::ALL.iter().map(|s| (*s, Vec::new())).collect();
+    for round in 0..repeats {
+        for (server, list) in &mut runs {
+            note(&format!(
+                "{section}: {} (round {} of {repeats})",
+                server.name(),
+                round + 1
+            ));
+            // Verify the bytes on the first round only: a full compare of each run costs as
+            // much as the mirror itself.
+            let dest = dir.join("mirror-dst.raw");
+            match mirror::run(*server, ferry, source, &dest, dir, round == 0).await {
+                Ok(run) => list.push(run),
+                Err(e) => note(&format!("{section}: {} failed: {e:#}", server.name())),
+            }
+        }
+    }
+    for (server, list) in runs {
+        report.mirror(section, server.name(), data, src_alloc, &list);
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! One mirror run: a `-M none` QEMU mirrors the source image (`blockdev-mirror sync=full`, the
+//! target an nbd node with `discard`/`detect-zeroes: unmap`, exactly as `ferry migrate` sets it
+//! up) into a server, timed to BLOCK_JOB_READY, then completed without pivot and checked.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::image;
+use crate::servers::{self, Server, EXPORT};
+
+/// What one mirror into one server measured.
+#[derive(Debug, Clone)]
+pub struct MirrorRun {
+    /// Seconds from `blockdev-mirror` to BLOCK_JOB_READY.
+    pub ready_s: f64,
+    /// Seconds of the final flush: `block-job-cancel` to the node removed.
+    pub flush_s: f64,
+    /// Seconds from `blockdev-mirror` until the server stopped and an `fdatasync` of the
+    /// destination returned: the copy is on disk.
+    pub durable_s: f64,
+    /// Server CPU seconds over the mirror up to READY.
+    pub cpu_s: f64,
+    /// Bytes the destination allocates after the server stopped.
+    pub allocated: u64,
+    /// Whether source and destination hold the same bytes.
+    pub identical: bool,
+}
+
+struct Qemu(Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Mirrors `source` into a fresh sparse `dest` served by `server`.
+pub async fn run(
+    server: Server,
+    ferry: &Path,
+    source: &Path,
+    dest: &Path,
+    dir: &Path,
+    verify: bool,
+) -> Result<MirrorRun> {
+    let size = std::fs::metadata(source)?.len();
+    let _ = std::fs::remove_file(dest);
+    std::fs::File::create(dest)?.set_len(size)?;
+    image::warm(source)?;
+    let srv = servers::start(server, ferry, dest, dir).await?;
+
+    let sock = dir.join("mirror-qmp.sock");
+    let _ = std::fs::remove_file(&sock);
+    let src = source.to_str().context("paths must be UTF-8")?;
+    let _qemu = Qemu(
+        Command::new(ferry::guest::DEFAULT_QEMU)
+            .args(["-M", "none", "-accel", "tcg", "-nodefaults", "-display", "none"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .arg("-blockdev")
+            .arg(format!(
+                "driver=raw,node-name=src,file.driver=file,file.filename={src}"
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start the source QEMU")?,
+    );
+    let qmp = servers::connect_qmp(&sock).await?;
+    qmp.execute_raw(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "dst", "export": EXPORT,
+               "server": {"type": "inet", "host": "127.0.0.1", "port": srv.port.to_string()},
+               "discard": "unmap", "detect-zeroes": "unmap"}),
+    )
+    .await
+    .context("blockdev-add nbd")?;
+    let mut events = qmp.events();
+    let cpu0 = srv.cpu_seconds()?;
+    let t0 = Instant::now();
+    qmp.execute_raw(
+        "blockdev-mirror",
+        json!({"job-id": "m", "device": "src", "target": "dst", "sync": "full"}),
+    )
+    .await
+    .context("blockdev-mirror")?;
+    wait_job(&mut events, "BLOCK_JOB_READY", Duration::from_secs(900)).await?;
+    let ready_s = t0.elapsed().as_secs_f64();
+    let cpu_s = srv.cpu_seconds()? - cpu0;
+    let t1 = Instant::now();
+    qmp.execute_raw("block-job-cancel", json!({"device": "m"}))
+        .await?;
+    wait_job(&mut events, "BLOCK_JOB_COMPLETED", Duration::from_secs(300)).await?;
+    qmp.execute_raw("blockdev-del", json!({"node-name": "dst"}))
+        .await?;
+    let flush_s = t1.elapsed().as_secs_f64();
+    let _ = qmp.execute_raw("quit", Value::Null).await;
+    srv.stop().await?;
+    std::fs::File::options()
+        .write(true)
+        .open(dest)?
+        .sync_data()?;
+    let durable_s = t0.elapsed().as_secs_f64();
+    let allocated = image::allocated(dest)?;
+    let identical = if verify {
+        image::identical(source, dest)?
+    } else {
+        true
+    };
+    let _ = std::fs::remove_file(dest);
+    Ok(MirrorRun {
+        ready_s,
+        flush_s,
+        durable_s,
+        cpu_s,
+        allocated,
+        identical,
+    })
+}
+
+/// Waits for a block job event, failing on BLOCK_JOB_ERROR.
+pub async fn wait_job(events: &mut qmp::Events, name: &str, timeout: Duration) -> Result<Value> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .with_context(|| format!("no {name} within {timeout:?}"))??;
+        if event.name == name {
+            return Ok(event.data);
+        }
+        if event.name == "BLOCK_JOB_ERROR" {
+            bail!("mirror failed: {}", event.data);
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! The NBD servers under comparison, each serving one raw destination file as export `vda` on
+//! 127.0.0.1, and the CPU time their process used.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+/// The export name every server uses.
+pub const EXPORT: &str = "vda";
+
+/// An NBD server implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// `ferry nbd-serve`.
+    Ferry,
+    /// `qemu-nbd` (QEMU's standalone server), writeback cache, thread pool AIO.
+    QemuNbd,
+    /// `nbdkit file`.
+    Nbdkit,
+    /// QEMU's built-in server: `nbd-server-start` + `block-export-add` in a `-M none` QEMU.
+    Qemu,
+}
+
+impl Server {
+    /// Every server, ferry first.
+    pub const ALL: [Server; 4] = [Server::Ferry, Server::QemuNbd, Server::Nbdkit, Server::Qemu];
+
+    /// The row key.
+    pub fn name(self) -> &'static str {
+        match self {
+            Server::Ferry => "ferry",
+            Server::QemuNbd => "qemu-nbd",
+            Server::Nbdkit => "nbdkit",
+            Server::Qemu => "qemu",
+        }
+    }
+}
+
+/// A running server; killed on drop.
+pub struct Running {
+    child: Child,
+    /// Kept alive for the built-in QEMU server (its QMP connection).
+    qmp: Option<qmp::Qmp>,
+    /// The TCP port it listens on.
+    pub port: u16,
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released: a race other tools here do not run).
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Starts `server` exporting `file` and returns once it accepts connections.
+pub async fn start(server: Server, ferry: &Path, file: &Path, dir: &Path) -> Result<Running> {
+    let port = free_port()?;
+    let path = file.to_str().context("paths must be UTF-8")?;
+    let mut qmp_socket = None;
+    let mut cmd = match server {
+        Server::Ferry => {
+            let mut c = Command::new(ferry);
+            c.args(["nbd-serve", "--listen", &format!("127.0.0.1:{port}")])
+                .args(["--export", &format!("{EXPORT}={path}")]);
+            c
+        }
+        Server::QemuNbd => {
+            let mut c = Command::new("qemu-nbd");
+            c.args(["-f", "raw", "-x", EXPORT, "-b", "127.0.0.1", "-p"])
+                .arg(port.to_string())
+                .args(["--cache=writeback", "--aio=threads", "--discard=unmap"])
+                .args(["--detect-zeroes=unmap", path]);
+            c
+        }
+        Server::Nbdkit => {
+            let mut c = Command::new("nbdkit");
+            c.args(["-f", "-i", "127.0.0.1", "-p"])
+                .arg(port.to_string())
+                .args(["-e", EXPORT, "file", path]);
+            c
+        }
+        Server::Qemu => {
+            let sock = dir.join("server-qmp.sock");
+            let _ = std::fs::remove_file(&sock);
+            let mut c = Command::new(ferry::guest::DEFAULT_QEMU);
+            c.args(["-M", "none", "-accel", "tcg", "-nodefaults", "-display", "none"])
+                .arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", sock.display()))
+                .arg("-blockdev")
+                .arg(format!(
+                    "driver=raw,node-name={EXPORT},discard=unmap,detect-zeroes=unmap,\
+                     file.driver=file,file.filename={path},file.discard=unmap"
+                ));
+            qmp_socket = Some(sock);
+            c
+        }
+    };
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("start {}", server.name()))?;
+    let mut running = Running {
+        child,
+        qmp: None,
+        port,
+    };
+    if let Some(sock) = qmp_socket {
+        let qmp = connect_qmp(&sock).await?;
+        qmp.execute_raw(
+            "nbd-server-start",
+            json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}}}),
+        )
+        .await?;
+        qmp.execute_raw(
+            "block-export-add",
+            json!({"type": "nbd", "id": "exp0", "node-name": EXPORT, "name": EXPORT, "writable": true}),
+        )
+        .await?;
+        running.qmp = Some(qmp);
+    }
+    wait_listening(port, &mut running.child, server).await?;
+    Ok(running)
+}
+
+/// Connects to a QMP socket QEMU is about to create.
+pub async fn connect_qmp(sock: &PathBuf) -> Result<qmp::Qmp> {
+    let started = Instant::now();
+    loop {
+        match qmp::Qmp::connect_unix(sock).await {
+            Ok(q) => return Ok(q),
+            Err(e) if started.elapsed() > Duration::from_secs(10) => {
+                return Err(e).with_context(|| format!("QMP {}", sock.display()))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+async fn wait_listening(port: u16, child: &mut Child, server: Server) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{} exited ({status}) before listening", server.name());
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            bail!("{} did not listen on port {port} in 10 s", server.name());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+impl Running {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU seconds (user + system, all threads) the server has used so far.
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        cpu_seconds(self.pid())
+    }
+
+    /// Stops the server cleanly (QMP `quit` or SIGTERM) so it flushes, and waits for it.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(qmp) = self.qmp.take() {
+            let _ = qmp.execute_raw("quit", serde_json::Value::Null).await;
+        } else {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        let started = Instant::now();
+        while self.child.try_wait()?.is_none() {
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("server {} did not exit within 30 s", self.child.id());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// utime + stime of a process (all its threads) from `/proc/PID/stat`, in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces and parentheses: fields count from the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| -> Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("short /proc stat")?
+            .parse::<u64>()? as f64)
+    };
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    // After ')' the state is field 0; utime and stime are the 12th and 13th.
+    Ok((tick(11)? + tick(12)?) / hz)
+}

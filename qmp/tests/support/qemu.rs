@@ -1,0 +1,157 @@
+//! Real QEMUs for tests: which ones this machine has, and one started on temporary QMP sockets,
+//! killed when dropped.
+//!
+//! Shared by `qmp/tests/*` and the root crate's `tests/cli_qmp.rs` (through `#[path]`), so it
+//! uses only std, tempfile and nix.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Where `scripts/setup` unpacks Debian 12's QEMU 7.2, with a wrapper that sets its module and
+/// firmware paths.
+pub const QEMU_7_2: &str = "/opt/ferry/qemu-7.2/qemu-system-x86_64";
+
+/// A QEMU binary to test against.
+#[derive(Clone, Debug)]
+pub struct QemuBinary {
+    /// For messages: "system" or "7.2".
+    pub name: &'static str,
+    pub program: PathBuf,
+}
+
+/// Every QEMU to test against: the system's (10.x, from PATH) always, 7.2 when `scripts/setup`
+/// has unpacked it; says on stderr when 7.2 is skipped.
+pub fn available_qemus() -> Vec<QemuBinary> {
+    let mut all = vec![QemuBinary {
+        name: "system",
+        program: PathBuf::from("qemu-system-x86_64"),
+    }];
+    if Path::new(QEMU_7_2).exists() {
+        all.push(QemuBinary {
+            name: "7.2",
+            program: PathBuf::from(QEMU_7_2),
+        });
+    } else {
+        eprintln!(
+            "note: QEMU 7.2 skipped: {QEMU_7_2} is not installed (scripts/setup installs it)"
+        );
+    }
+    all
+}
+
+/// A running `qemu-system-x86_64 -M none` with `monitors` QMP unix sockets, killed on drop.
+pub struct TestQemu {
+    pub binary: QemuBinary,
+    /// One socket per `-qmp` option: QEMU serves one client per socket.
+    pub sockets: Vec<PathBuf>,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl TestQemu {
+    /// Starts QEMU with no machine (`-M none`) and TCG; returns once every socket exists.
+    pub fn start(binary: &QemuBinary, monitors: usize) -> TestQemu {
+        let mut qemu = Self::spawn(binary, monitors);
+        qemu.wait_for_sockets(Duration::from_secs(10));
+        qemu
+    }
+
+    /// Like [`start`](Self::start) but returns at once, before QEMU created its sockets.
+    pub fn spawn(binary: &QemuBinary, monitors: usize) -> TestQemu {
+        let dir = tempfile::tempdir().expect("temporary directory for QMP sockets");
+        let sockets: Vec<PathBuf> = (0..monitors)
+            .map(|i| dir.path().join(format!("qmp{i}.sock")))
+            .collect();
+        let mut cmd = Command::new(&binary.program);
+        cmd.args([
+            "-M",
+            "none",
+            "-accel",
+            "tcg",
+            "-display",
+            "none",
+            "-nodefaults",
+        ]);
+        for socket in &sockets {
+            cmd.arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", socket.display()));
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start {} ({e}): run scripts/setup",
+                binary.program.display()
+            )
+        });
+        TestQemu {
+            binary: binary.clone(),
+            sockets,
+            child,
+            _dir: dir,
+        }
+    }
+
+    fn wait_for_sockets(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.sockets.iter().all(|s| s.exists()) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "QEMU {} exited before creating its QMP sockets: {status}",
+                    self.binary.name
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "QEMU {} did not create its QMP sockets within {within:?}",
+                self.binary.name
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The first (usually only) QMP socket.
+    pub fn socket(&self) -> &Path {
+        &self.sockets[0]
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Freezes QEMU (SIGSTOP): it stops answering, so calls stay pending.
+    pub fn freeze(&self) {
+        let pid = Pid::from_raw(i32::try_from(self.pid()).expect("pid fits i32"));
+        kill(pid, Signal::SIGSTOP).expect("SIGSTOP QEMU");
+    }
+
+    /// SIGKILL and reap: what a crash looks like to its QMP clients.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for QEMU to exit by itself (after `quit`), at most `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+}
+
+impl Drop for TestQemu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,320 @@
+//! The transmission phase of one connection: pipelined requests, out-of-order replies.
+//!
+//! ```text
+//!   socket ──► reader (this task) ──► check ──┬─► write lane: plain writes, in order ──┐
+//!                │  one request at a time:     └─► blocking pool: everything else ─────┤
+//!                │  header, then payload straight        (many at once)                 │
+//!                │  into a reused buffer                                                ▼
+//!                └─ refused requests ──────────────────────────────────────► sink ──► socket
+//! ```
+//!
+//! The reader never waits for the disk: each checked request goes off the runtime threads and
+//! the reader goes on with the next one, so a slow `fdatasync` does not hold up reads or writes
+//! behind it, and replies leave in completion order (the thread that finishes a request writes
+//! its reply, see `sink`). Two semaphores bound what a client can make the server hold: the
+//! number of requests in flight and the bytes of their buffers (write payloads and read data).
+//! Permits travel with the reply and are released once it is on the wire, so a client that
+//! stops reading replies stops being read from.
+//!
+//! The connection ends on `NBD_CMD_DISC`, end of stream, a framing error, or the export's stop
+//! signal (removal or server shutdown). In every case requests already read are completed (the
+//! disk work always runs to the end) and their replies are sent, within a grace period for
+//! clients that no longer read.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, BufReader};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, info, warn};
+
+use super::handshake::Session;
+use super::job::{self, Job};
+use super::request::{self, Op, Rejection};
+use super::sink::{Reply, Sink};
+use super::wire::{self, ReplyStyle, Request, MAX_PAYLOAD};
+
+/// Socket read buffer: headers and small writes are parsed from it; large payloads bypass it.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// Bytes of idle write buffers a connection keeps for reuse.
+const MAX_CACHED_BUFFERS: usize = MAX_PAYLOAD as usize;
+
+/// Write payload buffers of one connection, reused. A fresh 1 MiB allocation costs 256 page
+/// faults when the socket data is copied in; a reused buffer is already mapped.
+#[derive(Default)]
+pub(crate) struct Buffers {
+    free: std::sync::Mutex<Vec<BytesMut>>,
+}
+
+impl Buffers {
+    /// An empty buffer with room for `len` bytes: the smallest idle one that fits, or a new one.
+    fn take(&self, len: usize) -> BytesMut {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let best = free
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => free.swap_remove(i),
+            None => BytesMut::with_capacity(len),
+        }
+    }
+
+    pub(crate) fn give(&self, mut buf: BytesMut) {
+        buf.clear();
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let cached: usize = free.iter().map(BytesMut::capacity).sum();
+        if cached + buf.capacity() <= MAX_CACHED_BUFFERS {
+            free.push(buf);
+        }
+    }
+}
+
+/// Per-connection bounds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bounds {
+    pub(crate) max_requests: usize,
+    /// At least [`MAX_PAYLOAD`], so that one maximal request always fits.
+    pub(crate) max_bytes: usize,
+    pub(crate) grace: Duration,
+}
+
+/// What the reader got off the socket.
+enum Incoming {
+    Op {
+        req: Request,
+        op: Op,
+        payload: Option<BytesMut>,
+        bytes: Option<OwnedSemaphorePermit>,
+    },
+    Rejected {
+        req: Request,
+        rejection: Rejection,
+    },
+    Disconnect,
+}
+
+/// Why the reader stopped.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("client closed the connection")]
+    Eof,
+    #[error("connection failed")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Wire(#[from] wire::WireError),
+    #[error("request payload of {0} bytes is larger than the {MAX_PAYLOAD}-byte maximum")]
+    PayloadTooLarge(u64),
+}
+
+/// Serves `session` on `stream` until the client leaves or the export is told to stop.
+pub(crate) async fn serve(stream: TcpStream, session: Session, bounds: Bounds) {
+    let Session { export, style, base_allocation, .. } = session;
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
+    let (sink, drainer) = Sink::start(wr);
+    let max_requests = u32::try_from(bounds.max_requests.clamp(1, 1 << 16)).unwrap_or(1 << 16);
+    let slots = Arc::new(Semaphore::new(max_requests as usize));
+    let budget = Arc::new(Semaphore::new(bounds.max_bytes.max(MAX_PAYLOAD as usize)));
+    let limits = request::Limits {
+        style,
+        size: export.backend.size(),
+        read_only: export.read_only,
+        block_status: base_allocation.is_some(),
+    };
+    let context = base_allocation.unwrap_or(0);
+    let buffers = Arc::new(Buffers::default());
+    let mut lane = Lane::default();
+    loop {
+        let slot = tokio::select! {
+            biased;
+            () = export.stop.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else { break };
+        let incoming = tokio::select! {
+            biased;
+            () = export.stop.cancelled() => break,
+            incoming = receive(&mut rd, &limits, &budget, &buffers) => incoming,
+        };
+        match incoming {
+            Ok(Incoming::Op { req, op, payload, bytes }) => {
+                let plain_write = matches!(op, Op::Write { fua: false, .. });
+                let job = Job {
+                    export: export.clone(),
+                    buffers: buffers.clone(),
+                    style,
+                    context,
+                    req,
+                    op,
+                    payload,
+                };
+                let sink = sink.clone();
+                let token = export.work.token();
+                let task = move || {
+                    let parts = job.run();
+                    drop(token);
+                    sink.send(Reply { parts, _slot: slot, _bytes: bytes });
+                };
+                if plain_write {
+                    lane.run(Box::new(task));
+                } else {
+                    tokio::task::spawn_blocking(task);
+                }
+            }
+            Ok(Incoming::Rejected { req, rejection }) => {
+                debug!(cookie = req.cookie, command = req.command, error = %rejection.message, "request refused");
+                let parts = job::error_reply(style, &req, rejection.errno, &rejection.message);
+                sink.send(Reply { parts, _slot: slot, _bytes: None });
+            }
+            Ok(Incoming::Disconnect) => {
+                debug!("client disconnected (NBD_CMD_DISC)");
+                break;
+            }
+            Err(ReadError::Eof) => {
+                debug!("client closed the connection");
+                break;
+            }
+            Err(e) => {
+                info!(error = %e, "closing the connection");
+                break;
+            }
+        }
+    }
+    drop(lane);
+    // Every reply holds a slot until it is on the wire: all slots back means all answered.
+    let answered = slots.acquire_many(max_requests);
+    if tokio::time::timeout(bounds.grace, answered).await.is_err() {
+        warn!("client did not take its last replies in {:?}; closing", bounds.grace);
+    }
+    drainer.abort();
+}
+
+/// Reads one request (header and payload) and checks it.
+async fn receive(
+    rd: &mut BufReader<OwnedReadHalf>,
+    limits: &request::Limits,
+    budget: &Arc<Semaphore>,
+    buffers: &Buffers,
+) -> Result<Incoming, ReadError> {
+    let mut header = [0u8; 32];
+    let header = &mut header[..limits.style.request_header_len()];
+    // A clean end of stream between requests is the client leaving; inside one, an error.
+    let first = rd.read(&mut header[..1]).await?;
+    if first == 0 {
+        return Err(ReadError::Eof);
+    }
+    rd.read_exact(&mut header[1..]).await?;
+    let req = wire::parse_request(limits.style, header)?;
+    let payload_len = req.payload_len(limits.style);
+    if limits.style == ReplyStyle::Extended && payload_len > u64::from(MAX_PAYLOAD) {
+        // The spec's advice for extended headers: a hard disconnect.
+        return Err(ReadError::PayloadTooLarge(payload_len));
+    }
+    match request::check(&req, limits) {
+        Err(rejection) => {
+            // Consumed without allocating: a refused write of any size costs no memory.
+            discard(rd, payload_len).await?;
+            Ok(Incoming::Rejected { req, rejection })
+        }
+        Ok(Op::Disconnect) => Ok(Incoming::Disconnect),
+        Ok(op @ Op::Write { len, .. }) => {
+            let bytes = reserve(budget, len).await;
+            let len = len as usize;
+            let mut payload = buffers.take(len);
+            while payload.len() < len {
+                let want = (len - payload.len()) as u64;
+                if (&mut *rd).take(want).read_buf(&mut payload).await? == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+                }
+            }
+            Ok(Incoming::Op {
+                req,
+                op,
+                payload: Some(payload),
+                bytes,
+            })
+        }
+        Ok(op @ Op::Read { len, .. }) => {
+            let bytes = reserve(budget, len).await;
+            Ok(Incoming::Op {
+                req,
+                op,
+                payload: None,
+                bytes,
+            })
+        }
+        Ok(op) => Ok(Incoming::Op {
+            req,
+            op,
+            payload: None,
+            bytes: None,
+        }),
+    }
+}
+
+async fn reserve(budget: &Arc<Semaphore>, len: u32) -> Option<OwnedSemaphorePermit> {
+    if len == 0 {
+        return None;
+    }
+    // The semaphore is never closed, so this only waits.
+    budget.clone().acquire_many_owned(len).await.ok()
+}
+
+async fn discard(rd: &mut BufReader<OwnedReadHalf>, len: u64) -> Result<(), ReadError> {
+    if len == 0 {
+        return Ok(());
+    }
+    let skipped = tokio::io::copy(&mut (&mut *rd).take(len), &mut tokio::io::sink()).await?;
+    if skipped < len {
+        return Err(ReadError::Eof);
+    }
+    Ok(())
+}
+
+/// A disk task, run off the runtime threads.
+type Task = Box<dyn FnOnce() + Send>;
+
+/// The thread that runs a connection's plain (non-FUA) writes, in order, started on first use.
+///
+/// Buffered writes to one file serialize in the kernel anyway (the inode lock), so spreading
+/// them over the blocking pool only adds contention and a thread wake-up per write; one thread
+/// that keeps running while writes are queued does the same work with a fraction of the
+/// context switches. Everything else (reads, flushes, zeroing, FUA writes, block status) goes
+/// to the blocking pool and never waits behind these writes.
+#[derive(Default)]
+struct Lane {
+    tx: Option<std::sync::mpsc::Sender<Task>>,
+}
+
+impl Lane {
+    fn run(&mut self, task: Task) {
+        if self.tx.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel::<Task>();
+            let started = std::thread::Builder::new().name("nbd-write".into()).spawn(move || {
+                while let Ok(task) = rx.recv() {
+                    task();
+                }
+            });
+            match started {
+                Ok(_) => self.tx = Some(tx),
+                Err(e) => warn!(error = %e, "cannot start a write thread; using the blocking pool"),
+            }
+        }
+        let task = match &self.tx {
+            Some(tx) => match tx.send(task) {
+                Ok(()) => return,
+                Err(std::sync::mpsc::SendError(task)) => task,
+            },
+            None => task,
+        };
+        tokio::task::spawn_blocking(task);
+    }
+}
+

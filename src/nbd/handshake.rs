@@ -1,0 +1,542 @@
+//! The handshake phase: fixed newstyle negotiation, from the greeting to `NBD_OPT_GO` (or
+//! `NBD_OPT_EXPORT_NAME`), on any byte stream.
+//!
+//! ```text
+//!  client                                   server
+//!    │ ◄──────── NBDMAGIC IHAVEOPT flags ───── │  FIXED_NEWSTYLE | NO_ZEROES
+//!    │ ── client flags ──────────────────────► │  unknown bits: hard disconnect
+//!    │ ── IHAVEOPT opt len data ─────────────► │  len > 64 KiB: data skipped unread
+//!    │ ◄──────── reply(opt, type, data)* ───── │  unknown option: ERR_UNSUP, go on
+//!    │              ... more options ...       │
+//!    │ ── GO(name, info requests) ───────────► │
+//!    │ ◄── INFO(export) INFO(block size) ACK ── │  → transmission phase
+//! ```
+//!
+//! State carried between options: whether structured replies and/or extended headers were
+//! negotiated (extended headers take precedence) and which export `base:allocation` was
+//! selected for. Anything that breaks the framing (bad magic, unknown client flags, an
+//! unknown `NBD_OPT_EXPORT_NAME`) ends this connection only; the caller bounds the whole
+//! phase with a timeout.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::export::{ExportState, Registry};
+use super::wire::{
+    self, hflag, info, opt, rep, ClientOption, InfoRequest, InvalidOption, MetaRequest, ReplyStyle,
+    WireError, BASE_ALLOCATION, MAX_PAYLOAD,
+};
+
+/// Handshake flags this server offers.
+const HANDSHAKE_FLAGS: u16 = hflag::FIXED_NEWSTYLE | hflag::NO_ZEROES;
+/// Option data larger than this is skipped without being read into memory. The largest
+/// legitimate option (a meta-context request with a few 4 KiB strings) is far smaller.
+const MAX_OPTION_DATA: u32 = 64 * 1024;
+/// Metadata context id of `base:allocation` in `NBD_OPT_SET_META_CONTEXT` replies.
+pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
+/// Advertised block sizes: any alignment works (buffered I/O), 4 KiB avoids read-modify-write
+/// in the page cache, 32 MiB is the largest payload accepted.
+const MIN_BLOCK: u32 = 1;
+const PREFERRED_BLOCK: u32 = 4096;
+
+/// What the handshake agreed on.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) export: Arc<ExportState>,
+    pub(crate) style: ReplyStyle,
+    pub(crate) flags: u16,
+    /// Context id of `base:allocation`, if the client selected it for this export.
+    pub(crate) base_allocation: Option<u32>,
+}
+
+/// How the handshake ended without an error.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Transmission(Session),
+    /// The client sent `NBD_OPT_ABORT`.
+    Aborted,
+}
+
+/// Why a handshake ended the connection.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HandshakeError {
+    #[error("connection failed")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("NBD_OPT_EXPORT_NAME asked for export {0:?}, which is not served")]
+    UnknownExport(String),
+    #[error("NBD_OPT_EXPORT_NAME is invalid: {0}")]
+    InvalidExportName(InvalidOption),
+    #[error("NBD_OPT_EXPORT_NAME with {0} bytes of data, more than an export name can be")]
+    ExportNameTooLong(u32),
+    #[error("NBD_OPT_EXPORT_NAME after extended headers were negotiated")]
+    ExportNameWithExtendedHeaders,
+}
+
+/// Negotiation state carried from option to option.
+#[derive(Default)]
+struct State {
+    structured: bool,
+    extended: bool,
+    /// Export name `base:allocation` was selected for by the last `NBD_OPT_SET_META_CONTEXT`.
+    meta_export: Option<String>,
+}
+
+impl State {
+    fn style(&self) -> ReplyStyle {
+        if self.extended {
+            ReplyStyle::Extended
+        } else if self.structured {
+            ReplyStyle::Structured
+        } else {
+            ReplyStyle::Simple
+        }
+    }
+}
+
+/// Runs the handshake on `stream` against the exports in `registry`.
+pub(crate) async fn negotiate<S>(
+    stream: &mut S,
+    registry: &Registry,
+) -> Result<Outcome, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = BytesMut::with_capacity(512);
+    wire::put_greeting(&mut out, HANDSHAKE_FLAGS);
+    send(stream, &mut out).await?;
+    let mut flags = [0u8; 4];
+    stream.read_exact(&mut flags).await?;
+    let client = wire::parse_client_flags(flags, HANDSHAKE_FLAGS)?;
+    let mut state = State::default();
+    loop {
+        let mut header = [0u8; 16];
+        stream.read_exact(&mut header).await?;
+        let header = wire::parse_option_header(&header)?;
+        if header.length > MAX_OPTION_DATA {
+            if header.code == opt::EXPORT_NAME {
+                return Err(HandshakeError::ExportNameTooLong(header.length));
+            }
+            let skipped = tokio::io::copy(
+                &mut (&mut *stream).take(u64::from(header.length)),
+                &mut tokio::io::sink(),
+            )
+            .await?;
+            if skipped < u64::from(header.length) {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            }
+            let reply = if is_known(header.code) {
+                rep::ERR_TOO_BIG
+            } else {
+                rep::ERR_UNSUP
+            };
+            wire::put_option_error(&mut out, header.code, reply, "option data too large");
+            send(stream, &mut out).await?;
+            continue;
+        }
+        let mut data = vec![0u8; header.length as usize];
+        stream.read_exact(&mut data).await?;
+        let option = match wire::parse_option(header.code, &data) {
+            Ok(option) => option,
+            Err(e) if header.code == opt::EXPORT_NAME => {
+                return Err(HandshakeError::InvalidExportName(e))
+            }
+            Err(e) => {
+                wire::put_option_error(&mut out, header.code, rep::ERR_INVALID, e.0);
+                send(stream, &mut out).await?;
+                continue;
+            }
+        };
+        let code = header.code;
+        match option {
+            ClientOption::ExportName(name) => {
+                if state.extended {
+                    return Err(HandshakeError::ExportNameWithExtendedHeaders);
+                }
+                let Some(export) = registry.get(&name) else {
+                    // This option cannot carry an error: the spec says to disconnect.
+                    return Err(HandshakeError::UnknownExport(name));
+                };
+                let flags = export.transmission_flags(state.style().chunked());
+                wire::put_export_name_reply(
+                    &mut out,
+                    export.backend.size(),
+                    flags,
+                    client.no_zeroes,
+                );
+                send(stream, &mut out).await?;
+                return Ok(Outcome::Transmission(session(&state, export, &name, flags)));
+            }
+            ClientOption::Abort => {
+                wire::put_option_reply(&mut out, code, rep::ACK, &[]);
+                // The client may already be gone; it was leaving anyway.
+                let _ = send(stream, &mut out).await;
+                return Ok(Outcome::Aborted);
+            }
+            ClientOption::List => {
+                for name in registry.names() {
+                    wire::put_rep_server(&mut out, &name);
+                }
+                wire::put_option_reply(&mut out, code, rep::ACK, &[]);
+            }
+            ClientOption::StartTls => {
+                wire::put_option_error(&mut out, code, rep::ERR_UNSUP, "TLS is not supported");
+            }
+            ClientOption::Info(request) => {
+                info_reply(&mut out, code, &state, registry, &request);
+            }
+            ClientOption::Go(request) => {
+                if let Some(export) = info_reply(&mut out, code, &state, registry, &request) {
+                    send(stream, &mut out).await?;
+                    let flags = export.transmission_flags(state.style().chunked());
+                    return Ok(Outcome::Transmission(session(
+                        &state,
+                        export,
+                        &request.name,
+                        flags,
+                    )));
+                }
+            }
+            ClientOption::StructuredReply => {
+                if state.extended {
+                    wire::put_option_error(
+                        &mut out,
+                        code,
+                        rep::ERR_EXT_HEADER_REQD,
+                        "extended headers are already negotiated",
+                    );
+                } else {
+                    state.structured = true;
+                    wire::put_option_reply(&mut out, code, rep::ACK, &[]);
+                }
+            }
+            ClientOption::ExtendedHeaders => {
+                state.extended = true;
+                wire::put_option_reply(&mut out, code, rep::ACK, &[]);
+            }
+            ClientOption::ListMetaContext(request) => {
+                meta_reply(&mut out, code, &mut state, registry, &request, false);
+            }
+            ClientOption::SetMetaContext(request) => {
+                meta_reply(&mut out, code, &mut state, registry, &request, true);
+            }
+            ClientOption::Unknown(_) => {
+                wire::put_option_error(&mut out, code, rep::ERR_UNSUP, "option not supported");
+            }
+        }
+        send(stream, &mut out).await?;
+    }
+}
+
+fn is_known(code: u32) -> bool {
+    matches!(
+        code,
+        opt::EXPORT_NAME
+            | opt::ABORT
+            | opt::LIST
+            | opt::STARTTLS
+            | opt::INFO
+            | opt::GO
+            | opt::STRUCTURED_REPLY
+            | opt::LIST_META_CONTEXT
+            | opt::SET_META_CONTEXT
+            | opt::EXTENDED_HEADERS
+    )
+}
+
+fn session(state: &State, export: Arc<ExportState>, name: &str, flags: u16) -> Session {
+    // Block status is only allowed on the export the contexts were selected for.
+    let base_allocation =
+        (state.meta_export.as_deref() == Some(name)).then_some(BASE_ALLOCATION_ID);
+    Session {
+        export,
+        style: state.style(),
+        flags,
+        base_allocation,
+    }
+}
+
+/// Replies to `NBD_OPT_INFO`/`NBD_OPT_GO`; returns the export on success.
+fn info_reply(
+    out: &mut BytesMut,
+    code: u32,
+    state: &State,
+    registry: &Registry,
+    request: &InfoRequest,
+) -> Option<Arc<ExportState>> {
+    let Some(export) = registry.get(&request.name) else {
+        let message = format!("no export named {:?} on this server", request.name);
+        wire::put_option_error(out, code, rep::ERR_UNKNOWN, &message);
+        return None;
+    };
+    let flags = export.transmission_flags(state.style().chunked());
+    wire::put_info_export(out, code, export.backend.size(), flags);
+    // Sent even when not asked for: clients ignore what they do not understand, and the values
+    // are the protocol's defaults anyway.
+    wire::put_info_block_size(out, code, MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD);
+    if request.items.contains(&info::NAME) {
+        wire::put_info_name(out, code, &export.name);
+    }
+    wire::put_option_reply(out, code, rep::ACK, &[]);
+    Some(export)
+}
+
+/// Replies to `NBD_OPT_LIST_META_CONTEXT` (`set == false`) or `NBD_OPT_SET_META_CONTEXT`.
+fn meta_reply(
+    out: &mut BytesMut,
+    code: u32,
+    state: &mut State,
+    registry: &Registry,
+    request: &MetaRequest,
+    set: bool,
+) {
+    if set {
+        // A SET replaces the previous selection even when it fails.
+        state.meta_export = None;
+    }
+    if !state.structured && !state.extended {
+        let message = "negotiate structured replies or extended headers first";
+        wire::put_option_error(out, code, rep::ERR_INVALID, message);
+        return;
+    }
+    if registry.get(&request.export).is_none() {
+        let message = format!("no export named {:?} on this server", request.export);
+        wire::put_option_error(out, code, rep::ERR_UNKNOWN, &message);
+        return;
+    }
+    // `base:` is a wildcard when listing and selects nothing when setting; an empty query list
+    // lists everything and selects nothing. Unknown namespaces and leaves are ignored.
+    let selected = if request.queries.is_empty() {
+        !set
+    } else {
+        request
+            .queries
+            .iter()
+            .any(|q| q == BASE_ALLOCATION || (!set && q == "base:"))
+    };
+    if selected {
+        let id = if set { BASE_ALLOCATION_ID } else { 0 };
+        wire::put_meta_context(out, code, id, BASE_ALLOCATION);
+        if set {
+            state.meta_export = Some(request.export.clone());
+        }
+    }
+    wire::put_option_reply(out, code, rep::ACK, &[]);
+}
+
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut BytesMut) -> io::Result<()> {
+    stream.write_all(out).await?;
+    stream.flush().await?;
+    out.clear();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::backend::Backend;
+    use crate::nbd::wire::{tflag, IHAVEOPT, OPTION_REPLY_MAGIC};
+    use bytes::BufMut;
+    use tokio::io::DuplexStream;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    fn registry_with(
+        name: &str,
+        size: u64,
+        read_only: bool,
+    ) -> (Registry, tempfile::NamedTempFile) {
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        f.as_file().set_len(size).expect("set_len");
+        let registry = Registry::default();
+        let export = ExportState {
+            name: name.into(),
+            path: f.path().into(),
+            read_only,
+            backend: Backend::open(f.path(), read_only).expect("open"),
+            stop: CancellationToken::new(),
+            work: TaskTracker::new(),
+        };
+        registry.insert(Arc::new(export)).expect("unique name");
+        (registry, f)
+    }
+
+    async fn start(client: &mut DuplexStream, flags: u32) {
+        let mut greeting = [0u8; 18];
+        client.read_exact(&mut greeting).await.expect("greeting");
+        assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
+        client.write_all(&flags.to_be_bytes()).await.expect("flags");
+    }
+
+    async fn option(client: &mut DuplexStream, code: u32, data: &[u8]) {
+        let mut b = Vec::new();
+        b.put_u64(IHAVEOPT);
+        b.put_u32(code);
+        b.put_u32(data.len() as u32);
+        b.put_slice(data);
+        client.write_all(&b).await.expect("option");
+    }
+
+    /// Reads one option reply: (option, type, data).
+    async fn reply(client: &mut DuplexStream) -> (u32, u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        client.read_exact(&mut h).await.expect("reply header");
+        assert_eq!(
+            u64::from_be_bytes(h[0..8].try_into().expect("8")),
+            OPTION_REPLY_MAGIC
+        );
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("4"));
+        let mut data = vec![0u8; len as usize];
+        client.read_exact(&mut data).await.expect("reply data");
+        (
+            u32::from_be_bytes(h[8..12].try_into().expect("4")),
+            u32::from_be_bytes(h[12..16].try_into().expect("4")),
+            data,
+        )
+    }
+
+    fn name_data(name: &str) -> Vec<u8> {
+        let mut d = Vec::new();
+        d.put_u32(name.len() as u32);
+        d.put_slice(name.as_bytes());
+        d
+    }
+
+    #[tokio::test]
+    async fn go_with_extended_headers_and_base_allocation() {
+        let (registry, _f) = registry_with("disk", 1 << 20, false);
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move { negotiate(&mut server, &registry).await });
+        start(&mut client, 3).await;
+
+        option(&mut client, 0x1234, b"junk").await;
+        assert_eq!(reply(&mut client).await.1, rep::ERR_UNSUP);
+
+        option(&mut client, opt::EXTENDED_HEADERS, &[]).await;
+        assert_eq!(reply(&mut client).await.1, rep::ACK);
+        option(&mut client, opt::STRUCTURED_REPLY, &[]).await;
+        assert_eq!(reply(&mut client).await.1, rep::ERR_EXT_HEADER_REQD);
+
+        let mut set = name_data("disk");
+        set.put_u32(2);
+        for q in ["qemu:dirty-bitmap:x", BASE_ALLOCATION] {
+            set.put_u32(q.len() as u32);
+            set.put_slice(q.as_bytes());
+        }
+        option(&mut client, opt::SET_META_CONTEXT, &set).await;
+        let (_, kind, data) = reply(&mut client).await;
+        assert_eq!(kind, rep::META_CONTEXT);
+        assert_eq!(&data[4..], BASE_ALLOCATION.as_bytes());
+        assert_eq!(reply(&mut client).await.1, rep::ACK);
+
+        let mut go = name_data("disk");
+        go.put_u16(1);
+        go.put_u16(info::BLOCK_SIZE);
+        option(&mut client, opt::GO, &go).await;
+        let (_, kind, data) = reply(&mut client).await;
+        assert_eq!(kind, rep::INFO);
+        assert_eq!(
+            u64::from_be_bytes(data[2..10].try_into().expect("8")),
+            1 << 20
+        );
+        let flags = u16::from_be_bytes(data[10..12].try_into().expect("2"));
+        assert_ne!(flags & tflag::SEND_WRITE_ZEROES, 0);
+        assert_ne!(flags & tflag::CAN_MULTI_CONN, 0);
+        assert_eq!(flags & tflag::READ_ONLY, 0);
+        let (_, kind, data) = reply(&mut client).await;
+        assert_eq!(kind, rep::INFO);
+        assert_eq!(&data[..2], &info::BLOCK_SIZE.to_be_bytes());
+        assert_eq!(&data[10..14], &MAX_PAYLOAD.to_be_bytes());
+        assert_eq!(reply(&mut client).await.1, rep::ACK);
+
+        let Ok(Ok(Outcome::Transmission(s))) = server.await else {
+            panic!("expected the transmission phase");
+        };
+        assert_eq!(s.style, ReplyStyle::Extended);
+        assert_eq!(s.base_allocation, Some(BASE_ALLOCATION_ID));
+    }
+
+    #[tokio::test]
+    async fn unknown_export_list_and_oversized_option() {
+        let (registry, _f) = registry_with("a", 4096, true);
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move { negotiate(&mut server, &registry).await });
+        start(&mut client, 1).await;
+
+        let mut go = name_data("missing");
+        go.put_u16(0);
+        option(&mut client, opt::GO, &go).await;
+        let (_, kind, message) = reply(&mut client).await;
+        assert_eq!(kind, rep::ERR_UNKNOWN);
+        assert!(String::from_utf8_lossy(&message).contains("missing"));
+
+        // 1 MiB of option data is skipped, not buffered, and negotiation continues.
+        option(&mut client, 0x77, &vec![0u8; 1 << 20]).await;
+        assert_eq!(reply(&mut client).await.1, rep::ERR_UNSUP);
+
+        option(&mut client, opt::LIST, &[]).await;
+        let (_, kind, data) = reply(&mut client).await;
+        assert_eq!(kind, rep::SERVER);
+        assert_eq!(&data[4..], b"a");
+        assert_eq!(reply(&mut client).await.1, rep::ACK);
+
+        // Meta contexts need structured replies first.
+        let mut set = name_data("a");
+        set.put_u32(0);
+        option(&mut client, opt::SET_META_CONTEXT, &set).await;
+        assert_eq!(reply(&mut client).await.1, rep::ERR_INVALID);
+
+        option(&mut client, opt::ABORT, &[]).await;
+        assert_eq!(reply(&mut client).await.1, rep::ACK);
+        assert!(matches!(server.await, Ok(Ok(Outcome::Aborted))));
+    }
+
+    #[tokio::test]
+    async fn export_name_with_no_zeroes_and_garbage() {
+        let (registry, _f) = registry_with("x", 8192, true);
+        let registry = Arc::new(registry);
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let r = registry.clone();
+        let server = tokio::spawn(async move { negotiate(&mut server, &r).await });
+        start(&mut client, 3).await;
+        option(&mut client, opt::EXPORT_NAME, b"x").await;
+        let mut answer = [0u8; 10];
+        client
+            .read_exact(&mut answer)
+            .await
+            .expect("export name reply");
+        assert_eq!(u64::from_be_bytes(answer[..8].try_into().expect("8")), 8192);
+        let flags = u16::from_be_bytes(answer[8..].try_into().expect("2"));
+        assert_ne!(flags & tflag::READ_ONLY, 0);
+        assert_eq!(flags & tflag::SEND_TRIM, 0);
+        let Ok(Ok(Outcome::Transmission(s))) = server.await else {
+            panic!("expected the transmission phase");
+        };
+        assert_eq!(s.style, ReplyStyle::Simple);
+        assert_eq!(s.base_allocation, None);
+
+        // Garbage instead of an option: the handshake fails, nothing panics.
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let r = registry.clone();
+        let server = tokio::spawn(async move { negotiate(&mut server, &r).await });
+        start(&mut client, 1).await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .expect("garbage");
+        assert!(matches!(
+            server.await,
+            Ok(Err(HandshakeError::Wire(WireError::BadOptionMagic(_))))
+        ));
+
+        // Unknown client flags: refused.
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move { negotiate(&mut server, &registry).await });
+        start(&mut client, 0x80).await;
+        assert!(matches!(server.await, Ok(Err(HandshakeError::Wire(_)))));
+    }
+}

@@ -1,0 +1,397 @@
+//! End-to-end migrations of the test guest between a source QEMU and `ferry agent` on localhost,
+//! driven by the real `ferry migrate` binary. Every test proves its outcome from outside: the
+//! acknowledged records on the destination image, the guest acknowledging on the side that owns
+//! it, the source QEMU's fate, the agent's storage directory, the error text a user sees.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry::guest::{verify_disk, Acks, ImageFormat};
+use serde_json::Value;
+use support::*;
+
+const TOKEN: &str = "e2e-test-token-0123456789abcdef";
+
+fn migration_dir(storage: &Path) -> PathBuf {
+    let dirs: Vec<PathBuf> = std::fs::read_dir(storage)
+        .expect("storage")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(dirs.len(), 1, "one migration directory in {dirs:?}");
+    dirs[0].clone()
+}
+
+/// Checks a completed migration: the source exited, the destination guest keeps acknowledging,
+/// and after stopping it every acknowledged record is on the destination images.
+async fn check_completed(
+    run: &MigrateRun,
+    source: &mut ferry::guest::RunningGuest,
+    storage: &Path,
+    disks: &[(&str, &str)],
+) -> PidGuard {
+    assert_eq!(
+        run.code,
+        0,
+        "migrate failed: {:?}\nstderr: {}",
+        run.events.last(),
+        run.stderr
+    );
+    let done = run.last();
+    assert_eq!(done["event"], "completed", "{done}");
+    let guard = PidGuard(done["destination"]["pid"].as_u64().map(|p| p as u32));
+    assert!(
+        done["downtime_ms"].as_u64().is_some(),
+        "QEMU reports downtime: {done}"
+    );
+    assert!(
+        wait_exit(source, Duration::from_secs(10)),
+        "source QEMU must exit after the switchover"
+    );
+
+    let dir = migration_dir(storage);
+    let dest_serial = dir.join("serial.log");
+    for (disk, _) in disks {
+        still_acking(&dest_serial, disk, 5).await;
+    }
+    let qmp_path = PathBuf::from(done["destination"]["qmp"].as_str().expect("qmp path"));
+    quit(&qmp_path).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut acks =
+        Acks::parse(&std::fs::read_to_string(source.serial_log()).expect("source serial"));
+    acks.merge(&Acks::parse(
+        &std::fs::read_to_string(&dest_serial).expect("destination serial"),
+    ));
+    for (disk, image) in disks {
+        let report = verify_disk(&dir.join(image), ImageFormat::Raw, disk, acks.seqs(disk))
+            .unwrap_or_else(|e| panic!("disk {disk}: {e}"));
+        assert!(
+            report.acked >= 15,
+            "disk {disk}: only {} acknowledged records checked",
+            report.acked
+        );
+    }
+    guard
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_disk_migrates_while_the_guest_writes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = token_file(tmp.path(), TOKEN);
+    let image = tmp.path().join("vda.raw");
+    raw_image(&image, 256 << 20, 32);
+    let mut guest = boot(
+        &tmp.path().join("src"),
+        vec![disk(&image, ImageFormat::Raw, "vda")],
+        50,
+    )
+    .await;
+    let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
+
+    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    assert!(!run.of("mirror").is_empty(), "mirror progress is reported");
+    assert_eq!(run.of("mirror_ready").len(), 1);
+    assert!(!run.of("ram").is_empty(), "RAM progress is reported");
+    let _dest = check_completed(&run, &mut guest, &agent.storage, &[("vda", "disk-vda.raw")]).await;
+
+    // Sparse: the destination allocates what the source does (within 1%), not the disk's size.
+    let src = allocated(&image);
+    let dst = run.last()["destination_allocated_bytes"]
+        .as_u64()
+        .expect("allocation reported");
+    assert!(src > 32 << 20, "source holds its data ({src} bytes)");
+    assert!(
+        dst <= src + src / 100 && dst + dst / 100 >= src,
+        "destination allocates {dst}, source {src}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_disks_raw_and_qcow2_arrive_intact() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = token_file(tmp.path(), TOKEN);
+    let vda = tmp.path().join("vda.raw");
+    let vdb = tmp.path().join("vdb.qcow2");
+    raw_image(&vda, 128 << 20, 16);
+    qcow2_image(&vdb, 96 << 20);
+    let mut guest = boot(
+        &tmp.path().join("src"),
+        vec![
+            disk(&vda, ImageFormat::Raw, "vda"),
+            disk(&vdb, ImageFormat::Qcow2, "vdb"),
+        ],
+        50,
+    )
+    .await;
+    let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
+    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    let _dest = check_completed(
+        &run,
+        &mut guest,
+        &agent.storage,
+        &[("vda", "disk-vda.raw"), ("vdb", "disk-vdb.raw")],
+    )
+    .await;
+    let dir = migration_dir(&agent.storage);
+    assert_eq!(
+        std::fs::metadata(dir.join("disk-vdb.raw"))
+            .expect("vdb image")
+            .len(),
+        96 << 20,
+        "exact size"
+    );
+}
+
+/// Asserts that a refused migration changed nothing: exit 1 with the expected words, the guest
+/// still acknowledging on the source, nothing in the agent's storage.
+async fn assert_refused(
+    run: &MigrateRun,
+    phase: &str,
+    words: &str,
+    serial: &Path,
+    storage: Option<&AgentProc>,
+) {
+    assert_eq!(run.code, 1, "must fail: {:?}", run.events);
+    let last = run.last();
+    assert_eq!(last["event"], "failed", "{last}");
+    assert_eq!(last["phase"], phase, "{last}");
+    let error = last["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(words),
+        "error {error:?} should say {words:?}"
+    );
+    assert!(!error.contains('\n'), "one line: {error:?}");
+    assert_eq!(last["source_running"], Value::Bool(true), "{last}");
+    still_acking(serial, "vda", 5).await;
+    if let Some(agent) = storage {
+        assert_eq!(
+            agent.leftovers(),
+            Vec::<String>::new(),
+            "nothing left in the agent's storage"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_leave_the_vm_untouched_and_nothing_behind() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = token_file(tmp.path(), TOKEN);
+    let wrong = token_file(tmp.path(), "a-different-token-of-some-length");
+    let image = tmp.path().join("vda.raw");
+    raw_image(&image, 64 << 20, 0);
+    // A 20 TiB disk the guest has no driver for (IDE): no host has room for it.
+    let big = tmp.path().join("big.qcow2");
+    qcow2_image(&big, 20 << 40);
+    let images = ferry::guest::GuestImages::locate().expect("guest images");
+    let mut spec =
+        ferry::guest::GuestSpec::new(images.clone()).disk(disk(&image, ImageFormat::Raw, "vda"));
+    spec.extra_qemu_args = [
+        "-drive",
+        &format!("if=none,id=big,format=qcow2,file={}", big.display()),
+        "-device",
+        "ide-hd,drive=big",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    let mut guest = ferry::guest::launch(
+        &tmp.path().join("src"),
+        &spec,
+        Path::new(ferry::guest::DEFAULT_QEMU),
+    )
+    .await
+    .expect("launch");
+    guest
+        .wait_for_acks("vda", 10, Duration::from_secs(90))
+        .await
+        .expect("acks");
+    let serial = guest.serial_log().to_path_buf();
+    let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
+
+    let run = migrate(guest.qmp_socket(), &agent.addr, &wrong);
+    assert_refused(&run, "negotiate", "token", &serial, Some(&agent)).await;
+
+    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    assert_refused(&run, "negotiate", "destination has ", &serial, Some(&agent)).await;
+    assert!(
+        run.last()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("20.0 TiB"),
+        "{}",
+        run.last()
+    );
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let run = migrate(guest.qmp_socket(), &closed.to_string(), &token);
+    assert_refused(&run, "negotiate", "cannot reach the agent", &serial, None).await;
+
+    // A VM with an option that would share a host directory with the source.
+    let share = tmp.path().join("share");
+    std::fs::create_dir_all(&share).expect("share dir");
+    let image2 = tmp.path().join("vda2.raw");
+    raw_image(&image2, 64 << 20, 0);
+    let mut spec2 =
+        ferry::guest::GuestSpec::new(images).disk(disk(&image2, ImageFormat::Raw, "vda"));
+    spec2.extra_qemu_args = [
+        "-virtfs",
+        &format!(
+            "local,path={},mount_tag=share,security_model=none,id=fs0",
+            share.display()
+        ),
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    let mut guest2 = ferry::guest::launch(
+        &tmp.path().join("src2"),
+        &spec2,
+        Path::new(ferry::guest::DEFAULT_QEMU),
+    )
+    .await
+    .expect("launch");
+    guest2
+        .wait_for_acks("vda", 10, Duration::from_secs(90))
+        .await
+        .expect("acks");
+    let run = migrate(guest2.qmp_socket(), &agent.addr, &token);
+    assert_refused(
+        &run,
+        "negotiate",
+        "cannot relocate `-virtfs",
+        &guest2.serial_log().to_path_buf(),
+        Some(&agent),
+    )
+    .await;
+}
+
+/// Starts `ferry migrate`, waits for the first mirror progress event, then calls `fault`;
+/// returns the run's outcome.
+fn migrate_with_fault(qmp: &Path, to: &str, token: &Path, fault: impl FnOnce(u32)) -> MigrateRun {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = migrate_command(qmp, to, token)
+        .spawn()
+        .expect("spawn migrate");
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("stdout");
+    let mut reader = BufReader::new(stdout);
+    let mut out = Vec::new();
+    let mut line = String::new();
+    let mut fault = Some(fault);
+    while reader.read_line(&mut line).expect("read") > 0 {
+        out.extend_from_slice(line.as_bytes());
+        if line.contains("\"event\":\"mirror\"") {
+            if let Some(f) = fault.take() {
+                f(pid);
+            }
+        }
+        line.clear();
+    }
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    let code = child.wait().expect("wait").code().unwrap_or(-1);
+    collect(code, &out, stderr.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_roll_back_and_a_later_migration_succeeds() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = token_file(tmp.path(), TOKEN);
+    let image = tmp.path().join("vda.raw");
+    // Enough data that the mirror is still running when the fault hits.
+    raw_image(&image, 1 << 30, 384);
+    let mut guest = boot(
+        &tmp.path().join("src"),
+        vec![disk(&image, ImageFormat::Raw, "vda")],
+        50,
+    )
+    .await;
+    let serial = guest.serial_log().to_path_buf();
+    let storage = tmp.path().join("storage");
+    let pre_switchover = ["mirror", "start-destination", "ram"];
+
+    // 1. The agent dies during the mirror.
+    let mut agent = AgentProc::start(&storage, &token, &[]);
+    let agent_pid = agent.child.id();
+    let run = migrate_with_fault(guest.qmp_socket(), &agent.addr, &token, |_| {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &agent_pid.to_string()])
+            .status();
+    });
+    agent.kill();
+    assert_eq!(run.code, 1, "{:?}", run.events.last());
+    assert_eq!(run.last()["event"], "failed");
+    assert!(
+        pre_switchover.contains(&run.last()["phase"].as_str().unwrap_or("")),
+        "{}",
+        run.last()
+    );
+    assert_eq!(run.last()["source_running"], Value::Bool(true));
+    still_acking(&serial, "vda", 5).await;
+    // A restarted agent cleans up what the killed one left.
+    let agent = AgentProc::start(&storage, &token, &[]);
+    assert_eq!(agent.leftovers(), Vec::<String>::new());
+    drop(agent);
+
+    // 2. The destination QEMU fails to start.
+    let fake = tmp.path().join("broken-qemu");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'qemu: simulated start failure' >&2\nexit 1\n",
+    )
+    .expect("script");
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&fake)
+        .status()
+        .expect("chmod");
+    let agent = AgentProc::start(
+        &storage,
+        &token,
+        &["--qemu-binary", fake.to_str().expect("utf-8")],
+    );
+    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    assert_refused(
+        &run,
+        "start-destination",
+        "simulated start failure",
+        &serial,
+        Some(&agent),
+    )
+    .await;
+    drop(agent);
+
+    // 3. SIGINT to ferry migrate during the mirror.
+    let agent = AgentProc::start(&storage, &token, &[]);
+    let run = migrate_with_fault(guest.qmp_socket(), &agent.addr, &token, |pid| {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status();
+    });
+    assert_eq!(run.code, 1, "{:?}", run.events.last());
+    assert!(
+        run.last()["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("interrupted"),
+        "{}",
+        run.last()
+    );
+    assert_eq!(run.last()["source_running"], Value::Bool(true));
+    still_acking(&serial, "vda", 5).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(agent.leftovers(), Vec::<String>::new());
+
+    // 4. After all that, a migration goes through.
+    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    let _dest = check_completed(&run, &mut guest, &agent.storage, &[("vda", "disk-vda.raw")]).await;
+}

@@ -1,0 +1,521 @@
+//! Shared by the `nbd_*` integration tests: a server fixture on its own runtime (so tests use
+//! plain blocking I/O and `std::process`), sparse image helpers, and a small raw NBD client.
+//!
+//! The raw client encodes and decodes by hand from `doc/proto.md` on purpose: it must not share
+//! code with the server it checks.
+
+#![allow(dead_code)] // each test file uses a different part of it
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ferry::nbd::{Export, NbdServer, ServerConfig};
+use rand::{Rng, SeedableRng};
+
+pub const MIB: u64 = 1 << 20;
+
+/// A server on a private multi-threaded runtime, and a temp dir for its files.
+pub struct TestServer {
+    pub rt: tokio::runtime::Runtime,
+    pub server: NbdServer,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub fn start(config: ServerConfig) -> TestServer {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("test runtime");
+        let addr: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        let server = rt
+            .block_on(NbdServer::bind(addr, config))
+            .expect("bind on port 0");
+        let dir = tempfile::tempdir().expect("temp dir");
+        TestServer { rt, server, dir }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    pub fn url(&self, name: &str) -> String {
+        format!("nbd://{}/{}", self.addr(), name)
+    }
+
+    /// Creates a sparse file of `size` in the temp dir and serves it as `name`.
+    pub fn export_new(&self, name: &str, size: u64, read_only: bool) -> PathBuf {
+        let path = self.dir.path().join(format!("{name}.raw"));
+        sparse_file(&path, size);
+        self.export(name, &path, read_only);
+        path
+    }
+
+    pub fn export(&self, name: &str, path: &Path, read_only: bool) {
+        self.server
+            .add_export(Export {
+                name: name.into(),
+                path: path.into(),
+                read_only,
+            })
+            .expect("add export");
+    }
+
+    /// Stops the server cleanly; the temp dir (returned) lives on for checks of the files.
+    pub fn shutdown(self) -> tempfile::TempDir {
+        let TestServer { rt, server, dir } = self;
+        rt.block_on(server.shutdown()).expect("clean shutdown");
+        dir
+    }
+}
+
+pub fn sparse_file(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).expect("create image");
+    f.set_len(size).expect("size image");
+}
+
+/// Writes `chunks` random 1 MiB chunks at distinct 1 MiB-aligned offsets of a `size` image
+/// (offsets deterministic for `seed`, contents random). Returns the offsets written.
+pub fn random_chunks(path: &Path, size: u64, chunks: usize, seed: u64) -> Vec<u64> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open image");
+    let slots = size / MIB;
+    let mut offsets = Vec::new();
+    while offsets.len() < chunks {
+        let at = rng.gen_range(0..slots) * MIB;
+        if !offsets.contains(&at) {
+            offsets.push(at);
+        }
+    }
+    // The kernel's generator: fast even in a debug build, unlike a Rust RNG.
+    let mut urandom = std::fs::File::open("/dev/urandom").expect("open /dev/urandom");
+    let mut buf = vec![0u8; MIB as usize];
+    for &at in &offsets {
+        urandom.read_exact(&mut buf).expect("read /dev/urandom");
+        f.write_all_at(&buf, at).expect("write chunk");
+    }
+    f.sync_all().expect("sync image");
+    offsets.sort_unstable();
+    offsets
+}
+
+/// Bytes actually allocated to a file (`st_blocks` × 512).
+pub fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+/// Runs a tool, fails the test with its output if it fails, returns its stdout.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (scripts/setup installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Files equal byte for byte, by `cmp`.
+pub fn assert_same_bytes(a: &Path, b: &Path) {
+    let a = a.to_str().expect("utf-8 path");
+    let b = b.to_str().expect("utf-8 path");
+    run("cmp", &[a, b]);
+}
+
+// ---- raw client -------------------------------------------------------------------------------
+
+pub const NBDMAGIC: &[u8; 8] = b"NBDMAGIC";
+pub const IHAVEOPT: &[u8; 8] = b"IHAVEOPT";
+pub const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_ABORT: u32 = 2;
+pub const OPT_LIST: u32 = 3;
+pub const OPT_INFO: u32 = 6;
+pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
+pub const REP_ACK: u32 = 1;
+pub const REP_SERVER: u32 = 2;
+pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
+pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
+pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
+pub const FLAG_FUA: u16 = 1;
+pub const FLAG_NO_HOLE: u16 = 2;
+pub const FLAG_DF: u16 = 4;
+pub const FLAG_FAST_ZERO: u16 = 16;
+pub const FLAG_PAYLOAD_LEN: u16 = 32;
+pub const EPERM: u32 = 1;
+pub const EINVAL: u32 = 22;
+pub const ENOSPC: u32 = 28;
+pub const EOVERFLOW: u32 = 75;
+pub const TFLAG_READ_ONLY: u16 = 2;
+pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    Simple,
+    Structured,
+    Extended,
+}
+
+/// What one request got back.
+#[derive(Debug, Default, Clone)]
+pub struct Reply {
+    /// First error (simple reply error or error chunk), 0 if none.
+    pub error: u32,
+    /// Read content as (offset, data); holes come back as zero-filled data with `hole` set.
+    pub pieces: Vec<Piece>,
+    /// Block status extents (length, flags).
+    pub extents: Vec<(u64, u64)>,
+    /// Number of messages (simple reply or chunks) the reply took.
+    pub messages: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Piece {
+    pub offset: u64,
+    pub data: Vec<u8>,
+    pub hole: bool,
+}
+
+impl Reply {
+    /// The bytes of a successful read of `[offset, offset + len)`, checking that the pieces
+    /// cover it exactly once.
+    pub fn assemble(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        let mut covered = 0usize;
+        for p in &self.pieces {
+            let start = (p.offset - offset) as usize;
+            out[start..start + p.data.len()].copy_from_slice(&p.data);
+            covered += p.data.len();
+        }
+        assert_eq!(
+            covered,
+            len,
+            "read pieces must cover the request exactly: {:?}",
+            self.pieces.len()
+        );
+        out
+    }
+}
+
+/// A raw NBD client over a blocking socket (every read has a timeout, so a server bug fails
+/// the test instead of hanging it).
+pub struct Raw {
+    pub s: TcpStream,
+    pub style: Style,
+    pub size: u64,
+    pub flags: u16,
+    pending_reads: HashMap<u64, (u64, u64)>,
+    partial: HashMap<u64, Reply>,
+    done: HashSet<u64>,
+}
+
+impl Raw {
+    /// Connects and reads the greeting; sends client flags FIXED_NEWSTYLE | NO_ZEROES.
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut raw = Raw {
+            s,
+            style: Style::Simple,
+            size: 0,
+            flags: 0,
+            pending_reads: HashMap::new(),
+            partial: HashMap::new(),
+            done: HashSet::new(),
+        };
+        let mut greeting = [0u8; 18];
+        raw.s.read_exact(&mut greeting).expect("greeting");
+        assert_eq!(&greeting[..8], NBDMAGIC);
+        assert_eq!(&greeting[8..16], IHAVEOPT);
+        assert_eq!(u16::from_be_bytes([greeting[16], greeting[17]]) & 3, 3);
+        raw.s.write_all(&3u32.to_be_bytes()).expect("client flags");
+        raw
+    }
+
+    pub fn option(&mut self, code: u32, data: &[u8]) {
+        let mut b = Vec::new();
+        b.extend_from_slice(IHAVEOPT);
+        b.extend_from_slice(&code.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.s.write_all(&b).expect("send option");
+    }
+
+    /// One option reply: (option, reply type, data).
+    pub fn option_reply(&mut self) -> (u32, u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).expect("option reply header");
+        assert_eq!(
+            u64::from_be_bytes(h[..8].try_into().expect("8")),
+            0x0003_e889_0455_65a9
+        );
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("4"));
+        assert!(len < 1 << 20, "option reply of {len} bytes");
+        let mut data = vec![0u8; len as usize];
+        self.s.read_exact(&mut data).expect("option reply data");
+        (
+            u32::from_be_bytes(h[8..12].try_into().expect("4")),
+            u32::from_be_bytes(h[12..16].try_into().expect("4")),
+            data,
+        )
+    }
+
+    /// Full handshake to the transmission phase with `style`, selecting `base:allocation`
+    /// when chunked replies are on.
+    pub fn open(addr: SocketAddr, name: &str, style: Style) -> Raw {
+        let mut raw = Raw::connect(addr);
+        match style {
+            Style::Simple => {}
+            Style::Structured => {
+                raw.option(OPT_STRUCTURED_REPLY, &[]);
+                assert_eq!(raw.option_reply().1, REP_ACK);
+            }
+            Style::Extended => {
+                raw.option(OPT_EXTENDED_HEADERS, &[]);
+                assert_eq!(raw.option_reply().1, REP_ACK);
+            }
+        }
+        raw.style = style;
+        if style != Style::Simple {
+            let mut d = name_data(name);
+            d.extend_from_slice(&1u32.to_be_bytes());
+            let q = b"base:allocation";
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q);
+            raw.option(OPT_SET_META_CONTEXT, &d);
+            assert_eq!(raw.option_reply().1, REP_META_CONTEXT);
+            assert_eq!(raw.option_reply().1, REP_ACK);
+        }
+        let mut d = name_data(name);
+        d.extend_from_slice(&0u16.to_be_bytes());
+        raw.option(OPT_GO, &d);
+        loop {
+            let (_, kind, data) = raw.option_reply();
+            match kind {
+                REP_INFO if data[..2] == [0, 0] => {
+                    raw.size = u64::from_be_bytes(data[2..10].try_into().expect("8"));
+                    raw.flags = u16::from_be_bytes(data[10..12].try_into().expect("2"));
+                }
+                REP_INFO => {}
+                REP_ACK => break,
+                other => panic!(
+                    "GO failed with reply type {other:#x}: {}",
+                    String::from_utf8_lossy(&data)
+                ),
+            }
+        }
+        raw
+    }
+
+    /// Sends one request; `payload` follows the header as is.
+    pub fn send(
+        &mut self,
+        flags: u16,
+        cmd: u16,
+        cookie: u64,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+    ) {
+        let mut b = Vec::with_capacity(32 + payload.len());
+        match self.style {
+            Style::Extended => {
+                b.extend_from_slice(&0x21e4_1c71u32.to_be_bytes());
+                b.extend_from_slice(&flags.to_be_bytes());
+                b.extend_from_slice(&cmd.to_be_bytes());
+                b.extend_from_slice(&cookie.to_be_bytes());
+                b.extend_from_slice(&offset.to_be_bytes());
+                b.extend_from_slice(&len.to_be_bytes());
+            }
+            _ => {
+                b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+                b.extend_from_slice(&flags.to_be_bytes());
+                b.extend_from_slice(&cmd.to_be_bytes());
+                b.extend_from_slice(&cookie.to_be_bytes());
+                b.extend_from_slice(&offset.to_be_bytes());
+                b.extend_from_slice(&(len as u32).to_be_bytes());
+            }
+        }
+        b.extend_from_slice(payload);
+        if cmd == CMD_READ {
+            self.pending_reads.insert(cookie, (offset, len));
+        }
+        self.s.write_all(&b).expect("send request");
+    }
+
+    pub fn read(&mut self, cookie: u64, offset: u64, len: u64) {
+        self.send(0, CMD_READ, cookie, offset, len, &[]);
+    }
+
+    pub fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) {
+        let flags = if self.style == Style::Extended {
+            FLAG_PAYLOAD_LEN
+        } else {
+            0
+        };
+        self.send(flags, CMD_WRITE, cookie, offset, data.len() as u64, data);
+    }
+
+    /// Reads messages until the reply to `cookie` is complete; replies to other cookies that
+    /// complete meanwhile are kept for later calls.
+    pub fn reply(&mut self, cookie: u64) -> Reply {
+        loop {
+            if let Some(r) = self.take_done(cookie) {
+                return r;
+            }
+            self.next_message();
+        }
+    }
+
+    fn take_done(&mut self, cookie: u64) -> Option<Reply> {
+        if self.done.remove(&cookie) {
+            return self.partial.remove(&cookie);
+        }
+        None
+    }
+
+    fn mark_done(&mut self, cookie: u64) {
+        assert!(
+            self.done.insert(cookie),
+            "second final reply for cookie {cookie}"
+        );
+    }
+
+    fn next_message(&mut self) {
+        let mut magic = [0u8; 4];
+        self.s.read_exact(&mut magic).expect("reply magic");
+        match u32::from_be_bytes(magic) {
+            0x6744_6698 => {
+                let mut h = [0u8; 12];
+                self.s.read_exact(&mut h).expect("simple reply");
+                let error = u32::from_be_bytes(h[..4].try_into().expect("4"));
+                let cookie = u64::from_be_bytes(h[4..12].try_into().expect("8"));
+                let mut reply = Reply {
+                    error,
+                    messages: 1,
+                    ..Reply::default()
+                };
+                if let Some((offset, len)) = self.pending_reads.remove(&cookie) {
+                    if error == 0 {
+                        let mut data = vec![0u8; len as usize];
+                        self.s.read_exact(&mut data).expect("simple read data");
+                        reply.pieces.push(Piece {
+                            offset,
+                            data,
+                            hole: false,
+                        });
+                    }
+                }
+                self.partial.insert(cookie, reply);
+                self.mark_done(cookie);
+            }
+            m @ (0x668e_33ef | 0x6e8a_278c) => {
+                let extended = m == 0x6e8a_278c;
+                assert_eq!(
+                    extended,
+                    self.style == Style::Extended,
+                    "reply header style"
+                );
+                let mut h = vec![0u8; if extended { 28 } else { 16 }];
+                self.s.read_exact(&mut h).expect("chunk header");
+                let flags = u16::from_be_bytes(h[0..2].try_into().expect("2"));
+                let kind = u16::from_be_bytes(h[2..4].try_into().expect("2"));
+                let cookie = u64::from_be_bytes(h[4..12].try_into().expect("8"));
+                let len = if extended {
+                    u64::from_be_bytes(h[20..28].try_into().expect("8"))
+                } else {
+                    u64::from(u32::from_be_bytes(h[12..16].try_into().expect("4")))
+                };
+                assert!(len <= 33 * MIB, "chunk of {len} bytes");
+                let mut p = vec![0u8; len as usize];
+                self.s.read_exact(&mut p).expect("chunk payload");
+                let reply = self.partial.entry(cookie).or_default();
+                reply.messages += 1;
+                let be64 = |b: &[u8]| u64::from_be_bytes(b[..8].try_into().expect("8"));
+                let be32 = |b: &[u8]| u32::from_be_bytes(b[..4].try_into().expect("4"));
+                match kind {
+                    0 => assert_eq!(len, 0),
+                    1 => reply.pieces.push(Piece {
+                        offset: be64(&p),
+                        data: p[8..].to_vec(),
+                        hole: false,
+                    }),
+                    2 => {
+                        assert_eq!(len, 12);
+                        let n = be32(&p[8..]) as usize;
+                        reply.pieces.push(Piece {
+                            offset: be64(&p),
+                            data: vec![0; n],
+                            hole: true,
+                        });
+                    }
+                    5 => {
+                        assert!(!extended);
+                        for e in p[4..].chunks(8) {
+                            reply
+                                .extents
+                                .push((u64::from(be32(e)), u64::from(be32(&e[4..]))));
+                        }
+                    }
+                    6 => {
+                        assert!(extended);
+                        let count = be32(&p[4..]) as usize;
+                        assert_eq!(p.len(), 8 + 16 * count);
+                        for e in p[8..].chunks(16) {
+                            reply.extents.push((be64(e), be64(&e[8..])));
+                        }
+                    }
+                    k if k & 0x8000 != 0 => {
+                        if reply.error == 0 {
+                            reply.error = be32(&p);
+                        }
+                    }
+                    other => panic!("unknown chunk type {other}"),
+                }
+                if flags & 1 != 0 {
+                    self.pending_reads.remove(&cookie);
+                    self.mark_done(cookie);
+                }
+            }
+            other => panic!("bad reply magic {other:#x}"),
+        }
+    }
+
+    /// True once the server has closed the connection (reads EOF or a reset).
+    pub fn closed_by_server(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+pub fn name_data(name: &str) -> Vec<u8> {
+    let mut d = Vec::new();
+    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    d.extend_from_slice(name.as_bytes());
+    d
+}

@@ -1,0 +1,232 @@
+//! Shared pieces of the end-to-end migration tests: a `ferry agent` subprocess, a `ferry migrate`
+//! run with its JSON events, and guards that never leave a QEMU behind.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry::guest::{DiskSpec, GuestImages, GuestSpec, ImageFormat, RunningGuest};
+use serde_json::Value;
+
+pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+/// A `ferry agent` subprocess on 127.0.0.1 with a random port; killed on drop.
+pub struct AgentProc {
+    pub child: Child,
+    pub addr: String,
+    pub storage: PathBuf,
+}
+
+impl AgentProc {
+    pub fn start(storage: &Path, token_file: &Path, extra: &[&str]) -> AgentProc {
+        std::fs::create_dir_all(storage).expect("create storage");
+        let mut child = Command::new(FERRY)
+            .args(["agent", "--listen", "127.0.0.1:0", "--storage"])
+            .arg(storage)
+            .arg("--token-file")
+            .arg(token_file)
+            .args(extra)
+            .env("FERRY_LOG", "ferry=info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn ferry agent");
+        let stdout = child.stdout.take().expect("agent stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("agent prints its address");
+        let addr = line.trim().rsplit(' ').next().expect("address").to_string();
+        assert!(addr.starts_with("127.0.0.1:"), "agent said {line:?}");
+        AgentProc {
+            child,
+            addr,
+            storage: storage.to_path_buf(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Entries left in the storage directory (a refused or rolled-back migration leaves none).
+    pub fn leftovers(&self) -> Vec<String> {
+        std::fs::read_dir(&self.storage)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Kills a daemonized destination QEMU when the test ends, whatever happened.
+pub struct PidGuard(pub Option<u32>);
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// The outcome of one `ferry migrate --json` run.
+pub struct MigrateRun {
+    pub code: i32,
+    pub events: Vec<Value>,
+    pub stderr: String,
+}
+
+impl MigrateRun {
+    pub fn last(&self) -> &Value {
+        self.events.last().expect("at least one event")
+    }
+
+    pub fn of(&self, name: &str) -> Vec<&Value> {
+        self.events.iter().filter(|e| e["event"] == name).collect()
+    }
+}
+
+pub fn migrate_command(qmp: &Path, to: &str, token_file: &Path) -> Command {
+    let mut cmd = Command::new(FERRY);
+    cmd.args(["migrate", "--json", "--qmp"])
+        .arg(qmp)
+        .args(["--to", to, "--token-file"])
+        .arg(token_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs `ferry migrate --json` to completion.
+pub fn migrate(qmp: &Path, to: &str, token_file: &Path) -> MigrateRun {
+    let out = migrate_command(qmp, to, token_file)
+        .output()
+        .expect("run ferry migrate");
+    collect(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr)
+}
+
+pub fn collect(code: i32, stdout: &[u8], stderr: &[u8]) -> MigrateRun {
+    let events = String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect();
+    MigrateRun {
+        code,
+        events,
+        stderr: String::from_utf8_lossy(stderr).into_owned(),
+    }
+}
+
+pub fn token_file(dir: &Path, content: &str) -> PathBuf {
+    let path = dir.join(format!("token-{}", content.len()));
+    std::fs::write(&path, content).expect("write token");
+    path
+}
+
+/// A sparse raw image with `data_mib` MiB of pseudo-random data written at 1 MiB-spaced chunks
+/// from the middle of the disk, so the mirror has real data and real holes to carry.
+pub fn raw_image(path: &Path, size: u64, data_mib: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::create(path).expect("create image");
+    file.set_len(size).expect("size image");
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut chunk = vec![0u8; 1 << 20];
+    for i in 0..data_mib {
+        for b in chunk.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            b.copy_from_slice(&state.to_le_bytes()[..b.len()]);
+        }
+        let offset = size / 2 + i * (2 << 20);
+        if offset + (1 << 20) <= size {
+            file.write_all_at(&chunk, offset).expect("write data");
+        }
+    }
+}
+
+pub fn qcow2_image(path: &Path, size: u64) {
+    let ok = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size.to_string())
+        .status()
+        .expect("qemu-img")
+        .success();
+    assert!(ok, "qemu-img create failed");
+}
+
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+/// Boots the test guest on the given disks and waits until each disk has acknowledged writes.
+pub async fn boot(dir: &Path, disks: Vec<DiskSpec>, rate: u32) -> RunningGuest {
+    let images = GuestImages::locate().expect("test guest images (run scripts/setup)");
+    let mut spec = GuestSpec::new(images);
+    spec.rate = rate;
+    let names: Vec<String> = (0..disks.len())
+        .map(|i| format!("vd{}", (b'a' + i as u8) as char))
+        .collect();
+    for d in disks {
+        spec = spec.disk(d);
+    }
+    let mut guest = ferry::guest::launch(dir, &spec, Path::new(ferry::guest::DEFAULT_QEMU))
+        .await
+        .expect("launch guest");
+    for name in &names {
+        guest
+            .wait_for_acks(name, 10, Duration::from_secs(90))
+            .await
+            .expect("guest acknowledges writes");
+    }
+    guest
+}
+
+pub fn disk(path: &Path, format: ImageFormat, id: &str) -> DiskSpec {
+    DiskSpec::new(path, format, id)
+}
+
+/// Waits until QEMU has exited (the source quits after a migration).
+pub fn wait_exit(guest: &mut RunningGuest, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if matches!(guest.try_wait(), Ok(Some(_))) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Proves the guest is still alive on `serial` by waiting for `more` new acks on `disk`.
+pub async fn still_acking(serial: &Path, disk: &str, more: usize) {
+    let now =
+        ferry::guest::Acks::parse(&std::fs::read_to_string(serial).unwrap_or_default()).count(disk);
+    ferry::guest::wait_for_acks(serial, disk, now + more, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("guest stopped acknowledging on {}: {e}", serial.display()));
+}
+
+/// Asks a QEMU to quit over QMP and waits until its socket is gone.
+pub async fn quit(qmp_path: &Path) {
+    if let Ok(q) = qmp::Qmp::connect_unix(qmp_path).await {
+        let _ = q.execute_raw("quit", Value::Null).await;
+    }
+}
