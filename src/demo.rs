@@ -53,7 +53,10 @@ async fn run_in(dir: &Path, qemu: &Path, cancel: &CancellationToken) -> anyhow::
     let agent_addr = agent.local_addr()?;
     let stop_agent = CancellationToken::new();
     tokio::spawn(agent.run(stop_agent.clone()));
-    say(&format!("agent listening on {agent_addr}, storing into {}", storage.display()));
+    say(&format!(
+        "agent listening on {agent_addr}, storing into {}",
+        storage.display()
+    ));
 
     // The source: the test guest with two disks, writing.
     let source_dir = dir.join("source");
@@ -66,17 +69,33 @@ async fn run_in(dir: &Path, qemu: &Path, cancel: &CancellationToken) -> anyhow::
     }
     let mut source = guest::launch(&source_dir, &spec, qemu).await?;
     for (name, ..) in DISKS {
-        source.wait_for_acks(name, 20, Duration::from_secs(120)).await?;
+        source
+            .wait_for_acks(name, 20, Duration::from_secs(120))
+            .await?;
     }
-    say(&format!("guest booted (pid {}), acknowledging writes on vda and vdb", source.pid()));
+    say(&format!(
+        "guest booted (pid {}), acknowledging writes on vda and vdb",
+        source.pid()
+    ));
 
     // The migration.
-    let opts = MigrateOptions::new(source.qmp_socket().to_path_buf(), agent_addr.to_string(), token);
-    let mut reporter = Tee { human: HumanReporter::default(), summary: None };
+    let opts = MigrateOptions::new(
+        source.qmp_socket().to_path_buf(),
+        agent_addr.to_string(),
+        token,
+    );
+    let mut reporter = Tee {
+        human: HumanReporter::default(),
+        summary: None,
+    };
     let outcome = migrate(&opts, &mut reporter, cancel).await;
     stop_agent.cancel();
-    let summary = outcome.map_err(|f| anyhow::anyhow!("migration failed during {}: {}", f.phase, f.error))?;
-    std::fs::write(dir.join("destination.pid"), summary.destination.pid.to_string())?;
+    let summary =
+        outcome.map_err(|f| anyhow::anyhow!("migration failed during {}: {}", f.phase, f.error))?;
+    std::fs::write(
+        dir.join("destination.pid"),
+        summary.destination.pid.to_string(),
+    )?;
 
     // Proof from outside.
     let migration_dir = Path::new(&summary.destination.qmp)
@@ -96,7 +115,11 @@ async fn run_in(dir: &Path, qemu: &Path, cancel: &CancellationToken) -> anyhow::
     for (name, ..) in DISKS {
         let image = migration_dir.join(format!("disk-{name}.raw"));
         let report = guest::verify_disk(&image, ImageFormat::Raw, name, acks.seqs(name))?;
-        let _ = write!(proof, " {name}: {} acknowledged records present;", report.acked);
+        let _ = write!(
+            proof,
+            " {name}: {} acknowledged records present;",
+            report.acked
+        );
     }
     say(&format!(
         "verified on the destination images:{} ({before} acknowledged before the switchover)",
@@ -146,7 +169,11 @@ fn make_image(path: &Path, format: ImageFormat, size: u64, data_mib: u64) -> any
                 .arg(path)
                 .arg(size.to_string())
                 .status()?;
-            anyhow::ensure!(status.success(), "qemu-img create {} failed", path.display());
+            anyhow::ensure!(
+                status.success(),
+                "qemu-img create {} failed",
+                path.display()
+            );
         }
     }
     Ok(())
@@ -163,7 +190,10 @@ fn print_figures(s: &Summary) {
     let p = &s.phases_ms;
     println!();
     println!("ferry demo: live migration of a 2-disk VM on localhost");
-    println!("  total time             {:>8.2} s", s.total_ms as f64 / 1000.0);
+    println!(
+        "  total time             {:>8.2} s",
+        s.total_ms as f64 / 1000.0
+    );
     println!(
         "    negotiation {} ms, mirror {} ms, ram {} ms, switchover {} ms",
         p.negotiation, p.mirror, p.ram, p.switchover
@@ -177,7 +207,10 @@ fn print_figures(s: &Summary) {
     }
     println!("  disk bytes sent        {:>12}", human_bytes(s.disk_bytes));
     println!("  RAM bytes sent         {:>12}", human_bytes(s.ram_bytes));
-    println!("  destination allocation {:>12}", human_bytes(s.destination_allocated_bytes));
+    println!(
+        "  destination allocation {:>12}",
+        human_bytes(s.destination_allocated_bytes)
+    );
 }
 
 fn say(line: &str) {

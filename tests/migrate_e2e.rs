@@ -266,7 +266,7 @@ async fn refusals_leave_the_vm_untouched_and_nothing_behind() {
         &run,
         "negotiate",
         "cannot relocate `-virtfs",
-        &guest2.serial_log().to_path_buf(),
+        guest2.serial_log(),
         Some(&agent),
     )
     .await;
@@ -394,4 +394,48 @@ async fn faults_roll_back_and_a_later_migration_succeeds() {
     // 4. After all that, a migration goes through.
     let run = migrate(guest.qmp_socket(), &agent.addr, &token);
     let _dest = check_completed(&run, &mut guest, &agent.storage, &[("vda", "disk-vda.raw")]).await;
+}
+
+/// Debian 12's own QEMU 7.2 as the source: to a 7.2 destination, and to 10.0 (an upgrade path,
+/// the machine type pinned to the source's `pc-i440fx-7.2`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_7_2_source_migrates_to_7_2_and_to_10_0() {
+    let Some(old) = qemu_7_2() else { return };
+    for (label, agent_args) in [
+        (
+            "7.2",
+            vec!["--qemu-binary".to_string(), old.display().to_string()],
+        ),
+        (
+            "10.0",
+            vec![
+                "--qemu-binary".to_string(),
+                ferry::guest::DEFAULT_QEMU.to_string(),
+            ],
+        ),
+    ] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let token = token_file(tmp.path(), TOKEN);
+        let image = tmp.path().join("vda.raw");
+        raw_image(&image, 128 << 20, 16);
+        let mut guest = boot_with(
+            &tmp.path().join("src"),
+            vec![disk(&image, ImageFormat::Raw, "vda")],
+            50,
+            &old,
+        )
+        .await;
+        let args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
+        let agent = AgentProc::start(&tmp.path().join("storage"), &token, &args);
+        let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+        eprintln!("7.2 -> {label}: {}", run.last());
+        let _dest =
+            check_completed(&run, &mut guest, &agent.storage, &[("vda", "disk-vda.raw")]).await;
+        let argv =
+            std::fs::read_to_string(migration_dir(&agent.storage).join("argv")).expect("argv");
+        assert!(
+            argv.contains("pc-i440fx-7.2"),
+            "machine type pinned: {argv}"
+        );
+    }
 }

@@ -31,7 +31,9 @@ use report::Report;
 use servers::Server;
 
 #[derive(Parser, Debug)]
-#[command(about = "Benchmark ferry against qemu-nbd, nbdkit, QEMU's NBD server and a QEMU-only migration")]
+#[command(
+    about = "Benchmark ferry against qemu-nbd, nbdkit, QEMU's NBD server and a QEMU-only migration"
+)]
 struct Args {
     /// Smaller images and fewer repeats: under 3 minutes.
     #[arg(long)]
@@ -45,6 +47,10 @@ struct Args {
     /// Scratch directory (default: a new one under /var/tmp, removed at the end).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+    /// Run ferry's NBD server under `perf record -g` in the mirror sections, writing FILE (the
+    /// last run's profile; ferry's CPU column is not valid then).
+    #[arg(long, value_name = "FILE")]
+    perf: Option<PathBuf>,
     /// Sections to skip: physical, mirror, giant, migration, convergence (repeatable).
     #[arg(long, value_name = "SECTION")]
     skip: Vec<String>,
@@ -148,7 +154,8 @@ async fn main() -> Result<()> {
     let result = run_all(&args, &plan, &ferry, &dir, &mut report).await;
     report.finish(started.elapsed());
     if let Some(path) = &args.json {
-        std::fs::write(path, report.json()?).with_context(|| format!("write {}", path.display()))?;
+        std::fs::write(path, report.json()?)
+            .with_context(|| format!("write {}", path.display()))?;
     }
     if owned {
         let _ = std::fs::remove_dir_all(&dir);
@@ -174,6 +181,10 @@ async fn run_all(
     report: &mut Report,
 ) -> Result<()> {
     let on = |s: &str| !args.skip.iter().any(|x| x == s);
+    let server_cmd = servers::FerryCmd {
+        bin: ferry.to_path_buf(),
+        perf: args.perf.clone(),
+    };
     let source = dir.join("mirror-src.raw");
     if on("physical") || on("mirror") {
         note(&format!(
@@ -193,7 +204,7 @@ async fn run_all(
         mirror_section(
             "mirror",
             plan.repeats,
-            ferry,
+            &server_cmd,
             &source,
             plan.mirror_data,
             dir,
@@ -214,7 +225,7 @@ async fn run_all(
         mirror_section(
             "giant",
             repeats,
-            ferry,
+            &server_cmd,
             &giant,
             plan.giant_data,
             dir,
@@ -265,7 +276,7 @@ async fn migrate(
 async fn mirror_section(
     section: &'static str,
     repeats: usize,
-    ferry: &Path,
+    ferry: &servers::FerryCmd,
     source: &Path,
     data: u64,
     dir: &Path,

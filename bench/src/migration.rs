@@ -212,7 +212,9 @@ pub async fn ferry(ferry_bin: &Path, dir: &Path, setup: &Setup) -> Result<Migrat
 fn run_seqs(source: &Source, migration_dir: &Path) -> Vec<u64> {
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
     let mut acks = guest::Acks::parse(&read(source.guest.serial_log()));
-    acks.merge(&guest::Acks::parse(&read(&migration_dir.join("serial.log"))));
+    acks.merge(&guest::Acks::parse(&read(
+        &migration_dir.join("serial.log"),
+    )));
     acks.seqs("vda").to_vec()
 }
 

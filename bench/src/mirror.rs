@@ -42,7 +42,7 @@ impl Drop for Qemu {
 /// Mirrors `source` into a fresh sparse `dest` served by `server`.
 pub async fn run(
     server: Server,
-    ferry: &Path,
+    ferry: &servers::FerryCmd,
     source: &Path,
     dest: &Path,
     dir: &Path,
@@ -59,7 +59,15 @@ pub async fn run(
     let src = source.to_str().context("paths must be UTF-8")?;
     let _qemu = Qemu(
         Command::new(ferry::guest::DEFAULT_QEMU)
-            .args(["-M", "none", "-accel", "tcg", "-nodefaults", "-display", "none"])
+            .args([
+                "-M",
+                "none",
+                "-accel",
+                "tcg",
+                "-nodefaults",
+                "-display",
+                "none",
+            ])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", sock.display()))
             .arg("-blockdev")

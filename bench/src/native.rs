@@ -66,7 +66,11 @@ pub async fn run(dir: &Path, setup: &Setup) -> Result<MigrationRun> {
 }
 
 /// When the switchover started, when the guest ran again, and the destination QEMU.
-type Marks = (Option<Instant>, Option<Instant>, Option<guest::RunningGuest>);
+type Marks = (
+    Option<Instant>,
+    Option<Instant>,
+    Option<guest::RunningGuest>,
+);
 
 async fn steps(
     dir: &Path,
@@ -137,7 +141,10 @@ async fn steps(
     .await?;
     if let Err(e) = wait_job(&mut events, "BLOCK_JOB_READY", setup.mirror_timeout).await {
         let _ = sq
-            .execute_raw("block-job-cancel", json!({"device": "mig-vda", "force": true}))
+            .execute_raw(
+                "block-job-cancel",
+                json!({"device": "mig-vda", "force": true}),
+            )
             .await;
         bail!("mirror: {e:#}");
     }
@@ -185,7 +192,9 @@ async fn steps(
         .ok();
     let info = sq.execute_raw("query-migrate", Value::Null).await?;
     run.downtime_ms = info["downtime"].as_u64();
-    let _ = sq.execute_raw("blockdev-del", json!({"node-name": "mig-vda"})).await;
+    let _ = sq
+        .execute_raw("blockdev-del", json!({"node-name": "mig-vda"}))
+        .await;
     let _ = sq.execute_raw("quit", Value::Null).await;
     if let (Some(resume), Some(stop)) = (resume, stop_us) {
         run.stop_to_resume_ms = Some((resume.timestamp.as_micros() - stop) as f64 / 1000.0);

@@ -82,7 +82,10 @@ impl Report {
     }
 
     pub fn limit(&mut self, limit: Limit) {
-        eprintln!("  {:<13} {:>8.0} MiB/s  ({})", limit.name, limit.mib_s, limit.how);
+        eprintln!(
+            "  {:<13} {:>8.0} MiB/s  ({})",
+            limit.name, limit.mib_s, limit.how
+        );
         self.limits.push(limit);
     }
 
@@ -207,8 +210,11 @@ impl Report {
             t.push('\n');
         }
         for section in ["mirror", "giant"] {
-            let rows: Vec<&MirrorRow> =
-                self.mirrors.iter().filter(|r| r.section == section).collect();
+            let rows: Vec<&MirrorRow> = self
+                .mirrors
+                .iter()
+                .filter(|r| r.section == section)
+                .collect();
             if rows.is_empty() {
                 continue;
             }
@@ -240,7 +246,8 @@ impl Report {
                     opt(r.cpu_s_per_gib, 2),
                     ratio(r.cpu_s_per_gib, leanest),
                     opt(r.flush_s, 2),
-                    r.dest_allocated.map_or("-".into(), |a| (a >> 20).to_string()),
+                    r.dest_allocated
+                        .map_or("-".into(), |a| (a >> 20).to_string()),
                     r.source_allocated >> 20,
                     r.identical.map_or("-", |b| if b { "yes" } else { "NO" }),
                 );
@@ -275,7 +282,8 @@ impl Report {
                     opt(r.stop_to_resume_ms, 1),
                     opt(r.ack_gap_ms, 1),
                     opt(r.ack_gap_normal_ms, 1),
-                    r.acks_verified.map_or("-", |b| if b { "yes" } else { "NO" }),
+                    r.acks_verified
+                        .map_or("-", |b| if b { "yes" } else { "NO" }),
                     r.write_blocking,
                 );
             }
@@ -292,7 +300,10 @@ impl Report {
             .filter(|r| r.phases_ms.is_some())
             .collect();
         if !phases.is_empty() {
-            let _ = writeln!(t, "Where ferry's time goes (ms, median, from its own events)\n");
+            let _ = writeln!(
+                t,
+                "Where ferry's time goes (ms, median, from its own events)\n"
+            );
             let _ = writeln!(
                 t,
                 "| run | negotiation | mirror | ram | switchover |\n|---|---:|---:|---:|---:|"
@@ -317,7 +328,11 @@ impl Report {
             let _ = writeln!(t, "Targets\n");
             let _ = writeln!(t, "| target | measured | |\n|---|---|---|");
             for (name, measured, ok) in targets {
-                let _ = writeln!(t, "| {name} | {measured} | {} |", if ok { "met" } else { "MISSED" });
+                let _ = writeln!(
+                    t,
+                    "| {name} | {measured} | {} |",
+                    if ok { "met" } else { "MISSED" }
+                );
             }
             t.push('\n');
         }

@@ -39,6 +39,16 @@ impl Server {
     }
 }
 
+/// How to run ferry's server.
+#[derive(Debug, Clone)]
+pub struct FerryCmd {
+    /// The `ferry` binary.
+    pub bin: PathBuf,
+    /// Run it under `perf record -g` writing this file (its CPU figures are then not valid:
+    /// /proc shows perf's process, not ferry's).
+    pub perf: Option<PathBuf>,
+}
+
 /// A running server; killed on drop.
 pub struct Running {
     child: Child,
@@ -55,13 +65,23 @@ pub fn free_port() -> Result<u16> {
 }
 
 /// Starts `server` exporting `file` and returns once it accepts connections.
-pub async fn start(server: Server, ferry: &Path, file: &Path, dir: &Path) -> Result<Running> {
+pub async fn start(server: Server, ferry: &FerryCmd, file: &Path, dir: &Path) -> Result<Running> {
     let port = free_port()?;
     let path = file.to_str().context("paths must be UTF-8")?;
     let mut qmp_socket = None;
     let mut cmd = match server {
         Server::Ferry => {
-            let mut c = Command::new(ferry);
+            let mut c = match &ferry.perf {
+                Some(out) => {
+                    let mut c = Command::new("perf");
+                    c.args(["record", "-q", "-g", "-F", "999", "-o"])
+                        .arg(out)
+                        .arg("--")
+                        .arg(&ferry.bin);
+                    c
+                }
+                None => Command::new(&ferry.bin),
+            };
             c.args(["nbd-serve", "--listen", &format!("127.0.0.1:{port}")])
                 .args(["--export", &format!("{EXPORT}={path}")]);
             c
@@ -85,14 +105,22 @@ pub async fn start(server: Server, ferry: &Path, file: &Path, dir: &Path) -> Res
             let sock = dir.join("server-qmp.sock");
             let _ = std::fs::remove_file(&sock);
             let mut c = Command::new(ferry::guest::DEFAULT_QEMU);
-            c.args(["-M", "none", "-accel", "tcg", "-nodefaults", "-display", "none"])
-                .arg("-qmp")
-                .arg(format!("unix:{},server=on,wait=off", sock.display()))
-                .arg("-blockdev")
-                .arg(format!(
-                    "driver=raw,node-name={EXPORT},discard=unmap,detect-zeroes=unmap,\
+            c.args([
+                "-M",
+                "none",
+                "-accel",
+                "tcg",
+                "-nodefaults",
+                "-display",
+                "none",
+            ])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .arg("-blockdev")
+            .arg(format!(
+                "driver=raw,node-name={EXPORT},discard=unmap,detect-zeroes=unmap,\
                      file.driver=file,file.filename={path},file.discard=unmap"
-                ));
+            ));
             qmp_socket = Some(sock);
             c
         }
@@ -203,10 +231,7 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let tick = |i: usize| -> Result<f64> {
-        Ok(fields
-            .get(i)
-            .context("short /proc stat")?
-            .parse::<u64>()? as f64)
+        Ok(fields.get(i).context("short /proc stat")?.parse::<u64>()? as f64)
     };
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
     // After ')' the state is field 0; utime and stime are the 12th and 13th.

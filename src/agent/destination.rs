@@ -207,9 +207,14 @@ pub fn kill_pid(pid: u32) {
     }
 }
 
-/// Whether a process with this pid exists.
-pub fn pid_alive(pid: u32) -> bool {
-    i32::try_from(pid).is_ok_and(|p| kill(Pid::from_raw(p), None).is_ok())
+/// Kills `pid` only if it is a QEMU started for `dir` (its command line names the directory): a
+/// pid file outlives its process, and the number may belong to something else by now.
+pub fn kill_if_ours(pid: u32, dir: &Path) {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let needle = dir.as_os_str().as_encoded_bytes();
+    if !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle) {
+        kill_pid(pid);
+    }
 }
 
 fn incoming_port(info: &Value) -> Option<u16> {

@@ -149,7 +149,7 @@ fn recover(storage: &std::path::Path) {
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
                 {
-                    destination::kill_pid(pid);
+                    destination::kill_if_ours(pid, &dir);
                 }
                 match std::fs::remove_dir_all(&dir) {
                     Ok(()) => info!(dir = %dir.display(), "removed an unfinished migration"),

@@ -60,14 +60,7 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
     let reporter: &mut dyn Reporter = if args.json { &mut json } else { &mut human };
     match migrate(&opts, reporter, &cancel).await {
         Ok(_) => ExitCode::SUCCESS,
-        Err(failure) => {
-            if !args.json {
-                eprintln!(
-                    "ferry: migration failed during {}: {}",
-                    failure.phase, failure.error
-                );
-            }
-            ExitCode::from(super::EXIT_FAILED)
-        }
+        // The reporter has printed the failure (stderr, or the `failed` JSON event).
+        Err(_) => ExitCode::from(super::EXIT_FAILED),
     }
 }

@@ -145,7 +145,11 @@ pub struct HumanReporter {
 
 impl Reporter for HumanReporter {
     fn report(&mut self, event: &Progress) {
-        if let Some(line) = self.line(event) {
+        let Some(line) = self.line(event) else { return };
+        // A failure is the one line an operator must not miss: stderr, like every ferry error.
+        if matches!(event, Progress::Failed { .. }) {
+            eprintln!("ferry: {line}");
+        } else {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");
             let _ = out.flush();

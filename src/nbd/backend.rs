@@ -95,7 +95,13 @@ impl Backend {
             }
             Some(dsync)
         };
-        Ok(Backend { file, dsync, kind, size, preallocate: AtomicBool::new(true) })
+        Ok(Backend {
+            file,
+            dsync,
+            kind,
+            size,
+            preallocate: AtomicBool::new(true),
+        })
     }
 
     pub(crate) fn size(&self) -> u64 {

@@ -115,7 +115,12 @@ enum ReadError {
 
 /// Serves `session` on `stream` until the client leaves or the export is told to stop.
 pub(crate) async fn serve(stream: TcpStream, session: Session, bounds: Bounds) {
-    let Session { export, style, base_allocation, .. } = session;
+    let Session {
+        export,
+        style,
+        base_allocation,
+        ..
+    } = session;
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
     let (sink, drainer) = Sink::start(wr);
@@ -144,7 +149,12 @@ pub(crate) async fn serve(stream: TcpStream, session: Session, bounds: Bounds) {
             incoming = receive(&mut rd, &limits, &budget, &buffers) => incoming,
         };
         match incoming {
-            Ok(Incoming::Op { req, op, payload, bytes }) => {
+            Ok(Incoming::Op {
+                req,
+                op,
+                payload,
+                bytes,
+            }) => {
                 let plain_write = matches!(op, Op::Write { fua: false, .. });
                 let job = Job {
                     export: export.clone(),
@@ -160,7 +170,11 @@ pub(crate) async fn serve(stream: TcpStream, session: Session, bounds: Bounds) {
                 let task = move || {
                     let parts = job.run();
                     drop(token);
-                    sink.send(Reply { parts, _slot: slot, _bytes: bytes });
+                    sink.send(Reply {
+                        parts,
+                        _slot: slot,
+                        _bytes: bytes,
+                    });
                 };
                 if plain_write {
                     lane.run(Box::new(task));
@@ -171,7 +185,11 @@ pub(crate) async fn serve(stream: TcpStream, session: Session, bounds: Bounds) {
             Ok(Incoming::Rejected { req, rejection }) => {
                 debug!(cookie = req.cookie, command = req.command, error = %rejection.message, "request refused");
                 let parts = job::error_reply(style, &req, rejection.errno, &rejection.message);
-                sink.send(Reply { parts, _slot: slot, _bytes: None });
+                sink.send(Reply {
+                    parts,
+                    _slot: slot,
+                    _bytes: None,
+                });
             }
             Ok(Incoming::Disconnect) => {
                 debug!("client disconnected (NBD_CMD_DISC)");
@@ -191,7 +209,10 @@ pub(crate) async fn serve(stream: TcpStream, session: Session, bounds: Bounds) {
     // Every reply holds a slot until it is on the wire: all slots back means all answered.
     let answered = slots.acquire_many(max_requests);
     if tokio::time::timeout(bounds.grace, answered).await.is_err() {
-        warn!("client did not take its last replies in {:?}; closing", bounds.grace);
+        warn!(
+            "client did not take its last replies in {:?}; closing",
+            bounds.grace
+        );
     }
     drainer.abort();
 }
@@ -297,11 +318,13 @@ impl Lane {
     fn run(&mut self, task: Task) {
         if self.tx.is_none() {
             let (tx, rx) = std::sync::mpsc::channel::<Task>();
-            let started = std::thread::Builder::new().name("nbd-write".into()).spawn(move || {
-                while let Ok(task) = rx.recv() {
-                    task();
-                }
-            });
+            let started = std::thread::Builder::new()
+                .name("nbd-write".into())
+                .spawn(move || {
+                    while let Ok(task) = rx.recv() {
+                        task();
+                    }
+                });
             match started {
                 Ok(_) => self.tx = Some(tx),
                 Err(e) => warn!(error = %e, "cannot start a write thread; using the blocking pool"),
@@ -317,4 +340,3 @@ impl Lane {
         tokio::task::spawn_blocking(task);
     }
 }
-

@@ -118,7 +118,12 @@ fn ok_reply(style: ReplyStyle, req: &Request) -> Vec<Bytes> {
     vec![buf.freeze()]
 }
 
-pub(crate) fn error_reply(style: ReplyStyle, req: &Request, errno: u32, message: &str) -> Vec<Bytes> {
+pub(crate) fn error_reply(
+    style: ReplyStyle,
+    req: &Request,
+    errno: u32,
+    message: &str,
+) -> Vec<Bytes> {
     let mut buf = BytesMut::with_capacity(64 + message.len());
     match style {
         ReplyStyle::Simple => wire::put_simple_reply(&mut buf, errno, req.cookie),

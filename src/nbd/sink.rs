@@ -54,7 +54,11 @@ impl Sink {
     /// Wraps the write half and starts the task that drains the backlog; the caller aborts it
     /// through the returned handle when the connection ends.
     pub(crate) fn start(wr: OwnedWriteHalf) -> (Arc<Sink>, tokio::task::JoinHandle<()>) {
-        let sink = Arc::new(Sink { wr, state: Mutex::new(State::default()), kick: Notify::new() });
+        let sink = Arc::new(Sink {
+            wr,
+            state: Mutex::new(State::default()),
+            kick: Notify::new(),
+        });
         let drainer = tokio::spawn(drain(sink.clone()));
         (sink, drainer)
     }

@@ -178,6 +178,11 @@ pub fn allocated(path: &Path) -> u64 {
 
 /// Boots the test guest on the given disks and waits until each disk has acknowledged writes.
 pub async fn boot(dir: &Path, disks: Vec<DiskSpec>, rate: u32) -> RunningGuest {
+    boot_with(dir, disks, rate, Path::new(ferry::guest::DEFAULT_QEMU)).await
+}
+
+/// [`boot`] with a given QEMU binary.
+pub async fn boot_with(dir: &Path, disks: Vec<DiskSpec>, rate: u32, qemu: &Path) -> RunningGuest {
     let images = GuestImages::locate().expect("test guest images (run scripts/setup)");
     let mut spec = GuestSpec::new(images);
     spec.rate = rate;
@@ -187,7 +192,7 @@ pub async fn boot(dir: &Path, disks: Vec<DiskSpec>, rate: u32) -> RunningGuest {
     for d in disks {
         spec = spec.disk(d);
     }
-    let mut guest = ferry::guest::launch(dir, &spec, Path::new(ferry::guest::DEFAULT_QEMU))
+    let mut guest = ferry::guest::launch(dir, &spec, qemu)
         .await
         .expect("launch guest");
     for name in &names {
@@ -197,6 +202,17 @@ pub async fn boot(dir: &Path, disks: Vec<DiskSpec>, rate: u32) -> RunningGuest {
             .expect("guest acknowledges writes");
     }
     guest
+}
+
+/// QEMU 7.2 as `scripts/setup` unpacks it beside the system's QEMU, if it is there.
+pub fn qemu_7_2() -> Option<PathBuf> {
+    let path = PathBuf::from("/opt/ferry/qemu-7.2/qemu-system-x86_64");
+    if path.exists() {
+        Some(path)
+    } else {
+        eprintln!("note: QEMU 7.2 not found at {}: skipped", path.display());
+        None
+    }
 }
 
 pub fn disk(path: &Path, format: ImageFormat, id: &str) -> DiskSpec {

@@ -1,0 +1,105 @@
+//! Bad input to `ferry agent` and `ferry migrate`: one clear line on stderr, exit 2, nothing done.
+
+use std::process::Command;
+
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(FERRY).args(args).output().expect("run ferry");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_one_line_error(result: (i32, String, String), code: i32, words: &str) {
+    let (got, stdout, stderr) = result;
+    assert_eq!(got, code, "stderr: {stderr}");
+    assert!(stdout.is_empty(), "nothing on stdout: {stdout}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    assert!(stderr.starts_with("ferry: "), "{stderr}");
+    assert!(stderr.contains(words), "{stderr:?} should say {words:?}");
+}
+
+#[test]
+fn token_files_must_exist_and_be_long_enough() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let short = tmp.path().join("short");
+    std::fs::write(&short, "abc\n").expect("write");
+    let storage = tmp.path().to_str().expect("utf-8");
+    assert_one_line_error(
+        run(&[
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--storage",
+            storage,
+            "--token-file",
+            "/nonexistent/token",
+        ]),
+        2,
+        "cannot read token file /nonexistent/token",
+    );
+    assert_one_line_error(
+        run(&[
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--storage",
+            storage,
+            "--token-file",
+            short.to_str().expect("utf-8"),
+        ]),
+        2,
+        "holds 3 bytes; use at least 16",
+    );
+    assert_one_line_error(
+        run(&[
+            "migrate",
+            "--qmp",
+            "/x",
+            "--to",
+            "127.0.0.1:1",
+            "--token-file",
+            short.to_str().expect("utf-8"),
+        ]),
+        2,
+        "holds 3 bytes",
+    );
+}
+
+#[test]
+fn agent_refuses_a_missing_storage_directory_and_migrate_a_missing_socket() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef").expect("write");
+    let token = token.to_str().expect("utf-8");
+    assert_one_line_error(
+        run(&[
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--storage",
+            "/nonexistent/storage",
+            "--token-file",
+            token,
+        ]),
+        2,
+        "storage directory /nonexistent/storage is not usable",
+    );
+    let socket = tmp.path().join("no-such.qmp");
+    assert_one_line_error(
+        run(&[
+            "migrate",
+            "--qmp",
+            socket.to_str().expect("utf-8"),
+            "--to",
+            "127.0.0.1:1",
+            "--token-file",
+            token,
+        ]),
+        2,
+        "no QMP socket at",
+    );
+}
