@@ -34,7 +34,11 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         _ => {
-            for style in [ReplyStyle::Simple, ReplyStyle::Structured, ReplyStyle::Extended] {
+            for style in [
+                ReplyStyle::Simple,
+                ReplyStyle::Structured,
+                ReplyStyle::Extended,
+            ] {
                 if let Ok(req) = wire::parse_request(style, rest) {
                     assert!(rest.len() >= style.request_header_len());
                     let _ = req.payload_len(style);

@@ -88,9 +88,19 @@ pub async fn wait_ready(
         })
         .collect();
     let mut tick = tokio::time::interval(POLL);
-    let mut copied = 0;
     loop {
         if ready.values().all(|r| *r) {
+            // A job may become READY before the first poll: read the final offsets once more.
+            let mut copied = 0;
+            if let Ok(list) = qemu.block_jobs().await {
+                let ours = list.iter().filter(|j| {
+                    let id = j.get("device").and_then(Value::as_str);
+                    jobs.iter().any(|job| Some(job.job.as_str()) == id)
+                });
+                copied = ours
+                    .filter_map(|j| j.get("offset").and_then(Value::as_u64))
+                    .sum();
+            }
             return Ok(copied);
         }
         tokio::select! {
@@ -130,14 +140,12 @@ pub async fn wait_ready(
             }
             _ = tick.tick() => {
                 let list = qemu.block_jobs().await.map_err(|e| fail(crate::error_chain(&e)))?;
-                copied = 0;
                 for job in jobs {
                     let Some(info) = list.iter().find(|j| j.get("device").and_then(Value::as_str) == Some(&job.job)) else {
                         return Err(fail(format!("mirror job of disk {} disappeared", job.disk)));
                     };
                     let done = info.get("offset").and_then(Value::as_u64).unwrap_or(0);
                     let total = info.get("len").and_then(Value::as_u64).unwrap_or(0);
-                    copied += done;
                     reporter.report(&Progress::Mirror { disk: job.disk.clone(), done, total });
                     if info.get("ready").and_then(Value::as_bool) == Some(true) && !ready[&job.job] {
                         ready.insert(job.job.clone(), true);
