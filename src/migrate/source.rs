@@ -57,15 +57,7 @@ pub struct InitialState {
 impl SourceQemu {
     /// Reads the VM: its state, argv (through the QMP peer's pid), machine type and disks.
     pub async fn discover(&self) -> Result<(VmDescription, InitialState), DiscoverError> {
-        let status = self
-            .qmp
-            .execute(q::query_status {})
-            .await
-            .map_err(ctx("query-status"))?;
-        let state = serde_json::to_value(status.status)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string));
-        let state = state.unwrap_or_default();
+        let (running, state) = self.status().await?;
         if !matches!(state.as_str(), "running" | "paused") {
             return Err(DiscoverError::Unsupported(format!(
                 "the VM is `{state}`; only a running or paused VM can be migrated"
@@ -85,9 +77,7 @@ impl SourceQemu {
                 machine,
                 disks,
             },
-            InitialState {
-                running: status.running,
-            },
+            InitialState { running },
         ))
     }
 
