@@ -90,12 +90,14 @@ async fn one_disk_migrates_while_the_guest_writes() {
         50,
     )
     .await;
-    let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
+    let mut agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
 
     let run = migrate(guest.qmp_socket(), &agent.addr, &token);
     assert!(!run.of("mirror").is_empty(), "mirror progress is reported");
     assert_eq!(run.of("mirror_ready").len(), 1);
     assert!(!run.of("ram").is_empty(), "RAM progress is reported");
+    // The destination VM does not depend on the agent: it keeps running when the agent is gone.
+    agent.kill();
     let _dest = check_completed(&run, &mut guest, &agent.storage, &[("vda", "disk-vda.raw")]).await;
 
     // Sparse: the destination allocates what the source does (within 1%), not the disk's size.
@@ -438,4 +440,44 @@ async fn qemu_7_2_source_migrates_to_7_2_and_to_10_0() {
             "machine type pinned: {argv}"
         );
     }
+}
+
+/// A paused VM arrives paused: ferry does not start a guest its operator stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_vm_arrives_paused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = token_file(tmp.path(), TOKEN);
+    let image = tmp.path().join("vda.raw");
+    raw_image(&image, 64 << 20, 4);
+    let mut guest = boot(
+        &tmp.path().join("src"),
+        vec![disk(&image, ImageFormat::Raw, "vda")],
+        50,
+    )
+    .await;
+    {
+        let q = qmp::Qmp::connect_unix(guest.qmp_socket())
+            .await
+            .expect("qmp");
+        q.execute_raw("stop", Value::Null).await.expect("stop");
+    }
+    let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
+    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    assert_eq!(run.code, 0, "{:?}", run.events.last());
+    let done = run.last();
+    let _dest = PidGuard(done["destination"]["pid"].as_u64().map(|p| p as u32));
+    assert!(
+        wait_exit(&mut guest, Duration::from_secs(10)),
+        "source quits"
+    );
+    let q = qmp::Qmp::connect_unix(done["destination"]["qmp"].as_str().expect("qmp"))
+        .await
+        .expect("destination qmp");
+    let status = q
+        .execute_raw("query-status", Value::Null)
+        .await
+        .expect("status");
+    assert_eq!(status["status"], "paused", "{status}");
+    q.execute_raw("cont", Value::Null).await.expect("cont");
+    still_acking(&migration_dir(&agent.storage).join("serial.log"), "vda", 5).await;
 }

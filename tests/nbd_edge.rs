@@ -491,3 +491,37 @@ fn add_export_errors_name_the_path() {
     assert!(err.to_string().contains("already served"), "{err}");
     let _dir = ts.shutdown();
 }
+
+#[test]
+fn slow_reader_gets_every_reply_intact() {
+    let ts = server();
+    let path = ts.export_new("d", 64 * MIB, false);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open");
+    let pattern: Vec<u8> = (0..64 * MIB)
+        .map(|i| (i / 4096) as u8 ^ (i as u8))
+        .collect();
+    std::os::unix::fs::FileExt::write_all_at(&f, &pattern, 0).expect("fill");
+    drop(f);
+    for style in [Style::Simple, Style::Structured, Style::Extended] {
+        let mut c = Raw::open(ts.addr(), "d", style);
+        // 48 MiB of replies: far more than the socket buffers, so replies queue in the server
+        // while the client is not reading, and go out whole and in one piece each later.
+        for i in 0..48u64 {
+            c.read(i, i * MIB, MIB);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        for i in (0..48u64).rev() {
+            let r = c.reply(i);
+            assert_eq!(r.error, 0);
+            let at = (i * MIB) as usize;
+            assert!(
+                r.assemble(i * MIB, MIB as usize) == pattern[at..at + MIB as usize],
+                "{style:?} read {i}"
+            );
+        }
+    }
+    let _dir = ts.shutdown();
+}

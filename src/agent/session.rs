@@ -171,6 +171,8 @@ struct Received {
     exports: Vec<String>,
     nbd: Option<NbdServer>,
     destination: Option<Destination>,
+    /// Whether to start the guest after the switchover (it was running on the source).
+    resume: bool,
 }
 
 /// Preflight, then directory, images and NBD exports. Refusals leave nothing behind.
@@ -196,6 +198,7 @@ async fn prepare(vm: &VmDescription, config: &AgentConfig, ip: IpAddr) -> Result
         exports: Vec::new(),
         nbd: None,
         destination: None,
+        resume: vm.running,
         dir,
     };
     if let Err(e) = received.create_storage(vm, ip).await {
@@ -380,7 +383,11 @@ impl Received {
                 warn!(error = %e, "stopping NBD server");
             }
         }
-        let resumed_at_us = dest.resume().await.map_err(|e| e.to_string())?;
+        let resumed_at_us = if self.resume {
+            dest.resume().await.map_err(|e| e.to_string())?
+        } else {
+            None
+        };
         if let Err(e) = self.dir.set_phase(Phase::Running) {
             warn!(error = %e, "recording phase");
         }

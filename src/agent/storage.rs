@@ -181,6 +181,7 @@ mod tests {
 
     fn vm_with(size: u64) -> VmDescription {
         VmDescription {
+            running: true,
             argv: vec![],
             machine: None,
             disks: vec![DiskDescription {

@@ -76,6 +76,7 @@ impl SourceQemu {
                 argv,
                 machine,
                 disks,
+                running,
             },
             InitialState { running },
         ))

@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use tracing::warn;
 
 use super::backend::{nbd_errno, ZeroError};
-use super::connection::Buffers;
+use super::connection::{Buffers, Payload};
 use super::export::ExportState;
 use super::request::Op;
 use super::wire::{self, chunk, errno, ReplyStyle, Request, MAX_PAYLOAD};
@@ -23,7 +23,7 @@ pub(crate) struct Job {
     pub(crate) context: u32,
     pub(crate) req: Request,
     pub(crate) op: Op,
-    pub(crate) payload: Option<BytesMut>,
+    pub(crate) payload: Option<Payload>,
 }
 
 impl Job {
@@ -41,15 +41,17 @@ impl Job {
         let b = &export.backend;
         let done = match op {
             Op::Read { offset, len, df } => {
-                return read_reply(&export, style, &req, offset, len, df).unwrap_or_else(|e| {
-                    error_reply(style, &req, nbd_errno(&e), &format!("read failed: {e}"))
-                })
+                return read_reply(&export, &buffers, style, &req, offset, len, df).unwrap_or_else(
+                    |e| error_reply(style, &req, nbd_errno(&e), &format!("read failed: {e}")),
+                )
             }
             Op::Write { offset, fua, .. } => {
-                let data = payload.as_deref().unwrap_or_default();
-                let written = b.write_at(data, offset, fua);
-                if let Some(buf) = payload {
-                    buffers.give(buf);
+                let written = match &payload {
+                    Some(p) => b.write_at(p.data(), offset, fua),
+                    None => Ok(()),
+                };
+                if let Some(p) = payload {
+                    p.recycle(&buffers);
                 }
                 written.map_err(|e| (nbd_errno(&e), format!("write failed: {e}")))
             }
@@ -136,6 +138,7 @@ pub(crate) fn error_reply(
 /// (no bytes read or sent for them) unless the client asked not to fragment (`DF`).
 fn read_reply(
     export: &ExportState,
+    buffers: &Arc<Buffers>,
     style: ReplyStyle,
     req: &Request,
     offset: u64,
@@ -162,8 +165,8 @@ fn read_reply(
     let all_data =
         covered != u64::from(len) || extents.iter().all(|e| e.flags & wire::state::HOLE == 0);
     if all_data {
-        let mut data = vec![0u8; len as usize];
-        b.read_at(&mut data, offset)?;
+        let mut data = buffers.take_read(len as usize);
+        b.read_at(data.as_mut_slice(), offset)?;
         match style {
             ReplyStyle::Simple => wire::put_simple_reply(&mut head, 0, req.cookie),
             _ => wire::put_data_chunk_header(
@@ -176,7 +179,7 @@ fn read_reply(
                 u64::from(len),
             ),
         }
-        return Ok(vec![head.freeze(), Bytes::from(data)]);
+        return Ok(vec![head.freeze(), Bytes::from_owner(data)]);
     }
     // Read all data extents into one buffer, then describe it chunk by chunk.
     let data_len: u64 = extents
@@ -184,17 +187,17 @@ fn read_reply(
         .filter(|e| e.flags & wire::state::HOLE == 0)
         .map(|e| e.length)
         .sum();
-    let mut data = vec![0u8; data_len as usize];
+    let mut data = buffers.take_read(data_len as usize);
     let (mut at, mut filled) = (offset, 0usize);
     for e in &extents {
         if e.flags & wire::state::HOLE == 0 {
             let n = e.length as usize;
-            b.read_at(&mut data[filled..filled + n], at)?;
+            b.read_at(&mut data.as_mut_slice()[filled..filled + n], at)?;
             filled += n;
         }
         at += e.length;
     }
-    let data = Bytes::from(data);
+    let data = Bytes::from_owner(data);
     let mut parts = Vec::with_capacity(extents.len() * 2);
     let (mut at, mut used) = (offset, 0usize);
     for (i, e) in extents.iter().enumerate() {

@@ -636,6 +636,7 @@ mod tests {
     #[test]
     fn blockdev_disk_chain_is_replaced_by_a_raw_node_with_the_same_name() {
         let vm = VmDescription {
+            running: true,
             argv: args(
                 "qemu -M pc -m 256 -blockdev driver=file,filename=/src/a.qcow2,node-name=d0-file \
                  -blockdev driver=qcow2,file=d0-file,node-name=d0,discard=unmap \
@@ -683,6 +684,7 @@ mod tests {
     #[test]
     fn drive_is_pointed_at_the_raw_image_and_machine_added() {
         let vm = VmDescription {
+            running: true,
             argv: args("qemu -drive file=/src/b.img,if=none,id=drv0,format=qcow2,cache=none -device virtio-blk-pci,drive=drv0"),
             machine: Some("pc-q35-7.2".into()),
             disks: vec![disk("drv0", "#block120", "drv0", "/src/b.img")],
@@ -701,6 +703,7 @@ mod tests {
     #[test]
     fn chardev_paths_move_and_collisions_get_unique_names() {
         let vm = VmDescription {
+            running: true,
             argv: args("qemu -chardev file,id=c1,path=/a/console.log -chardev socket,id=c2,path=/b/console.log,server=on,wait=off -serial file:/c/qmp.sock"),
             machine: None,
             disks: vec![],
@@ -741,6 +744,7 @@ mod tests {
         ];
         for (argv, option) in cases {
             let vm = VmDescription {
+                running: true,
                 argv: args(argv),
                 machine: None,
                 disks: vec![],
@@ -753,6 +757,7 @@ mod tests {
     #[test]
     fn empty_cdrom_stays_and_hotplugged_disk_is_refused() {
         let vm = VmDescription {
+            running: true,
             argv: args("qemu -drive if=none,id=cd0,media=cdrom"),
             machine: None,
             disks: vec![disk("hot", "hot", "", "/x.raw")],

@@ -20,6 +20,8 @@ pub struct VmDescription {
     pub machine: Option<String>,
     /// Every disk that travels, in a stable order.
     pub disks: Vec<DiskDescription>,
+    /// Whether the guest runs on the source: a paused VM arrives paused.
+    pub running: bool,
 }
 
 /// One disk that travels: a writable or read-only block device with an image behind it.

@@ -9,8 +9,6 @@
 //! Layouts follow `doc/proto.md` of the NetworkBlockDevice/nbd repository, including the
 //! `EXTENDED_HEADERS` extension (32-byte request and reply headers, 64-bit lengths).
 
-use bytes::{BufMut, BytesMut};
-
 /// `NBDMAGIC`, first 8 bytes the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: second server magic, and the magic of every option the client sends.
