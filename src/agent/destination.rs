@@ -163,7 +163,7 @@ impl Destination {
                     status: format!("{status} (still, after {}s)", timeout.as_secs()),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 

@@ -72,11 +72,13 @@ pub async fn run(stream: TcpStream, config: &AgentConfig) -> Result<(), SessionE
             // says whether the VM lives here now.
             if received.incoming_completed().await {
                 warn!(migration = %received.dir.id, "control connection lost after switchover; finishing here");
-                received
+                let finished = received
                     .finish()
                     .await
                     .map(|_| ())
-                    .map_err(SessionError::Refused)
+                    .map_err(SessionError::Refused);
+                received.release_nbd().await;
+                finished
             } else {
                 received.rollback().await;
                 if let SessionError::Refused(reason) = &err {
@@ -314,7 +316,11 @@ where
         }
     }
     let running = received.finish().await.map_err(SessionError::Refused)?;
-    protocol::write_message(wr, &running).await?;
+    // The VM runs here now whatever happens to the connection: a lost reply is only logged.
+    if let Err(e) = protocol::write_message(wr, &running).await {
+        warn!(error = %crate::error_chain(&e), "could not tell the source the VM runs here");
+    }
+    received.release_nbd().await;
     Ok(())
 }
 
@@ -348,13 +354,16 @@ impl Received {
 
     async fn start_destination(&mut self, ip: IpAddr) -> Result<u16, DestinationError> {
         let _ = std::fs::write(self.dir.path.join("argv"), self.argv.join("\n"));
-        let dest = Destination::start(
-            &self.argv,
-            &self.dir.path,
-            &self.ctx.pidfile(),
-            &self.ctx.qmp_socket(),
-        )
-        .await?;
+        // Flush the bulk of the mirrored data now, while QEMU starts: the flush at the switchover
+        // (guest paused) then has only the last few blocks to write.
+        let preflush = storage::sync_files(self.images.clone());
+        let (pidfile, qmp_socket) = (self.ctx.pidfile(), self.ctx.qmp_socket());
+        let start = Destination::start(&self.argv, &self.dir.path, &pidfile, &qmp_socket);
+        let (flushed, dest) = tokio::join!(preflush, start);
+        if let Err(e) = flushed {
+            warn!(error = %e, "early flush of the images");
+        }
+        let dest = dest?;
         let port = dest.listen(ip).await;
         self.destination = Some(dest);
         port
@@ -367,22 +376,19 @@ impl Received {
         }
     }
 
-    /// The source switched over: wait for the RAM, release the disks, start the guest.
+    /// The source switched over: wait for the device state, make the images durable, start the
+    /// guest. Everything here happens while the guest is paused, so it is kept to the minimum;
+    /// the NBD server is torn down afterwards by [`Received::release_nbd`].
     async fn finish(&mut self) -> Result<AgentMessage, String> {
         let dest = self.destination.as_ref().ok_or("no destination QEMU")?;
         dest.wait_incoming(SWITCH_TIMEOUT)
             .await
             .map_err(|e| e.to_string())?;
-        if let Some(nbd) = self.nbd.take() {
-            for export in &self.exports {
-                if let Err(e) = nbd.remove_export(export).await {
-                    warn!(%export, error = %e, "flushing export");
-                }
-            }
-            if let Err(e) = nbd.shutdown().await {
-                warn!(error = %e, "stopping NBD server");
-            }
-        }
+        // Every mirror write was answered before the source let the migration complete, so the
+        // images hold the final data; make it durable before the guest can build on it.
+        storage::sync_files(self.images.clone())
+            .await
+            .map_err(|e| e.to_string())?;
         let resumed_at_us = if self.resume {
             dest.resume().await.map_err(|e| e.to_string())?
         } else {
@@ -398,6 +404,20 @@ impl Received {
             resumed_at_us,
             allocated_bytes: storage::allocated_bytes(&self.images),
         })
+    }
+
+    /// Stops serving the disks (after the switchover: the source's mirrors are done).
+    async fn release_nbd(&mut self) {
+        if let Some(nbd) = self.nbd.take() {
+            for export in &self.exports {
+                if let Err(e) = nbd.remove_export(export).await {
+                    warn!(%export, error = %e, "removing export");
+                }
+            }
+            if let Err(e) = nbd.shutdown().await {
+                warn!(error = %e, "stopping NBD server");
+            }
+        }
     }
 
     /// Undo everything: kill the destination QEMU, stop serving, remove the directory.

@@ -165,6 +165,27 @@ pub fn allocated_bytes<'a>(paths: impl IntoIterator<Item = &'a PathBuf>) -> u64 
         .sum()
 }
 
+/// `fdatasync`s each file, on the blocking pool: the NBD server writes through its own file
+/// descriptors, and a sync of any descriptor of the same file makes that data durable.
+pub async fn sync_files(paths: Vec<PathBuf>) -> Result<(), StorageError> {
+    let work = tokio::task::spawn_blocking(move || {
+        for path in &paths {
+            File::open(path)
+                .and_then(|f| f.sync_data())
+                .map_err(io_err("cannot flush", path))?;
+        }
+        Ok(())
+    });
+    match work.await {
+        Ok(result) => result,
+        Err(e) => Err(StorageError::Io {
+            what: "flush task failed for",
+            path: String::new(),
+            source: io::Error::other(e),
+        }),
+    }
+}
+
 /// The phase recorded in a migration directory, if it has one.
 pub fn read_phase(dir: &Path) -> Option<Phase> {
     match fs::read_to_string(dir.join("phase")).ok()?.trim() {

@@ -297,17 +297,22 @@ impl Migration {
             port = link.start_destination() => port.map_err(|e| start_fail(e.to_string()))?,
         };
         let ram_fail = |e: String| Failure::new(PhaseName::Ram, e);
-        self.qemu
-            .set_capability("pause-before-switchover", true)
-            .await
-            .map_err(|e| ram_fail(crate::error_chain(&e)))?;
-        self.capability_set = true;
+        // `events` makes QEMU announce each status change (MIGRATION), so the pause at
+        // pre-switchover is noticed at once instead of at the next progress poll.
+        for capability in ["events", "pause-before-switchover"] {
+            self.qemu
+                .set_capability(capability, true)
+                .await
+                .map_err(|e| ram_fail(crate::error_chain(&e)))?;
+            self.capability_set = true;
+        }
         self.qemu
             .migrate(&host, port)
             .await
             .map_err(|e| ram_fail(crate::error_chain(&e)))?;
         self.migration_started = true;
-        self.wait_pre_switchover(opts, reporter, cancel).await?;
+        self.wait_pre_switchover(opts, &mut events, reporter, cancel)
+            .await?;
         self.phases.ram = ram_start.elapsed().as_millis() as u64;
 
         // Switchover: the guest is stopped from here until it resumes on the destination.
@@ -321,13 +326,9 @@ impl Migration {
             .map_err(|e| switch_fail(crate::error_chain(&e)))?;
         let info = self.wait_completed().await?;
 
-        // The destination owns the VM now. Nothing below may resume the source.
+        // The destination owns the VM now. Nothing below may resume the source. The agent is told
+        // first: the idle NBD nodes are removed once the guest runs again, off the pause.
         let finish_fail = |e: String| Failure::new(PhaseName::Finish, e);
-        for node in std::mem::take(&mut self.nodes_added) {
-            if let Err(e) = self.qemu.del_node(&node).await {
-                warn!(%node, error = %crate::error_chain(&e), "removing NBD node after switchover");
-            }
-        }
         let link = self
             .link
             .as_mut()
@@ -338,6 +339,11 @@ impl Migration {
             ))
         })?;
         self.phases.switchover = switch_start.elapsed().as_millis() as u64;
+        for node in std::mem::take(&mut self.nodes_added) {
+            if let Err(e) = self.qemu.del_node(&node).await {
+                warn!(%node, error = %crate::error_chain(&e), "removing NBD node after switchover");
+            }
+        }
         let stop_us = stops
             .wait_for(|e| e.name == "STOP", Duration::from_millis(100))
             .await
@@ -377,6 +383,7 @@ impl Migration {
     async fn wait_pre_switchover(
         &mut self,
         opts: &MigrateOptions,
+        events: &mut qmp::Events,
         reporter: &mut dyn Reporter,
         cancel: &CancellationToken,
     ) -> Result<(), Failure> {
@@ -395,6 +402,14 @@ impl Migration {
                 }
                 msg = link.recv() => {
                     return Err(fail(msg.map_or_else(|e| e.to_string(), |_| "the agent sent a message out of turn".into())));
+                }
+                // The guest is already stopped at pre-switchover: react to the event at once
+                // rather than at the next poll.
+                event = events.next() => {
+                    let event = event.map_err(|e| fail(format!("source QEMU: {}", crate::error_chain(&e))))?;
+                    if event.name == "MIGRATION" && event.data.get("status").and_then(Value::as_str) == Some("pre-switchover") {
+                        return Ok(());
+                    }
                 }
                 _ = tick.tick() => {
                     let info = self.qemu.query_migrate().await.map_err(|e| fail(crate::error_chain(&e)))?;
@@ -472,10 +487,9 @@ impl Migration {
         mirror::abandon(&self.qemu, &self.jobs, &self.nodes_added).await;
         self.nodes_added.clear();
         if self.capability_set {
-            let _ = self
-                .qemu
-                .set_capability("pause-before-switchover", false)
-                .await;
+            for capability in ["pause-before-switchover", "events"] {
+                let _ = self.qemu.set_capability(capability, false).await;
+            }
         }
         if let Some(mut link) = self.link.take() {
             // Wait for the agent to hang up: it has then killed the destination QEMU, so resuming
