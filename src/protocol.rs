@@ -27,8 +27,8 @@
 //!    │   ... RAM streams; at pre-switchover the source      │
 //!    │       cancels the READY mirrors (final sync) ...     │
 //!    │ Switched                                             │ waits for the incoming migration to
-//!    │─────────────────────────────────────────────────────►│ complete, flushes and drops the
-//!    │                         Running{pid, qmp, resumed_at}│ exports, `cont`
+//!    │─────────────────────────────────────────────────────►│ complete, fdatasyncs the images,
+//!    │                         Running{pid, qmp, resumed_at}│ `cont`; then drops the exports
 //!    │◄─────────────────────────────────────────────────────│
 //! ```
 //!

@@ -15,8 +15,8 @@
 //!                   ... status pre-switchover (guest stopped)
 //!  switchover       block-job-cancel (final sync) ═══ last dirty blocks ═══► images
 //!                   migrate-continue ... completed            (incoming completed)
-//!  finish           blockdev-del nbd ───────── Switched ─────►  flush, drop exports ──► cont
-//!                   quit                   ◄──── Running ─────
+//!  finish           ───────────────────────── Switched ─────►  fdatasync images ────► cont
+//!                   blockdev-del nbd, quit ◄──── Running ─────  drop exports
 //! ```
 //!
 //! The migration is a value moving through [`PhaseName`]s; what a failure undoes depends only on
