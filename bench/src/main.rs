@@ -51,7 +51,7 @@ struct Args {
     /// last run's profile; ferry's CPU column is not valid then).
     #[arg(long, value_name = "FILE")]
     perf: Option<PathBuf>,
-    /// Sections to skip: physical, mirror, giant, migration, convergence (repeatable).
+    /// Sections to skip: physical (the machine limits, measured within mirror), mirror, giant, migration, convergence (repeatable).
     #[arg(long, value_name = "SECTION")]
     skip: Vec<String>,
 }
@@ -186,7 +186,7 @@ async fn run_all(
         perf: args.perf.clone(),
     };
     let source = dir.join("mirror-src.raw");
-    if on("physical") || on("mirror") {
+    if on("mirror") {
         note(&format!(
             "creating a {} GiB image with {} MiB of random data",
             plan.mirror_size / GIB,
@@ -194,23 +194,15 @@ async fn run_all(
         ));
         image::create(&source, plan.mirror_size, plan.mirror_data)?;
     }
-    if on("physical") {
-        note("measuring the machine: dd and TCP loopback");
-        report.limit(physical::disk_write(dir, plan.mirror_data)?);
-        report.limit(physical::sparse_copy(dir, &source, plan.mirror_data)?);
-        report.limit(physical::loopback(plan.mirror_data * 2)?);
-    }
     if on("mirror") {
-        mirror_section(
-            "mirror",
-            plan.repeats,
-            &server_cmd,
-            &source,
-            plan.mirror_data,
-            dir,
-            report,
-        )
-        .await?;
+        let case = MirrorCase {
+            section: "mirror",
+            limits: on("physical"),
+            repeats: plan.repeats,
+            source: &source,
+            data: plan.mirror_data,
+        };
+        mirror_section(case, &server_cmd, dir, report).await?;
     }
     let _ = std::fs::remove_file(&source);
     if on("giant") {
@@ -222,16 +214,14 @@ async fn run_all(
         ));
         image::create(&giant, plan.giant_size, plan.giant_data)?;
         let repeats = if args.quick { 1 } else { plan.repeats };
-        mirror_section(
-            "giant",
+        let case = MirrorCase {
+            section: "giant",
+            limits: false,
             repeats,
-            &server_cmd,
-            &giant,
-            plan.giant_data,
-            dir,
-            report,
-        )
-        .await?;
+            source: &giant,
+            data: plan.giant_data,
+        };
+        mirror_section(case, &server_cmd, dir, report).await?;
         let _ = std::fs::remove_file(&giant);
     }
     for (section, setup) in [
@@ -273,19 +263,43 @@ async fn migrate(
 
 /// Mirrors `source` into every server `repeats` times, servers interleaved within each round so
 /// that a noisy minute hits all of them alike.
-async fn mirror_section(
+/// One mirror section: which image, how often, and whether the machine limits are measured
+/// alongside.
+struct MirrorCase<'a> {
     section: &'static str,
+    limits: bool,
     repeats: usize,
-    ferry: &servers::FerryCmd,
-    source: &Path,
+    source: &'a Path,
     data: u64,
+}
+
+async fn mirror_section(
+    case: MirrorCase<'_>,
+    ferry: &servers::FerryCmd,
     dir: &Path,
     report: &mut Report,
 ) -> Result<()> {
+    let MirrorCase {
+        section,
+        limits,
+        repeats,
+        source,
+        data,
+    } = case;
     let src_alloc = image::allocated(source)?;
     let mut runs: Vec<(Server, Vec<mirror::MirrorRun>)> =
         Server::ALL.iter().map(|s| (*s, Vec::new())).collect();
+    let mut machine: Vec<Vec<physical::Limit>> = Vec::new();
     for round in 0..repeats {
+        if limits {
+            // The page cache and the other tenants make these swing by 5x within minutes:
+            // measured in every round, next to the servers.
+            note("machine limits: dd write, TCP loopback");
+            machine.push(vec![
+                physical::disk_write(dir, data)?,
+                physical::loopback(data * 2)?,
+            ]);
+        }
         for (server, list) in &mut runs {
             note(&format!(
                 "{section}: {} (round {} of {repeats})",
@@ -300,6 +314,13 @@ async fn mirror_section(
                 Err(e) => note(&format!("{section}: {} failed: {e:#}", server.name())),
             }
         }
+    }
+    for i in 0..machine.first().map_or(0, Vec::len) {
+        let mut speeds: Vec<f64> = machine.iter().map(|round| round[i].mib_s).collect();
+        let mut limit = machine[0][i].clone();
+        limit.mib_s = median(&mut speeds).unwrap_or(0.0);
+        limit.how = format!("{}; median of {} rounds", limit.how, speeds.len());
+        report.limit(limit);
     }
     for (server, list) in runs {
         report.mirror(section, server.name(), data, src_alloc, &list);

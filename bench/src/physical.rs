@@ -1,6 +1,6 @@
 //! The machine's own limits, measured in the same run as the servers so the table shows how close
-//! each gets: the disk's write speed (`dd` with `fdatasync`), a sparse local copy of the same image
-//! (`dd conv=sparse`), and TCP loopback throughput (one writer thread, one reader thread).
+//! each gets: the disk's write speed (`dd` with `fdatasync`, as much as the mirror writes) and TCP
+//! loopback throughput (one writer thread, one reader thread).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -50,24 +50,6 @@ pub fn disk_write(dir: &Path, bytes: u64) -> Result<Limit> {
         name: "disk write",
         how: format!("dd if=/dev/zero bs=4M count={count} conv=fdatasync"),
         mib_s: (count * 4) as f64 / secs,
-    })
-}
-
-/// Copies `source` (which holds `data` bytes of data) to a new sparse file and syncs it.
-pub fn sparse_copy(dir: &Path, source: &Path, data: u64) -> Result<Limit> {
-    let out = dir.join("dd-copy.raw");
-    crate::image::warm(source)?;
-    let secs = dd(&[
-        format!("if={}", source.display()),
-        format!("of={}", out.display()),
-        "bs=4M".into(),
-        "conv=sparse,fdatasync".into(),
-    ])?;
-    let _ = std::fs::remove_file(&out);
-    Ok(Limit {
-        name: "local copy",
-        how: "dd bs=4M conv=sparse,fdatasync of the source image (MiB of data/s)".into(),
-        mib_s: (data >> 20) as f64 / secs,
     })
 }
 

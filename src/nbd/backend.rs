@@ -150,7 +150,7 @@ impl Backend {
     /// Large writes whose offset, length and memory are page-aligned bypass the page cache
     /// (`O_DIRECT`): the data must reach the disk before the client's flush anyway (a mirror
     /// flushes before it declares itself ready), and going direct skips copying it into the
-    /// page cache and the writeback work after. Measured on a QEMU mirror: a quarter less
+    /// page cache and the writeback work after. Measured on a QEMU mirror: a third less
     /// server CPU per GiB than through the page cache, and steadier throughput. Other writes go
     /// through the page cache; the kernel keeps the two views coherent.
     pub(crate) fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
