@@ -245,11 +245,7 @@ pub fn verify(token: &[u8], signer: Signer, nonce: &str, proof: &str) -> bool {
 }
 
 fn mac(token: &[u8], signer: Signer, nonce: &str) -> Hmac<Sha256> {
-    // HMAC accepts keys of any length; new_from_slice cannot fail for it.
-    let mut mac = match Hmac::<Sha256>::new_from_slice(token) {
-        Ok(mac) => mac,
-        Err(_) => unreachable_hmac(),
-    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(token).expect("HMAC accepts keys of any length");
     let label: &[u8] = match signer {
         Signer::Source => b"ferry-v1-source:",
         Signer::Agent => b"ferry-v1-agent:",
@@ -257,11 +253,6 @@ fn mac(token: &[u8], signer: Signer, nonce: &str) -> Hmac<Sha256> {
     mac.update(label);
     mac.update(nonce.as_bytes());
     mac
-}
-
-#[cold]
-fn unreachable_hmac() -> ! {
-    unreachable!("HMAC takes keys of any length")
 }
 
 /// Lower-case hex of `bytes`.

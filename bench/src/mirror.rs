@@ -3,7 +3,7 @@
 //! up) into a server, timed to BLOCK_JOB_READY, then completed without pivot and checked.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -58,18 +58,7 @@ pub async fn run(
     let _ = std::fs::remove_file(&sock);
     let src = source.to_str().context("paths must be UTF-8")?;
     let _qemu = Qemu(
-        Command::new(ferry::guest::DEFAULT_QEMU)
-            .args([
-                "-M",
-                "none",
-                "-accel",
-                "tcg",
-                "-nodefaults",
-                "-display",
-                "none",
-            ])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        servers::bare_qemu(&sock)
             .arg("-blockdev")
             .arg(format!(
                 "driver=raw,node-name=src,file.driver=file,file.filename={src}"

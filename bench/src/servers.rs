@@ -59,6 +59,23 @@ pub struct Running {
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released: a race other tools here do not run).
+/// A QEMU with no machine (`-M none`), only block nodes and a QMP socket at `sock`.
+pub fn bare_qemu(sock: &Path) -> Command {
+    let mut c = Command::new(ferry::guest::DEFAULT_QEMU);
+    c.args([
+        "-M",
+        "none",
+        "-accel",
+        "tcg",
+        "-nodefaults",
+        "-display",
+        "none",
+    ])
+    .arg("-qmp")
+    .arg(format!("unix:{},server=on,wait=off", sock.display()));
+    c
+}
+
 pub fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
@@ -104,20 +121,8 @@ pub async fn start(server: Server, ferry: &FerryCmd, file: &Path, dir: &Path) ->
         Server::Qemu => {
             let sock = dir.join("server-qmp.sock");
             let _ = std::fs::remove_file(&sock);
-            let mut c = Command::new(ferry::guest::DEFAULT_QEMU);
-            c.args([
-                "-M",
-                "none",
-                "-accel",
-                "tcg",
-                "-nodefaults",
-                "-display",
-                "none",
-            ])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
-            .arg("-blockdev")
-            .arg(format!(
+            let mut c = bare_qemu(&sock);
+            c.arg("-blockdev").arg(format!(
                 "driver=raw,node-name={EXPORT},discard=unmap,detect-zeroes=unmap,\
                      file.driver=file,file.filename={path},file.discard=unmap"
             ));
