@@ -6,6 +6,7 @@
 //! `/proc/PID/cmdline`; the agent calls [`argv::rewrite`] on it.
 
 pub mod argv;
+pub mod blockdev;
 pub mod keyval;
 
 use serde::{Deserialize, Serialize};
