@@ -165,6 +165,20 @@ pub enum ProtocolError {
     Malformed(#[source] serde_json::Error),
 }
 
+/// Tunes a control connection: no Nagle delay (the messages are small and latency-bound), and
+/// TCP keepalive, so that a peer host that vanished (power loss, partition) is noticed within
+/// about a minute even when the protocol itself is silent, as it is during a long mirror.
+pub fn tune_socket(stream: &tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(20))
+        .with_interval(std::time::Duration::from_secs(10))
+        .with_retries(4);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::warn!(error = %e, "cannot enable TCP keepalive on the control connection");
+    }
+}
+
 /// Writes one message as a frame.
 pub async fn write_message<W, M>(writer: &mut W, message: &M) -> Result<(), ProtocolError>
 where
@@ -306,6 +320,23 @@ mod tests {
             .await
             .expect_err("must refuse");
         assert!(matches!(err, ProtocolError::Malformed(_)));
+    }
+
+    #[tokio::test]
+    async fn control_sockets_get_keepalive_and_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tune_socket(&client);
+        let sock = socket2::SockRef::from(&client);
+        assert!(sock.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(
+            sock.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
+            std::time::Duration::from_secs(20)
+        );
+        assert!(client.nodelay().expect("TCP_NODELAY"));
     }
 
     #[test]

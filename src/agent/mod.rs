@@ -116,7 +116,7 @@ impl Agent {
                 warn!(%peer, "too many migrations at once; dropping connection");
                 continue;
             };
-            let _ = stream.set_nodelay(true);
+            crate::protocol::tune_socket(&stream);
             let config = self.config.clone();
             let span = tracing::info_span!("migration", %peer);
             tokio::spawn(

@@ -85,7 +85,7 @@ impl AgentLink {
                 });
             }
         };
-        let _ = stream.set_nodelay(true);
+        crate::protocol::tune_socket(&stream);
         let host = host_of(to);
         let (mut rd, mut writer) = stream.into_split();
 
