@@ -481,3 +481,41 @@ async fn paused_vm_arrives_paused() {
     q.execute_raw("cont", Value::Null).await.expect("cont");
     still_acking(&migration_dir(&agent.storage).join("serial.log"), "vda", 5).await;
 }
+
+/// A guest that dirties its disk faster than the mirror may copy (the copy capped at 1 MiB/s,
+/// the guest writing flat out): the background mirror cannot converge, ferry switches it to
+/// write-blocking, and the migration completes with every acknowledged write on the destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_outpacing_the_mirror_still_converges() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = token_file(tmp.path(), TOKEN);
+    let image = tmp.path().join("vda.raw");
+    raw_image(&image, 16 << 20, 0);
+    let mut guest = boot(
+        &tmp.path().join("src"),
+        vec![disk(&image, ImageFormat::Raw, "vda")],
+        0,
+    )
+    .await;
+    let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
+    let run = migrate_with(
+        guest.qmp_socket(),
+        &agent.addr,
+        &token,
+        &[
+            "--bandwidth",
+            "1",
+            "--converge-after",
+            "2",
+            "--mirror-timeout",
+            "120",
+        ],
+    );
+    assert_eq!(
+        run.of("mirror_write_blocking").len(),
+        1,
+        "switched to write-blocking: {:?}",
+        run.events.last()
+    );
+    let _dest = check_completed(&run, &mut guest, &agent.storage, &[("vda", "disk-vda.raw")]).await;
+}

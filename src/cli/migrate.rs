@@ -28,6 +28,13 @@ pub struct MigrateArgs {
     /// disks are guaranteed to converge however fast the guest writes.
     #[arg(long)]
     sync_writes: bool,
+    /// Cap each disk's background copy at this many MiB/s (leave room for other traffic).
+    #[arg(long, value_name = "MIB_PER_SEC")]
+    bandwidth: Option<u64>,
+    /// Switch a disk's mirror to write-blocking after its remaining work has not shrunk for this
+    /// many seconds (needs QEMU 9.1 or later on the source).
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    converge_after: u64,
     /// Give up if the disks are not in sync after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     mirror_timeout: u64,
@@ -49,6 +56,8 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
     let mut opts = MigrateOptions::new(args.qmp, args.to, token);
     opts.sync_writes = args.sync_writes;
     opts.mirror_timeout = Duration::from_secs(args.mirror_timeout);
+    opts.mirror_speed = args.bandwidth.map(|mib| mib.saturating_mul(1 << 20));
+    opts.converge_after = Duration::from_secs(args.converge_after);
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {

@@ -2,7 +2,8 @@
 //! every job is READY (in sync, copying new guest writes as they happen).
 //!
 //! Convergence: a guest that writes faster than the network can keep a background mirror from
-//! ever becoming READY. When the remaining work has not shrunk for [`STALL_WINDOW`], the job is
+//! ever becoming READY. When the remaining work has not shrunk for `--converge-after` (10 s by
+//! default, [`MigrateOptions::converge_after`]), the job is
 //! switched to write-blocking mode (`block-job-change`, QEMU 9.1+): guest writes then complete
 //! only once they reached the destination, which bounds the backlog. On older QEMU the switch is
 //! refused and ferry keeps waiting until the `--mirror-timeout`; `--sync-writes` starts every
@@ -24,8 +25,6 @@ use crate::vm::DiskDescription;
 
 /// How often job progress is polled and reported.
 const POLL: Duration = Duration::from_millis(250);
-/// How long the remaining work may fail to shrink before the job goes write-blocking.
-const STALL_WINDOW: Duration = Duration::from_secs(10);
 
 /// One disk's mirror.
 #[derive(Debug, Clone)]
@@ -54,6 +53,7 @@ pub fn plan(disks: &[DiskDescription], tag: &str) -> Vec<MirrorJob> {
 
 /// Per-job convergence tracking.
 struct Tracker {
+    window: Duration,
     best_remaining: u64,
     since: Instant,
     write_blocking: bool,
@@ -83,6 +83,7 @@ pub async fn wait_ready(
                     best_remaining: u64::MAX,
                     since: Instant::now(),
                     write_blocking: sync_writes,
+                    window: opts.converge_after,
                 },
             )
         })
@@ -176,7 +177,7 @@ async fn converge(
         t.since = Instant::now();
         return;
     }
-    if t.since.elapsed() < STALL_WINDOW {
+    if t.since.elapsed() < t.window {
         return;
     }
     // Not converging. Whether or not QEMU can switch, try only once.

@@ -60,6 +60,10 @@ pub struct MigrateOptions {
     pub ram_timeout: Duration,
     /// Start the mirrors in write-blocking mode (guaranteed convergence, slower guest writes).
     pub sync_writes: bool,
+    /// Cap on each mirror's background copy, bytes per second (None: as fast as it goes).
+    pub mirror_speed: Option<u64>,
+    /// How long a mirror's remaining work may fail to shrink before it goes write-blocking.
+    pub converge_after: Duration,
 }
 
 impl MigrateOptions {
@@ -72,6 +76,8 @@ impl MigrateOptions {
             mirror_timeout: Duration::from_secs(3600),
             ram_timeout: Duration::from_secs(1800),
             sync_writes: false,
+            mirror_speed: None,
+            converge_after: Duration::from_secs(10),
         }
     }
 }
@@ -269,7 +275,13 @@ impl Migration {
                 .find(|d| d.name == job.disk)
                 .ok_or_else(|| fail_mirror("disk list changed".into()))?;
             self.qemu
-                .start_mirror(&job.job, disk, &job.node, opts.sync_writes)
+                .start_mirror(
+                    &job.job,
+                    disk,
+                    &job.node,
+                    opts.sync_writes,
+                    opts.mirror_speed,
+                )
                 .await
                 .map_err(|e| fail_mirror(crate::error_chain(&e)))?;
         }

@@ -149,18 +149,23 @@ impl SourceQemu {
         Ok(())
     }
 
-    /// Starts a full mirror of `disk` into `target`.
+    /// Starts a full mirror of `disk` into `target`, optionally write-blocking from the start and
+    /// with the background copy capped at `speed` bytes per second.
     pub async fn start_mirror(
         &self,
         job: &str,
         disk: &DiskDescription,
         target: &str,
         write_blocking: bool,
+        speed: Option<u64>,
     ) -> Result<(), SourceError> {
         let mut args =
             json!({"job-id": job, "device": disk.node_name, "target": target, "sync": "full"});
         if write_blocking {
             args["copy-mode"] = json!("write-blocking");
+        }
+        if let Some(speed) = speed {
+            args["speed"] = json!(speed);
         }
         self.qmp
             .execute_raw("blockdev-mirror", args)

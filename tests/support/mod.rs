@@ -112,7 +112,13 @@ pub fn migrate_command(qmp: &Path, to: &str, token_file: &Path) -> Command {
 
 /// Runs `ferry migrate --json` to completion.
 pub fn migrate(qmp: &Path, to: &str, token_file: &Path) -> MigrateRun {
+    migrate_with(qmp, to, token_file, &[])
+}
+
+/// [`migrate`] with more flags.
+pub fn migrate_with(qmp: &Path, to: &str, token_file: &Path, extra: &[&str]) -> MigrateRun {
     let out = migrate_command(qmp, to, token_file)
+        .args(extra)
         .output()
         .expect("run ferry migrate");
     collect(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr)

@@ -379,7 +379,9 @@ async fn greeting_problems_are_not_qmp_errors() {
         let (cr, cw) = tokio::io::split(client);
         let deadline = Instant::now() + Duration::from_millis(300);
         let peer = async move {
-            server.write_all(bytes).await.expect("write");
+            // The client may hang up before it has read everything (a line over the cap):
+            // a broken pipe here is the client doing its job.
+            let _ = server.write_all(bytes).await;
             if !close {
                 // Keep the pipe open past the deadline.
                 tokio::time::sleep(Duration::from_millis(400)).await;
