@@ -2,7 +2,8 @@
 //! every comparison in the same run (the machines are noisy: the ratios are what count).
 //!
 //! 1. machine limits: disk write, sparse local copy, TCP loopback ([`physical`]);
-//! 2. mirror throughput into ferry, qemu-nbd, nbdkit and QEMU's built-in server ([`mirror`]);
+//! 2. mirror throughput into ferry, qemu-nbd (page cache and direct), nbdkit and QEMU's built-in
+//!    server ([`mirror`]);
 //! 3. a sparse giant (20 GiB, 256 MiB of data) into each;
 //! 4. a whole migration of the test guest, ferry vs QEMU alone the libvirt way ([`migration`],
 //!    [`native`]);

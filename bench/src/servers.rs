@@ -18,6 +18,9 @@ pub enum Server {
     Ferry,
     /// `qemu-nbd` (QEMU's standalone server), writeback cache, thread pool AIO.
     QemuNbd,
+    /// `qemu-nbd` bypassing the page cache (`--cache=none --aio=native`), as ferry does for its
+    /// bulk writes: the fair comparison for ferry's `O_DIRECT` path.
+    QemuNbdDirect,
     /// `nbdkit file`.
     Nbdkit,
     /// QEMU's built-in server: `nbd-server-start` + `block-export-add` in a `-M none` QEMU.
@@ -26,13 +29,20 @@ pub enum Server {
 
 impl Server {
     /// Every server, ferry first.
-    pub const ALL: [Server; 4] = [Server::Ferry, Server::QemuNbd, Server::Nbdkit, Server::Qemu];
+    pub const ALL: [Server; 5] = [
+        Server::Ferry,
+        Server::QemuNbd,
+        Server::QemuNbdDirect,
+        Server::Nbdkit,
+        Server::Qemu,
+    ];
 
     /// The row key.
     pub fn name(self) -> &'static str {
         match self {
             Server::Ferry => "ferry",
             Server::QemuNbd => "qemu-nbd",
+            Server::QemuNbdDirect => "qemu-nbd-direct",
             Server::Nbdkit => "nbdkit",
             Server::Qemu => "qemu",
         }
@@ -103,12 +113,17 @@ pub async fn start(server: Server, ferry: &FerryCmd, file: &Path, dir: &Path) ->
                 .args(["--export", &format!("{EXPORT}={path}")]);
             c
         }
-        Server::QemuNbd => {
+        Server::QemuNbd | Server::QemuNbdDirect => {
+            let cache: &[&str] = if server == Server::QemuNbd {
+                &["--cache=writeback", "--aio=threads"]
+            } else {
+                &["--cache=none", "--aio=native"]
+            };
             let mut c = Command::new("qemu-nbd");
             c.args(["-f", "raw", "-x", EXPORT, "-b", "127.0.0.1", "-p"])
                 .arg(port.to_string())
-                .args(["--cache=writeback", "--aio=threads", "--discard=unmap"])
-                .args(["--detect-zeroes=unmap", path]);
+                .args(cache)
+                .args(["--discard=unmap", "--detect-zeroes=unmap", path]);
             c
         }
         Server::Nbdkit => {
