@@ -188,7 +188,7 @@ async fn refusals_leave_the_vm_untouched_and_nothing_behind() {
     // A 20 TiB disk the guest has no driver for (IDE): no host has room for it.
     let big = tmp.path().join("big.qcow2");
     qcow2_image(&big, 20 << 40);
-    let images = ferry::guest::GuestImages::locate().expect("guest images");
+    let images = guest_images();
     let mut spec =
         ferry::guest::GuestSpec::new(images.clone()).disk(disk(&image, ImageFormat::Raw, "vda"));
     spec.extra_qemu_args = [
@@ -200,17 +200,12 @@ async fn refusals_leave_the_vm_untouched_and_nothing_behind() {
     .iter()
     .map(Into::into)
     .collect();
-    let mut guest = ferry::guest::launch(
+    let guest = boot_spec(
         &tmp.path().join("src"),
         &spec,
         Path::new(ferry::guest::DEFAULT_QEMU),
     )
-    .await
-    .expect("launch");
-    guest
-        .wait_for_acks("vda", 10, Duration::from_secs(90))
-        .await
-        .expect("acks");
+    .await;
     let serial = guest.serial_log().to_path_buf();
     let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
 
@@ -252,17 +247,12 @@ async fn refusals_leave_the_vm_untouched_and_nothing_behind() {
     .iter()
     .map(Into::into)
     .collect();
-    let mut guest2 = ferry::guest::launch(
+    let guest2 = boot_spec(
         &tmp.path().join("src2"),
         &spec2,
         Path::new(ferry::guest::DEFAULT_QEMU),
     )
-    .await
-    .expect("launch");
-    guest2
-        .wait_for_acks("vda", 10, Duration::from_secs(90))
-        .await
-        .expect("acks");
+    .await;
     let run = migrate(guest2.qmp_socket(), &agent.addr, &token);
     assert_refused(
         &run,

@@ -189,21 +189,27 @@ pub async fn boot(dir: &Path, disks: Vec<DiskSpec>, rate: u32) -> RunningGuest {
 
 /// [`boot`] with a given QEMU binary.
 pub async fn boot_with(dir: &Path, disks: Vec<DiskSpec>, rate: u32, qemu: &Path) -> RunningGuest {
-    let images = GuestImages::locate().expect("test guest images (run scripts/setup)");
-    let mut spec = GuestSpec::new(images);
+    let mut spec = GuestSpec::new(guest_images());
     spec.rate = rate;
-    let names: Vec<String> = (0..disks.len())
-        .map(|i| format!("vd{}", (b'a' + i as u8) as char))
-        .collect();
     for d in disks {
         spec = spec.disk(d);
     }
-    let mut guest = ferry::guest::launch(dir, &spec, qemu)
+    boot_spec(dir, &spec, qemu).await
+}
+
+pub fn guest_images() -> GuestImages {
+    GuestImages::locate().expect("test guest images (run scripts/setup)")
+}
+
+/// Boots `spec` and waits until each of its disks (`vda`, `vdb`, ...) has acknowledged writes.
+pub async fn boot_spec(dir: &Path, spec: &GuestSpec, qemu: &Path) -> RunningGuest {
+    let mut guest = ferry::guest::launch(dir, spec, qemu)
         .await
         .expect("launch guest");
-    for name in &names {
+    let names = (0..spec.disks.len()).map(|i| format!("vd{}", (b'a' + i as u8) as char));
+    for name in names {
         guest
-            .wait_for_acks(name, 10, Duration::from_secs(90))
+            .wait_for_acks(&name, 10, Duration::from_secs(90))
             .await
             .expect("guest acknowledges writes");
     }
