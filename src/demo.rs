@@ -48,6 +48,7 @@ async fn run_in(dir: &Path, qemu: &Path, cancel: &CancellationToken) -> anyhow::
         storage: storage.clone(),
         token: token.clone(),
         qemu_binary: Some(qemu.display().to_string()),
+        recover_window: std::time::Duration::from_secs(60),
     })
     .await?;
     let agent_addr = agent.local_addr()?;

@@ -8,17 +8,23 @@
 //! - [`protocol`]: the agent control protocol (framing, messages, authentication).
 //! - [`vm`]: the VM description and the rules that rewrite its command line for the destination.
 //! - [`agent`]: `ferry agent`, the destination side.
-//! - [`migrate`]: `ferry migrate`, the source-side driver.
+//! - [`migrate`]: `ferry migrate` and `ferry recover`, the source-side driver.
+//! - [`status`]: typed views of QEMU's `query-migrate` and `query-block-jobs`, one wait helper.
+//! - [`faults`]: fault-injection points the hand-over tests stop processes at.
+//! - [`journal`]: crash-safe state files, the durable record of who owns a VM.
 //! - [`demo`]: `ferry demo`, a whole migration of the test guest on localhost.
 //! - [`cli`]: the command line, one file per subcommand, output formats and exit codes.
 
 pub mod agent;
 pub mod cli;
 pub mod demo;
+pub mod faults;
 pub mod guest;
+pub mod journal;
 pub mod migrate;
 pub mod nbd;
 pub mod protocol;
+pub mod status;
 pub mod vm;
 
 /// An error and its causes on one line, `outer: inner: root`, as the CLI prints them.

@@ -24,19 +24,31 @@
 //!    │─────────────────────────────────────────────────────►│ late-block-activate,
 //!    │                     DestinationReady{migration_port} │ migrate-incoming tcp:IP:0
 //!    │◄─────────────────────────────────────────────────────│
-//!    │   ... RAM streams; at pre-switchover the source      │
-//!    │       cancels the READY mirrors (final sync) ...     │
-//!    │ Switched                                             │ waits for the incoming migration to
-//!    │─────────────────────────────────────────────────────►│ complete, fdatasyncs the images,
-//!    │                         Running{pid, qmp, resumed_at}│ `cont`; then drops the exports
+//!    │   ... RAM streams (return path on); at              │
+//!    │       pre-switchover the source cancels the READY    │
+//!    │       mirrors (final sync), migrate-continue, and    │
+//!    │       waits for its QEMU's `completed` ...           │ (incoming completed)
+//!    │ Commit                                               │ journal `committed`, fdatasync the
+//!    │─────────────────────────────────────────────────────►│ images, journal `running`, `cont`;
+//!    │                Running{pid, qmp, resumed_at} | Abandoned  then drops the exports
+//!    │◄─────────────────────────────────────────────────────│
+//!
+//!  a recovering source, on a new connection after the handshake:
+//!    │ Resolve{migration_id, commit}                        │ commit: as `Commit` above;
+//!    │─────────────────────────────────────────────────────►│ otherwise roll back
+//!    │                                Running | Abandoned   │
 //!    │◄─────────────────────────────────────────────────────│
 //! ```
 //!
-//! Either side may instead send `Abort`/`Refused` at any point before `Switched`: the agent then
-//! kills the destination QEMU and removes everything it created. If the connection simply drops,
-//! the agent decides by the destination QEMU's own migration state: an incoming migration that
-//! completed means the VM now lives here (the source QEMU has stopped for good), anything else is
-//! rolled back. That keeps "never both, never neither" without trusting the network.
+//! Ownership is decided by the source QEMU alone: with the return path on, its migration reaches
+//! `completed` only after the destination loaded the whole state, and any failure before that
+//! makes QEMU resume the source. So the agent never starts a guest on its own: only `Commit` (or
+//! `Resolve{commit: true}`), sent after the source QEMU said `completed`, does that. When the
+//! connection drops after `StartDestination` the agent keeps the paused destination for
+//! `--recover-window` (forever once its incoming migration completed), so that the source, or
+//! `ferry recover` run there, can settle it. `Abandoned` means the destination copy is gone and
+//! never ran: only then may a source whose QEMU completed resume. See `docs/protocol.md` for
+//! every crash point.
 //!
 //! Versioning: the source lists every version it speaks; the agent answers with the one it picked
 //! or refuses naming both lists. A new version may change any message after `Hello`.
@@ -49,7 +61,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::vm::VmDescription;
 
 /// The protocol versions this build speaks, oldest first.
-pub const SUPPORTED_VERSIONS: &[u32] = &[1];
+pub const SUPPORTED_VERSIONS: &[u32] = &[2];
 
 /// The largest frame either side accepts: a VM description with a long argv fits many times over.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -82,8 +94,18 @@ pub enum SourceMessage {
     },
     /// Every mirror is READY: start the destination QEMU and listen for the RAM.
     StartDestination,
-    /// The source QEMU's migration completed: the destination owns the VM now.
-    Switched,
+    /// The source QEMU's migration completed (with the return path on: the destination loaded
+    /// the whole state). The VM belongs to the destination now: start it there.
+    Commit,
+    /// Sent instead of `Prepare` by a source recovering an interrupted migration: the source
+    /// QEMU's own migration status decided the outcome (`commit`: it completed), and the agent
+    /// must act on it for migration `migration_id` and answer `Running` or `Abandoned`.
+    Resolve {
+        /// The migration, as the agent named it in `Prepared`.
+        migration_id: String,
+        /// Whether the source QEMU completed the migration.
+        commit: bool,
+    },
     /// The source gives up: roll back everything.
     Abort {
         /// Why, for the agent's log.
@@ -132,11 +154,46 @@ pub enum AgentMessage {
         /// Bytes allocated by the destination images after the final flush.
         allocated_bytes: u64,
     },
+    /// The destination copy is gone and never ran (or never existed): the source may resume.
+    Abandoned {
+        /// Why, one line for the operator.
+        reason: String,
+    },
     /// The agent refuses or failed; it has rolled back. One line meant for the operator.
     Refused {
         /// What went wrong and what to do.
         reason: String,
     },
+}
+
+impl SourceMessage {
+    /// The message's name, for logs and "expected X, got Y" errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceMessage::Hello { .. } => "Hello",
+            SourceMessage::Auth { .. } => "Auth",
+            SourceMessage::Prepare { .. } => "Prepare",
+            SourceMessage::StartDestination => "StartDestination",
+            SourceMessage::Commit => "Commit",
+            SourceMessage::Resolve { .. } => "Resolve",
+            SourceMessage::Abort { .. } => "Abort",
+        }
+    }
+}
+
+impl AgentMessage {
+    /// The message's name, for logs and "unexpected X" errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentMessage::Challenge { .. } => "Challenge",
+            AgentMessage::Authenticated { .. } => "Authenticated",
+            AgentMessage::Prepared { .. } => "Prepared",
+            AgentMessage::DestinationReady { .. } => "DestinationReady",
+            AgentMessage::Running { .. } => "Running",
+            AgentMessage::Abandoned { .. } => "Abandoned",
+            AgentMessage::Refused { .. } => "Refused",
+        }
+    }
 }
 
 /// One disk's export on the agent's NBD server.
@@ -176,6 +233,15 @@ pub fn tune_socket(stream: &tokio::net::TcpStream) {
         .with_retries(4);
     if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
         tracing::warn!(error = %e, "cannot enable TCP keepalive on the control connection");
+    }
+}
+
+/// A host as it goes into a QEMU `tcp:HOST:PORT` URI: IPv6 literals in brackets.
+pub fn uri_host(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
     }
 }
 
@@ -340,9 +406,17 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_hosts_are_bracketed_for_uris() {
+        assert_eq!(uri_host("::1"), "[::1]");
+        assert_eq!(uri_host("[::1]"), "[::1]");
+        assert_eq!(uri_host("10.0.0.2"), "10.0.0.2");
+        assert_eq!(uri_host("agent.example"), "agent.example");
+    }
+
+    #[test]
     fn versions_pick_the_highest_common() {
-        assert_eq!(pick_version(&[1, 2, 3]), Some(1));
-        assert_eq!(pick_version(&[2, 3]), None);
+        assert_eq!(pick_version(&[1, 2, 3]), Some(2));
+        assert_eq!(pick_version(&[1, 3]), None);
     }
 
     #[test]

@@ -9,6 +9,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 
+use crate::status::{wait_migration, MigrationInfo, MigrationStatus, WaitError};
+
 /// How long QEMU may take to initialise before `-daemonize` returns.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -36,6 +38,9 @@ pub enum DestinationError {
         /// The final status.
         status: String,
     },
+    /// Waiting for the incoming migration failed.
+    #[error("destination QEMU: waiting for the incoming migration")]
+    Wait(#[from] WaitError),
 }
 
 fn qmp_err(what: impl Into<String>) -> impl FnOnce(qmp::Error) -> DestinationError {
@@ -120,65 +125,88 @@ impl Destination {
         })
     }
 
-    /// Sets `late-block-activate` (images stay inactive until `cont`) and listens for the RAM on
-    /// an ephemeral port of `ip`; returns the port QEMU picked.
+    /// Reconnects to a destination QEMU a previous agent started (its pid and QMP socket from
+    /// the migration directory). `None` if it is gone.
+    pub async fn attach(pid: u32, dir: &Path, qmp_path: &Path) -> Option<Destination> {
+        if !is_ours(pid, dir) {
+            return None;
+        }
+        let qmp = qmp::Qmp::connect_unix_timeout(qmp_path, Duration::from_secs(10))
+            .await
+            .ok()?;
+        Some(Destination {
+            pid,
+            qmp_path: qmp_path.to_path_buf(),
+            qmp,
+        })
+    }
+
+    /// Sets `late-block-activate` (images stay inactive until `cont`) and `return-path` (the
+    /// source's migration completes only once this QEMU loaded the whole state, and fails if it
+    /// could not), then listens for the RAM on an ephemeral port of `ip`; returns the port.
     pub async fn listen(&self, ip: std::net::IpAddr) -> Result<u16, DestinationError> {
         self.qmp
             .execute_raw(
                 "migrate-set-capabilities",
-                json!({"capabilities": [{"capability": "late-block-activate", "state": true}]}),
+                json!({"capabilities": [
+                    {"capability": "late-block-activate", "state": true},
+                    {"capability": "return-path", "state": true},
+                ]}),
             )
             .await
-            .map_err(qmp_err("setting late-block-activate"))?;
-        let host = match ip {
-            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
-            std::net::IpAddr::V4(v4) => v4.to_string(),
-        };
+            .map_err(qmp_err("setting late-block-activate and return-path"))?;
+        let host = crate::protocol::uri_host(&ip.to_string());
         self.qmp
             .execute_raw("migrate-incoming", json!({"uri": format!("tcp:{host}:0")}))
             .await
             .map_err(qmp_err("migrate-incoming"))?;
-        let info = self
-            .qmp
-            .execute_raw("query-migrate", Value::Null)
+        let info = MigrationInfo::query(&self.qmp)
             .await
             .map_err(qmp_err("query-migrate"))?;
-        incoming_port(&info).ok_or_else(|| DestinationError::Start {
-            detail: format!("query-migrate did not report the listening port: {info}"),
+        info.incoming_port.ok_or_else(|| DestinationError::Start {
+            detail: format!(
+                "query-migrate did not report the listening port (status {})",
+                info.status
+            ),
         })
     }
 
     /// Waits until the incoming migration is `completed` (Ok) or has failed (Err).
     pub async fn wait_incoming(&self, timeout: Duration) -> Result<(), DestinationError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let status = self.incoming_status().await?;
-            match status.as_str() {
-                "completed" => return Ok(()),
-                "failed" | "cancelled" => return Err(DestinationError::Incoming { status }),
-                _ => {}
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(DestinationError::Incoming {
-                    status: format!("{status} (still, after {}s)", timeout.as_secs()),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        let info = wait_migration(&self.qmp, timeout, Duration::from_millis(2), |s| {
+            s.is_final() && *s != MigrationStatus::None
+        })
+        .await?;
+        match info.status {
+            MigrationStatus::Completed => Ok(()),
+            status => Err(DestinationError::Incoming {
+                status: status.to_string(),
+            }),
         }
     }
 
     /// The incoming migration's status as QEMU reports it (`none` before anything arrived).
-    pub async fn incoming_status(&self) -> Result<String, DestinationError> {
-        let info = self
-            .qmp
-            .execute_raw("query-migrate", Value::Null)
+    pub async fn incoming_status(&self) -> Result<MigrationStatus, DestinationError> {
+        Ok(MigrationInfo::query(&self.qmp)
             .await
-            .map_err(qmp_err("query-migrate"))?;
-        Ok(info
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or("none")
-            .to_string())
+            .map_err(qmp_err("query-migrate"))?
+            .status)
+    }
+
+    /// Whether the guest is running (a restarted agent finishing a hand-over checks this before
+    /// `cont`).
+    pub async fn running(&self) -> Result<bool, DestinationError> {
+        let status = self
+            .qmp
+            .execute_raw("query-status", Value::Null)
+            .await
+            .map_err(qmp_err("query-status"))?;
+        Ok(status.get("running").and_then(Value::as_bool) == Some(true))
+    }
+
+    /// Whether the QEMU process still exists.
+    pub fn alive(&self) -> bool {
+        pid_alive(self.pid)
     }
 
     /// Starts the guest; returns QEMU's timestamp of the RESUME event in microseconds, if seen.
@@ -207,21 +235,29 @@ pub fn kill_pid(pid: u32) {
     }
 }
 
-/// Kills `pid` only if it is a QEMU started for `dir` (its command line names the directory): a
-/// pid file outlives its process, and the number may belong to something else by now.
-pub fn kill_if_ours(pid: u32, dir: &Path) {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let needle = dir.as_os_str().as_encoded_bytes();
-    if !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle) {
-        kill_pid(pid);
-    }
+/// Whether `pid` exists (a zombie counts as gone: its QEMU is no more).
+fn pid_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state is the first field after the parenthesised command name.
+    let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+    !matches!(state.and_then(|s| s.chars().next()), Some('Z' | 'X') | None)
 }
 
-fn incoming_port(info: &Value) -> Option<u16> {
-    info.get("socket-address")?
-        .as_array()?
-        .iter()
-        .find_map(|addr| addr.get("port")?.as_str()?.parse().ok())
+/// Whether `pid` is a live QEMU started for `dir` (its command line names the directory): a pid
+/// file outlives its process, and the number may belong to something else by now.
+pub fn is_ours(pid: u32, dir: &Path) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let needle = dir.as_os_str().as_encoded_bytes();
+    pid_alive(pid) && !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Kills `pid` only if it [`is_ours`].
+pub fn kill_if_ours(pid: u32, dir: &Path) {
+    if is_ours(pid, dir) {
+        kill_pid(pid);
+    }
 }
 
 fn last_lines(text: &str, n: usize) -> Option<String> {
@@ -237,10 +273,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn port_comes_from_socket_address() {
-        let info = json!({"status": "setup", "socket-address": [{"type": "inet", "host": "127.0.0.1", "port": "40123"}]});
-        assert_eq!(incoming_port(&info), Some(40123));
-        assert_eq!(incoming_port(&json!({"status": "setup"})), None);
+    fn liveness_and_ownership_by_proc() {
+        let me = std::process::id();
+        assert!(pid_alive(me));
+        assert!(!pid_alive(u32::MAX));
+        let exe = std::env::current_exe().expect("exe");
+        let dir = exe.parent().expect("dir");
+        assert!(is_ours(me, dir), "our own command line names our directory");
+        assert!(!is_ours(me, Path::new("/nonexistent-ferry-dir")));
     }
 
     #[test]

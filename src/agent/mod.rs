@@ -3,23 +3,37 @@
 //! and starts the destination QEMU from the source's rewritten command line.
 //!
 //! It must never take a VM down with it: destination QEMUs are daemonized (they outlive the agent),
-//! a failed migration rolls back only what it created, and the agent keeps accepting the next one.
-//! On start it cleans up after migrations a previous agent left half-done (see [`storage::Phase`]).
+//! every migration is journaled in its directory before each step, a failed migration rolls back
+//! only what it created, and a restarted agent resumes from the journals (see [`registry`]).
+//! SIGTERM drains: no new connection is accepted and the agent exits once every connection in
+//! progress has ended; a second SIGTERM exits at once (the journals cover that too).
 
 pub mod destination;
+pub mod received;
+pub mod registry;
 pub mod session;
 pub mod storage;
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
+use registry::Registry;
+
 /// How many migrations may be received at once.
 const MAX_SESSIONS: usize = 8;
+/// How many connections may be in the handshake at once, and from one address: unauthenticated
+/// peers get their own, short-lived places and cannot take the migrations' ones.
+const MAX_HANDSHAKES: usize = 64;
+const MAX_HANDSHAKES_PER_ADDR: usize = 8;
 
 /// What the agent needs to run.
 #[derive(Debug, Clone)]
@@ -32,14 +46,17 @@ pub struct AgentConfig {
     pub token: Vec<u8>,
     /// QEMU binary for destination VMs; by default the source's binary name on this host's PATH.
     pub qemu_binary: Option<String>,
+    /// How long a destination whose control connection dropped is kept for the source to settle
+    /// it (unless its incoming migration completed: then until the source settles it).
+    pub recover_window: Duration,
 }
 
 /// A bound agent, ready to [`run`](Agent::run).
 pub struct Agent {
     listener: TcpListener,
     config: Arc<AgentConfig>,
+    registry: Arc<Registry>,
 }
-
 /// Starting the agent failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -76,7 +93,8 @@ impl Agent {
                 source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
             });
         }
-        recover(&config.storage);
+        let registry = Arc::new(Registry::new(config.storage.clone(), config.recover_window));
+        registry.resume_journals().await;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -87,6 +105,7 @@ impl Agent {
         Ok(Agent {
             listener,
             config: Arc::new(config),
+            registry,
         })
     }
 
@@ -95,68 +114,114 @@ impl Agent {
         self.listener.local_addr()
     }
 
-    /// Accepts migrations until `shutdown` is cancelled. Sessions in progress keep running until
-    /// they end on their own.
+    /// Accepts migrations until `shutdown` is cancelled, then drains: returns once every
+    /// connection in progress has ended.
     pub async fn run(self, shutdown: CancellationToken) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS));
+        let sessions = Arc::new(Semaphore::new(MAX_SESSIONS));
+        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let per_addr: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+        let mut tasks = JoinSet::new();
         loop {
             let accepted = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
                 accepted = self.listener.accept() => accepted,
             };
             let (stream, peer) = match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
                     warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                warn!(%peer, "too many migrations at once; dropping connection");
+            let Some(handshake) = AddrPermit::take(&handshakes, &per_addr, peer.ip()) else {
+                warn!(%peer, "too many unauthenticated connections; dropping this one");
                 continue;
             };
             crate::protocol::tune_socket(&stream);
-            let config = self.config.clone();
+            let (config, registry, sessions) =
+                (self.config.clone(), self.registry.clone(), sessions.clone());
             let span = tracing::info_span!("migration", %peer);
-            tokio::spawn(
+            tasks.spawn(
                 async move {
                     info!("source connected");
-                    match session::run(stream, &config).await {
-                        Ok(()) => info!("migration received; VM running here"),
+                    let mut stream = stream;
+                    let request = {
+                        let (mut rd, mut wr) = stream.split();
+                        session::authenticate(&mut rd, &mut wr, &config.token).await
+                    };
+                    drop(handshake);
+                    let request = match request {
+                        Ok(request) => request,
+                        Err(e) => return warn!(error = %e, "connection refused"),
+                    };
+                    let Ok(_permit) = sessions.try_acquire_owned() else {
+                        let reason = format!(
+                            "the agent is receiving {MAX_SESSIONS} migrations already; try again later"
+                        );
+                        let _ = session::refuse(&mut stream, reason).await;
+                        return;
+                    };
+                    match session::serve(stream, request, &config, &registry).await {
+                        Ok(()) => info!("session done"),
                         Err(e) => warn!(error = %e, "migration not received"),
                     }
-                    drop(permit);
                 }
                 .instrument(span),
+            );
+        }
+        if !tasks.is_empty() {
+            info!(
+                connections = tasks.len(),
+                "draining: waiting for the connections in progress"
+            );
+        }
+        while tasks.join_next().await.is_some() {}
+        if !self.registry.is_empty() {
+            info!(
+                migrations = self.registry.len(),
+                "destinations waiting for their source stay paused; a restarted agent resumes them"
             );
         }
     }
 }
 
-/// Cleans up migration directories a previous agent left behind: a VM that runs here is kept;
-/// anything else (its QEMU killed) is removed.
-fn recover(storage: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(storage) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let dir = entry.path();
-        match storage::read_phase(&dir) {
-            Some(storage::Phase::Running) | None => continue,
-            Some(storage::Phase::Receiving) => {
-                if let Some(pid) = std::fs::read_to_string(dir.join("qemu.pid"))
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok())
-                {
-                    destination::kill_if_ours(pid, &dir);
-                }
-                match std::fs::remove_dir_all(&dir) {
-                    Ok(()) => info!(dir = %dir.display(), "removed an unfinished migration"),
-                    Err(e) => {
-                        warn!(dir = %dir.display(), error = %e, "cannot remove an unfinished migration")
-                    }
-                }
+/// A place among the unauthenticated connections, counted per peer address too.
+struct AddrPermit {
+    _global: tokio::sync::OwnedSemaphorePermit,
+    per_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl AddrPermit {
+    fn take(
+        global: &Arc<Semaphore>,
+        per_addr: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+        ip: IpAddr,
+    ) -> Option<AddrPermit> {
+        let permit = global.clone().try_acquire_owned().ok()?;
+        let mut counts = per_addr.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= MAX_HANDSHAKES_PER_ADDR {
+            return None;
+        }
+        *count += 1;
+        Some(AddrPermit {
+            _global: permit,
+            per_addr: per_addr.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddrPermit {
+    fn drop(&mut self) {
+        let mut counts = self.per_addr.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
             }
         }
     }

@@ -1,30 +1,29 @@
-//! One migration on the agent side: a control connection from handshake to `Running`, or to a
-//! rollback that leaves nothing behind.
+//! One control connection on the agent side: the handshake, then either a new migration
+//! (`Prepare` ... `Commit`) or a recovering source's verdict on an earlier one (`Resolve`).
 //!
-//! The session owns everything it creates (directory, NBD server, destination QEMU) in
-//! [`Received`]; every exit before the VM runs here goes through [`Received::rollback`].
+//! The migration itself lives in the [`Registry`], not in the connection: when the connection
+//! drops after the destination QEMU started, the migration is detached and kept (see
+//! [`super::registry`]) instead of being rolled back with the connection, because only the
+//! source QEMU knows whether it completed.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use super::destination::{Destination, DestinationError};
-use super::storage::{self, MigrationDir, Phase};
+use super::received::Received;
+use super::registry::{Registry, Slot};
+use super::storage::Phase;
 use super::AgentConfig;
-use crate::nbd::{Export, NbdServer, ServerConfig};
-use crate::protocol::{self, AgentMessage, ExportInfo, ProtocolError, Signer, SourceMessage};
-use crate::vm::argv::{self, RewriteContext};
-use crate::vm::VmDescription;
+use crate::protocol::{self, AgentMessage, ProtocolError, Signer, SourceMessage};
 
 /// How long the handshake may take before the agent hangs up.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the incoming migration may take to complete once the source says it switched over.
-const SWITCH_TIMEOUT: Duration = Duration::from_secs(60);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an authenticated source may take to say what it wants.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a session ended without the VM running here.
 #[derive(Debug, thiserror::Error)]
@@ -38,61 +37,131 @@ pub enum SessionError {
     /// The source aborted.
     #[error("source aborted: {0}")]
     Aborted(String),
+    /// A recovering source settled the migration through another connection.
+    #[error("settled through another connection")]
+    TakenOver,
 }
 
-/// Runs one control connection to its end.
-pub async fn run(stream: TcpStream, config: &AgentConfig) -> Result<(), SessionError> {
-    let local_ip = stream.local_addr().map_err(ProtocolError::from)?.ip();
-    let (mut rd, mut wr) = stream.into_split();
-    let version = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        handshake(&mut rd, &mut wr, &config.token),
-    )
-    .await
-    {
+/// What an authenticated source asks for.
+pub enum Request {
+    /// A new migration of this VM.
+    Prepare(Box<crate::vm::VmDescription>),
+    /// A verdict on an earlier migration.
+    Resolve {
+        /// The migration.
+        migration_id: String,
+        /// Whether the source QEMU completed it.
+        commit: bool,
+    },
+}
+
+/// Runs the handshake and reads the source's request; errors are sent to the source as
+/// `Refused` where that makes sense.
+pub async fn authenticate<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    token: &[u8],
+) -> Result<Request, SessionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let version = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(rd, wr, token)).await {
         Ok(result) => result?,
         Err(_) => return Err(SessionError::Refused("handshake timed out".into())),
     };
     info!(version, "source authenticated");
-    let vm = match protocol::read_message(&mut rd).await? {
-        SourceMessage::Prepare { vm } => vm,
-        other => {
-            return Err(refuse(&mut wr, format!("expected Prepare, got {}", kind(&other))).await)
+    let request = tokio::time::timeout(REQUEST_TIMEOUT, protocol::read_message(rd)).await;
+    match request {
+        Err(_) => Err(refuse(wr, "no request within 30 s of the handshake".into()).await),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(SourceMessage::Prepare { vm })) => Ok(Request::Prepare(Box::new(vm))),
+        Ok(Ok(SourceMessage::Resolve {
+            migration_id,
+            commit,
+        })) => Ok(Request::Resolve {
+            migration_id,
+            commit,
+        }),
+        Ok(Ok(other)) => Err(refuse(
+            wr,
+            format!("expected Prepare or Resolve, got {}", other.kind()),
+        )
+        .await),
+    }
+}
+
+/// Serves an authenticated source's request to its end.
+pub async fn serve(
+    stream: TcpStream,
+    request: Request,
+    config: &AgentConfig,
+    registry: &Arc<Registry>,
+) -> Result<(), SessionError> {
+    let local_ip = stream.local_addr().map_err(ProtocolError::from)?.ip();
+    let (mut rd, mut wr) = stream.into_split();
+    match request {
+        Request::Resolve {
+            migration_id,
+            commit,
+        } => {
+            info!(migration = %migration_id, commit, "a recovering source settles a migration");
+            let reply = registry.resolve(&migration_id, commit).await;
+            info!(migration = %migration_id, reply = reply.kind(), "settled");
+            protocol::write_message(&mut wr, &reply).await?;
+            Ok(())
         }
-    };
-    let mut received = match prepare(&vm, config, local_ip).await {
-        Ok(received) => received,
-        Err(reason) => return Err(refuse(&mut wr, reason).await),
-    };
-    let result = drive(&mut rd, &mut wr, &mut received, local_ip).await;
-    match result {
-        Ok(()) => Ok(()),
-        Err(err) => {
-            // A dropped connection after the switchover: the destination's own migration state
-            // says whether the VM lives here now.
-            if received.incoming_completed().await {
-                warn!(migration = %received.dir.id, "control connection lost after switchover; finishing here");
-                let finished = received
-                    .finish()
-                    .await
-                    .map(|_| ())
-                    .map_err(SessionError::Refused);
-                received.release_nbd().await;
-                finished
-            } else {
-                received.rollback().await;
-                if let SessionError::Refused(reason) = &err {
-                    let _ = protocol::write_message(
-                        &mut wr,
-                        &AgentMessage::Refused {
-                            reason: reason.clone(),
-                        },
-                    )
-                    .await;
+        Request::Prepare(vm) => {
+            let received = match Received::prepare(&vm, config, local_ip).await {
+                Ok(received) => received,
+                Err(reason) => return Err(refuse(&mut wr, reason).await),
+            };
+            let id = received.dir.id.clone();
+            let prepared = received.prepared();
+            let slot = registry.insert(received);
+            let result = drive(&mut rd, &mut wr, &slot, local_ip, prepared, registry).await;
+            match result {
+                Ok(()) => Ok(()),
+                Err(err) => {
+                    settle_failed(&id, &slot, &err, registry, &mut wr).await;
+                    Err(err)
                 }
-                Err(err)
             }
         }
+    }
+}
+
+/// A session that ended before the hand-over: roll back, or detach a started destination whose
+/// source may still complete (the link dropped: only the source QEMU knows).
+async fn settle_failed<W: AsyncWrite + Unpin>(
+    id: &str,
+    slot: &Slot,
+    err: &SessionError,
+    registry: &Arc<Registry>,
+    wr: &mut W,
+) {
+    let mut guard = slot.lock().await;
+    let Some(received) = guard.as_mut() else {
+        return;
+    };
+    if matches!(err, SessionError::Protocol(_)) && received.phase() == Phase::Started {
+        warn!(migration = %id, "control connection lost after the destination started; keeping it paused for the source to settle");
+        drop(guard);
+        registry.watch(id.to_string(), slot.clone());
+        return;
+    }
+    if let Some(mut received) = guard.take() {
+        received.rollback().await;
+    }
+    registry.remove(id);
+    if let SessionError::Refused(reason) = err {
+        let _ = protocol::write_message(
+            wr,
+            &AgentMessage::Refused {
+                reason: reason.clone(),
+            },
+        )
+        .await;
     }
 }
 
@@ -103,7 +172,7 @@ where
 {
     let versions = match protocol::read_message(rd).await? {
         SourceMessage::Hello { versions, .. } => versions,
-        other => return Err(refuse(wr, format!("expected Hello, got {}", kind(&other))).await),
+        other => return Err(refuse(wr, format!("expected Hello, got {}", other.kind())).await),
     };
     let Some(version) = protocol::pick_version(&versions) else {
         let reason = format!(
@@ -123,7 +192,7 @@ where
     .await?;
     let (mac, source_nonce) = match protocol::read_message(rd).await? {
         SourceMessage::Auth { mac, nonce } => (mac, nonce),
-        other => return Err(refuse(wr, format!("expected Auth, got {}", kind(&other))).await),
+        other => return Err(refuse(wr, format!("expected Auth, got {}", other.kind())).await),
     };
     if !protocol::verify(token, Signer::Source, &nonce, &mac) {
         return Err(refuse(
@@ -139,7 +208,7 @@ where
 }
 
 /// Sends `Refused` (best effort) and returns the matching error.
-async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, reason: String) -> SessionError {
+pub async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, reason: String) -> SessionError {
     warn!(%reason, "refusing migration");
     let _ = protocol::write_message(
         wr,
@@ -151,286 +220,65 @@ async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, reason: String) -> SessionErr
     SessionError::Refused(reason)
 }
 
-fn kind(msg: &SourceMessage) -> &'static str {
-    match msg {
-        SourceMessage::Hello { .. } => "Hello",
-        SourceMessage::Auth { .. } => "Auth",
-        SourceMessage::Prepare { .. } => "Prepare",
-        SourceMessage::StartDestination => "StartDestination",
-        SourceMessage::Switched => "Switched",
-        SourceMessage::Abort { .. } => "Abort",
+/// Reads the next message, which must be `want` (or `Abort`).
+async fn expect<R: AsyncRead + Unpin>(rd: &mut R, want: &str) -> Result<(), SessionError> {
+    match protocol::read_message(rd).await? {
+        SourceMessage::Abort { reason } => Err(SessionError::Aborted(reason)),
+        msg if msg.kind() == want => Ok(()),
+        other => Err(SessionError::Refused(format!(
+            "expected {want}, got {}",
+            other.kind()
+        ))),
     }
-}
-
-/// Everything one migration created on this host.
-struct Received {
-    dir: MigrationDir,
-    argv: Vec<String>,
-    ctx: RewriteContext,
-    /// Disk names, in the VM description's order; `images` and `exports` follow it.
-    disks: Vec<String>,
-    images: Vec<PathBuf>,
-    exports: Vec<String>,
-    nbd: Option<NbdServer>,
-    destination: Option<Destination>,
-    /// Whether to start the guest after the switchover (it was running on the source).
-    resume: bool,
-}
-
-/// Preflight, then directory, images and NBD exports. Refusals leave nothing behind.
-async fn prepare(vm: &VmDescription, config: &AgentConfig, ip: IpAddr) -> Result<Received, String> {
-    storage::preflight(&config.storage, vm).map_err(|e| e.to_string())?;
-    let binary = config
-        .qemu_binary
-        .clone()
-        .unwrap_or_else(|| default_binary(vm));
-    // Dry run with the final paths' shape, so an argv we cannot run is refused before anything
-    // is created.
-    let probe = context(&binary, &config.storage.join("probe"), vm);
-    argv::rewrite(vm, &probe).map_err(|e| format!("the VM's command line: {e}"))?;
-    check_host_files(vm)?;
-
-    let dir = MigrationDir::create(&config.storage).map_err(|e| e.to_string())?;
-    let ctx = context(&binary, &dir.path, vm);
-    let mut received = Received {
-        argv: Vec::new(),
-        ctx,
-        disks: Vec::new(),
-        images: Vec::new(),
-        exports: Vec::new(),
-        nbd: None,
-        destination: None,
-        resume: vm.running,
-        dir,
-    };
-    if let Err(e) = received.create_storage(vm, ip).await {
-        received.rollback().await;
-        return Err(e);
-    }
-    Ok(received)
-}
-
-fn context(binary: &str, dir: &Path, vm: &VmDescription) -> RewriteContext {
-    let images: HashMap<String, PathBuf> = vm
-        .disks
-        .iter()
-        .map(|d| {
-            (
-                d.name.clone(),
-                dir.join(format!("disk-{}.raw", crate::vm::safe_name(&d.name))),
-            )
-        })
-        .collect();
-    RewriteContext {
-        binary: binary.to_string(),
-        dir: dir.to_path_buf(),
-        images,
-    }
-}
-
-/// The source's QEMU binary name (found on this host's PATH), unless `--qemu-binary` says otherwise.
-fn default_binary(vm: &VmDescription) -> String {
-    vm.argv
-        .first()
-        .and_then(|a| Path::new(a).file_name())
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "qemu-system-x86_64".to_string())
-}
-
-/// Files the destination QEMU loads by path at start-up must exist here too.
-fn check_host_files(vm: &VmDescription) -> Result<(), String> {
-    let opts = argv::parse(vm.argv.get(1..).unwrap_or_default()).map_err(|e| e.to_string())?;
-    for opt in opts {
-        if matches!(opt.name.as_str(), "kernel" | "initrd" | "bios" | "dtb") {
-            if let Some(path) = opt.value {
-                if !Path::new(&path).exists() {
-                    return Err(format!(
-                        "-{} {path}: no such file on the destination host; copy it to the same path there",
-                        opt.name
-                    ));
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 async fn drive<R, W>(
     rd: &mut R,
     wr: &mut W,
-    received: &mut Received,
+    slot: &Slot,
     ip: IpAddr,
+    prepared: AgentMessage,
+    registry: &Registry,
 ) -> Result<(), SessionError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let nbd_port = received
-        .nbd
-        .as_ref()
-        .map(|n| n.local_addr().port())
-        .unwrap_or(0);
-    let exports = received
-        .disks
-        .iter()
-        .zip(&received.exports)
-        .map(|(disk, export)| ExportInfo {
-            disk: disk.clone(),
-            export: export.clone(),
-        })
-        .collect();
-    protocol::write_message(
-        wr,
-        &AgentMessage::Prepared {
-            migration_id: received.dir.id.clone(),
-            nbd_port,
-            exports,
-        },
-    )
-    .await?;
-
-    match protocol::read_message(rd).await? {
-        SourceMessage::StartDestination => {}
-        SourceMessage::Abort { reason } => return Err(SessionError::Aborted(reason)),
-        other => {
-            return Err(SessionError::Refused(format!(
-                "expected StartDestination, got {}",
-                kind(&other)
-            )))
-        }
-    }
-    let migration_port = received
-        .start_destination(ip)
-        .await
-        .map_err(|e| SessionError::Refused(e.to_string()))?;
+    protocol::write_message(wr, &prepared).await?;
+    // The mirror may take hours: no timeout on this read; TCP keepalive notices a dead peer.
+    expect(rd, "StartDestination").await?;
+    let migration_port = {
+        let mut guard = slot.lock().await;
+        let received = guard.as_mut().ok_or(SessionError::TakenOver)?;
+        received
+            .start_destination(ip)
+            .await
+            .map_err(SessionError::Refused)?
+    };
     protocol::write_message(wr, &AgentMessage::DestinationReady { migration_port }).await?;
 
-    match protocol::read_message(rd).await? {
-        SourceMessage::Switched => {}
-        SourceMessage::Abort { reason } => return Err(SessionError::Aborted(reason)),
-        other => {
-            return Err(SessionError::Refused(format!(
-                "expected Switched, got {}",
-                kind(&other)
-            )))
-        }
+    expect(rd, "Commit").await?;
+    let taken = slot.lock().await.take();
+    let mut received = taken.ok_or(SessionError::TakenOver)?;
+    let reply = received.commit().await;
+    registry.remove(&received.dir.id);
+    // The VM runs here now whatever happens to the connection: a lost reply is only logged (a
+    // recovering source gets the same answer from the journal).
+    if let Err(e) = protocol::write_message(wr, &reply).await {
+        warn!(error = %crate::error_chain(&e), "could not tell the source the outcome");
     }
-    let running = received.finish().await.map_err(SessionError::Refused)?;
-    // The VM runs here now whatever happens to the connection: a lost reply is only logged.
-    if let Err(e) = protocol::write_message(wr, &running).await {
-        warn!(error = %crate::error_chain(&e), "could not tell the source the VM runs here");
-    }
-    received.release_nbd().await;
-    Ok(())
-}
-
-impl Received {
-    async fn create_storage(&mut self, vm: &VmDescription, ip: IpAddr) -> Result<(), String> {
-        let nbd = NbdServer::bind(SocketAddr::new(ip, 0), ServerConfig::default())
-            .await
-            .map_err(|e| format!("cannot start the NBD server: {e}"))?;
-        self.nbd = Some(nbd.clone());
-        for disk in &vm.disks {
-            let path = self
-                .dir
-                .create_image(&disk.name, disk.size)
-                .map_err(|e| e.to_string())?;
-            let export = protocol::new_nonce();
-            nbd.add_export(Export {
-                name: export.clone(),
-                path: path.clone(),
-                read_only: false,
-            })
-            .map_err(|e| format!("cannot export {}: {e}", path.display()))?;
-            self.disks.push(disk.name.clone());
-            self.images.push(path);
-            self.exports.push(export);
+    match reply {
+        AgentMessage::Running { .. } => {
+            received.mark_running();
+            received.release_nbd().await;
+            Ok(())
         }
-        self.argv = argv::rewrite(vm, &self.ctx)
-            .map_err(|e| e.to_string())?
-            .argv;
-        Ok(())
-    }
-
-    async fn start_destination(&mut self, ip: IpAddr) -> Result<u16, DestinationError> {
-        let _ = std::fs::write(self.dir.path.join("argv"), self.argv.join("\n"));
-        // Flush the bulk of the mirrored data now, while QEMU starts: the flush at the switchover
-        // (guest paused) then has only the last few blocks to write.
-        let preflush = storage::sync_files(self.images.clone());
-        let (pidfile, qmp_socket) = (self.ctx.pidfile(), self.ctx.qmp_socket());
-        let start = Destination::start(&self.argv, &self.dir.path, &pidfile, &qmp_socket);
-        let (flushed, dest) = tokio::join!(preflush, start);
-        if let Err(e) = flushed {
-            warn!(error = %e, "early flush of the images");
+        AgentMessage::Abandoned { reason } | AgentMessage::Refused { reason } => {
+            Err(SessionError::Refused(reason))
         }
-        let dest = dest?;
-        let port = dest.listen(ip).await;
-        self.destination = Some(dest);
-        port
-    }
-
-    async fn incoming_completed(&self) -> bool {
-        match &self.destination {
-            Some(dest) => matches!(dest.incoming_status().await.as_deref(), Ok("completed")),
-            None => false,
-        }
-    }
-
-    /// The source switched over: wait for the device state, make the images durable, start the
-    /// guest. Everything here happens while the guest is paused, so it is kept to the minimum;
-    /// the NBD server is torn down afterwards by [`Received::release_nbd`].
-    async fn finish(&mut self) -> Result<AgentMessage, String> {
-        let dest = self.destination.as_ref().ok_or("no destination QEMU")?;
-        dest.wait_incoming(SWITCH_TIMEOUT)
-            .await
-            .map_err(|e| e.to_string())?;
-        // Every mirror write was answered before the source let the migration complete, so the
-        // images hold the final data; make it durable before the guest can build on it.
-        storage::sync_files(self.images.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        let resumed_at_us = if self.resume {
-            dest.resume().await.map_err(|e| e.to_string())?
-        } else {
-            None
-        };
-        if let Err(e) = self.dir.set_phase(Phase::Running) {
-            warn!(error = %e, "recording phase");
-        }
-        info!(migration = %self.dir.id, pid = dest.pid, "VM running on this host");
-        Ok(AgentMessage::Running {
-            pid: dest.pid,
-            qmp: dest.qmp_path.display().to_string(),
-            resumed_at_us,
-            allocated_bytes: storage::allocated_bytes(&self.images),
-        })
-    }
-
-    /// Stops serving the disks (after the switchover: the source's mirrors are done).
-    async fn release_nbd(&mut self) {
-        if let Some(nbd) = self.nbd.take() {
-            for export in &self.exports {
-                if let Err(e) = nbd.remove_export(export).await {
-                    warn!(%export, error = %e, "removing export");
-                }
-            }
-            if let Err(e) = nbd.shutdown().await {
-                warn!(error = %e, "stopping NBD server");
-            }
-        }
-    }
-
-    /// Undo everything: kill the destination QEMU, stop serving, remove the directory.
-    async fn rollback(&mut self) {
-        if let Some(dest) = self.destination.take() {
-            dest.kill();
-        }
-        if let Some(nbd) = self.nbd.take() {
-            let _ = nbd.shutdown().await;
-        }
-        if let Err(e) = self.dir.remove() {
-            warn!(error = %e, "rollback");
-        }
-        info!(migration = %self.dir.id, "rolled back");
+        other => Err(SessionError::Refused(format!(
+            "unexpected {}",
+            other.kind()
+        ))),
     }
 }

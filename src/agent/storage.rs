@@ -1,8 +1,10 @@
 //! The agent's storage directory: one subdirectory per migration holding its images, the
-//! destination QEMU's sockets and files, and a `phase` file.
+//! destination QEMU's sockets and files, and a `journal.json`.
 //!
-//! The `phase` file is what lets a restarted agent tell a half-finished migration (kill its QEMU,
-//! remove the directory) from a VM that now lives here (leave it alone).
+//! The journal is what lets a restarted agent tell a half-finished migration (kill its QEMU,
+//! remove the directory) from a destination waiting for the source's verdict (keep it paused)
+//! and from a VM that now lives here (leave it alone). It is written durably (see
+//! [`crate::journal`]) before the agent acts on the phase it names.
 
 use std::fs::{self, File};
 use std::io;
@@ -15,21 +17,32 @@ use crate::vm::{human_bytes, safe_name, VmDescription};
 const HEADROOM: u64 = 64 << 20;
 
 /// Where a migration stands, as recorded on disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Phase {
-    /// Images created and served; no destination QEMU yet or not yet running the VM.
+    /// Images created and served; no destination QEMU. Nothing here matters yet: a restarted
+    /// agent removes it.
     Receiving,
-    /// The destination QEMU runs the VM: its directory must be kept.
+    /// The destination QEMU was started (paused, `-incoming defer`): it waits for the RAM and for
+    /// the source's verdict. Kept while its QEMU lives; never started without a verdict.
+    Started,
+    /// The source's QEMU completed, the source said so, and the images are durable: `cont` is
+    /// about to be, or was, issued. The guest may have run here: never removed. (A destination
+    /// found dead in `Started` never ran, so the source may take the VM back.)
+    Resuming,
+    /// The VM lives here (running, or kept paused as it was on the source). Never removed.
     Running,
 }
 
-impl Phase {
-    fn as_str(self) -> &'static str {
-        match self {
-            Phase::Receiving => "receiving",
-            Phase::Running => "running",
-        }
-    }
+/// The journal of one migration directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Record {
+    /// Where the migration stands.
+    pub phase: Phase,
+    /// Whether the guest is to run after the hand-over (it ran on the source).
+    pub resume: bool,
 }
 
 /// A storage failure, naming the path.
@@ -99,7 +112,7 @@ pub fn preflight(dir: &Path, vm: &VmDescription) -> Result<(), StorageError> {
 }
 
 /// One migration's directory.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct MigrationDir {
     /// The migration id (the directory's name).
     pub id: String,
@@ -108,8 +121,8 @@ pub struct MigrationDir {
 }
 
 impl MigrationDir {
-    /// Creates a fresh, uniquely named directory under `storage`.
-    pub fn create(storage: &Path) -> Result<MigrationDir, StorageError> {
+    /// Creates a fresh, uniquely named directory under `storage`, journaled as `Receiving`.
+    pub fn create(storage: &Path, resume: bool) -> Result<MigrationDir, StorageError> {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -119,7 +132,10 @@ impl MigrationDir {
         let path = storage.join(&id);
         fs::create_dir(&path).map_err(io_err("cannot create migration directory", &path))?;
         let dir = MigrationDir { id, path };
-        dir.set_phase(Phase::Receiving)?;
+        dir.record(Record {
+            phase: Phase::Receiving,
+            resume,
+        })?;
         Ok(dir)
     }
 
@@ -141,13 +157,49 @@ impl MigrationDir {
         Ok(path)
     }
 
-    /// Records the phase (write to a temporary file, then rename: a crash leaves the old or the new
-    /// phase, never a torn one).
-    pub fn set_phase(&self, phase: Phase) -> Result<(), StorageError> {
-        let tmp = self.path.join("phase.tmp");
-        let dst = self.path.join("phase");
-        fs::write(&tmp, phase.as_str()).map_err(io_err("cannot write", &tmp))?;
-        fs::rename(&tmp, &dst).map_err(io_err("cannot write", &dst))
+    /// An existing migration directory (a restarted agent, a recovering source's `Resolve`).
+    pub fn open(storage: &Path, id: &str) -> Option<MigrationDir> {
+        // The id comes from the network on `Resolve`: only a name this agent could have made.
+        let valid = id.len() <= 64
+            && id.starts_with('m')
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let path = storage.join(id);
+        (valid && path.is_dir()).then(|| MigrationDir {
+            id: id.to_string(),
+            path,
+        })
+    }
+
+    /// Journals the migration's state durably: a crash leaves the old or the new record.
+    pub fn record(&self, record: Record) -> Result<(), StorageError> {
+        let path = self.journal_path();
+        crate::journal::write(&path, &record).map_err(io_err("cannot write journal", &path))
+    }
+
+    /// The journaled state; `None` for a directory without a readable journal.
+    pub fn read_record(&self) -> Option<Record> {
+        crate::journal::read(&self.journal_path()).ok().flatten()
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.path.join("journal.json")
+    }
+
+    /// The images of this migration, in name order (what a restarted agent flushes and reports).
+    pub fn images(&self) -> Vec<PathBuf> {
+        let mut images: Vec<PathBuf> = fs::read_dir(&self.path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("disk-") && n.ends_with(".raw"))
+            })
+            .collect();
+        images.sort();
+        images
     }
 
     /// Removes the directory and everything in it.
@@ -183,15 +235,6 @@ pub async fn sync_files(paths: Vec<PathBuf>) -> Result<(), StorageError> {
             path: String::new(),
             source: io::Error::other(e),
         }),
-    }
-}
-
-/// The phase recorded in a migration directory, if it has one.
-pub fn read_phase(dir: &Path) -> Option<Phase> {
-    match fs::read_to_string(dir.join("phase")).ok()?.trim() {
-        "receiving" => Some(Phase::Receiving),
-        "running" => Some(Phase::Running),
-        _ => None,
     }
 }
 
@@ -233,13 +276,22 @@ mod tests {
     #[test]
     fn images_are_exact_size_and_sparse() {
         let storage = tempfile::tempdir().expect("tempdir");
-        let dir = MigrationDir::create(storage.path()).expect("create");
-        assert_eq!(read_phase(&dir.path), Some(Phase::Receiving));
+        let dir = MigrationDir::create(storage.path(), true).expect("create");
+        assert_eq!(dir.read_record().map(|r| r.phase), Some(Phase::Receiving));
         let image = dir.create_image("#block1", 10 << 30).expect("image");
         assert_eq!(fs::metadata(&image).expect("stat").len(), 10 << 30);
         assert!(allocated_bytes([&image]) < 1 << 20);
-        dir.set_phase(Phase::Running).expect("phase");
-        assert_eq!(read_phase(&dir.path), Some(Phase::Running));
+        assert_eq!(dir.images(), vec![image.clone()]);
+        let running = Record {
+            phase: Phase::Running,
+            resume: true,
+        };
+        dir.record(running).expect("record");
+        assert_eq!(dir.read_record(), Some(running));
+        let again = MigrationDir::open(storage.path(), &dir.id).expect("open by id");
+        assert_eq!(again.read_record(), Some(running));
+        assert!(MigrationDir::open(storage.path(), "../etc").is_none());
+        assert!(MigrationDir::open(storage.path(), "m-nonexistent").is_none());
         dir.remove().expect("remove");
         assert!(!dir.path.exists());
     }

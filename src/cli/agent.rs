@@ -23,6 +23,11 @@ pub struct AgentArgs {
     /// QEMU binary for destination VMs (default: the source's binary name, on this host's PATH).
     #[arg(long, value_name = "PATH")]
     qemu_binary: Option<String>,
+    /// Seconds a paused destination is kept after its source's control connection dropped, for
+    /// `ferry recover` on the source to settle it (one whose incoming migration completed is kept
+    /// until the source settles it).
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    recover_window: u64,
 }
 
 /// Runs the agent until SIGINT/SIGTERM. Prints `listening on ADDR` once ready.
@@ -36,6 +41,7 @@ pub async fn run(args: AgentArgs) -> ExitCode {
         storage: args.storage,
         token,
         qemu_binary: args.qemu_binary,
+        recover_window: std::time::Duration::from_secs(args.recover_window),
     };
     let agent = match Agent::bind(config).await {
         Ok(a) => a,
@@ -49,7 +55,11 @@ pub async fn run(args: AgentArgs) -> ExitCode {
     let signal = shutdown.clone();
     tokio::spawn(async move {
         super::terminated().await;
+        eprintln!("ferry: draining: no new migrations; waiting for those in progress (signal again to exit now)");
         signal.cancel();
+        super::terminated().await;
+        // Every migration is journaled: a restarted agent picks up where this one stopped.
+        std::process::exit(i32::from(super::EXIT_FAILED));
     });
     agent.run(shutdown).await;
     ExitCode::SUCCESS

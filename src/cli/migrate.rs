@@ -7,7 +7,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::migrate::report::{HumanReporter, JsonReporter, Reporter};
-use crate::migrate::{migrate, MigrateOptions};
+use crate::migrate::settle::Outcome;
+use crate::migrate::{migrate, recover, MigrateOptions};
 
 /// Arguments of `ferry migrate`.
 #[derive(clap::Args, Debug)]
@@ -38,6 +39,13 @@ pub struct MigrateArgs {
     /// Give up if the disks are not in sync after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     mirror_timeout: u64,
+    /// Where the source journal lives (one file per VM, removed once the migration is settled).
+    #[arg(long, value_name = "DIR", env = "FERRY_STATE_DIR", default_value = crate::migrate::journal::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Seconds to keep trying to reach the agent when the source QEMU completed and only the
+    /// agent can confirm the hand-over (the VM stays paused meanwhile).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    agent_wait: u64,
 }
 
 /// Runs one migration. Exit 0 when the VM runs on the destination, 1 when it failed (and was
@@ -58,6 +66,23 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
     opts.mirror_timeout = Duration::from_secs(args.mirror_timeout);
     opts.mirror_speed = args.bandwidth.map(|mib| mib.saturating_mul(1 << 20));
     opts.converge_after = Duration::from_secs(args.converge_after);
+    opts.state_dir = args.state_dir;
+    opts.agent_wait = Duration::from_secs(args.agent_wait);
+    // An interrupted migration of the same VM is settled first; if it left the VM on the
+    // destination there is nothing more to do.
+    match recover(&opts, None).await {
+        Ok(None) => {}
+        Ok(Some(recovered)) => {
+            eprintln!(
+                "ferry: migration {} of this VM was interrupted; settled it first",
+                recovered.migration_id
+            );
+            if !matches!(recovered.outcome, Outcome::Source { .. }) {
+                return super::recover::report(Some(&recovered), args.json);
+            }
+        }
+        Err(e) => return super::fail(super::EXIT_FAILED, e),
+    }
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {

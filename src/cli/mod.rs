@@ -13,6 +13,7 @@ mod demo;
 mod migrate;
 mod nbd_serve;
 mod qmp;
+mod recover;
 
 /// Exit code for "the operation ran and failed".
 pub const EXIT_FAILED: u8 = 1;
@@ -40,6 +41,9 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Live-migrate the VM behind a QMP socket to a host running `ferry agent`.
     Migrate(migrate::MigrateArgs),
+    /// Settle a migration whose `ferry migrate` died or lost the agent: finish it on the
+    /// destination or roll it back to the source, and remove its leftovers.
+    Recover(recover::RecoverArgs),
     /// Migrate the bundled test guest on this machine, both ends on localhost, and verify it.
     Demo(demo::DemoArgs),
 }
@@ -66,6 +70,7 @@ pub fn main() -> ExitCode {
             Command::NbdServe(args) => nbd_serve::run(args).await,
             Command::Agent(args) => agent::run(args).await,
             Command::Migrate(args) => migrate::run(args).await,
+            Command::Recover(args) => recover::run(args).await,
             Command::Demo(args) => demo::run(args).await,
         }
     })
@@ -85,6 +90,7 @@ fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

@@ -190,13 +190,49 @@ impl AgentLink {
         }
     }
 
-    /// Reports the switchover; returns the agent's `Running` message.
-    pub async fn switched(&mut self) -> Result<AgentMessage, ControlError> {
-        self.send(&SourceMessage::Switched).await?;
-        match self.recv_timeout(REPLY_TIMEOUT).await? {
-            msg @ AgentMessage::Running { .. } => Ok(msg),
-            other => Err(unexpected(other)),
+    /// Reports that the source QEMU completed; returns the agent's verdict, `Running` or
+    /// `Abandoned`.
+    pub async fn commit(&mut self) -> Result<AgentMessage, ControlError> {
+        self.send(&SourceMessage::Commit).await?;
+        verdict(self.recv_timeout(REPLY_TIMEOUT).await?)
+    }
+
+    /// Tells the agent to roll back and waits (up to 15 s) for it to hang up, which it does once
+    /// the destination QEMU is dead and its storage removed.
+    pub async fn abort(mut self, reason: &str) {
+        let abort = SourceMessage::Abort {
+            reason: reason.to_string(),
+        };
+        if self.send(&abort).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), async {
+                while self.recv().await.is_ok() {}
+            })
+            .await;
         }
+    }
+}
+
+/// A recovering source's verdict on migration `migration_id`, on a fresh connection: `commit`
+/// when the source QEMU completed it. Returns the agent's `Running` or `Abandoned`.
+pub async fn resolve(
+    to: &str,
+    token: &[u8],
+    migration_id: &str,
+    commit: bool,
+) -> Result<AgentMessage, ControlError> {
+    let mut link = AgentLink::connect(to, token).await?;
+    link.send(&SourceMessage::Resolve {
+        migration_id: migration_id.to_string(),
+        commit,
+    })
+    .await?;
+    verdict(link.recv_timeout(REPLY_TIMEOUT).await?)
+}
+
+fn verdict(msg: AgentMessage) -> Result<AgentMessage, ControlError> {
+    match msg {
+        msg @ (AgentMessage::Running { .. } | AgentMessage::Abandoned { .. }) => Ok(msg),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -212,11 +248,7 @@ async fn read_timeout<R: tokio::io::AsyncRead + Unpin>(
 }
 
 fn unexpected(msg: AgentMessage) -> ControlError {
-    let text = serde_json::to_value(&msg)
-        .ok()
-        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
-        .unwrap_or_else(|| "message".into());
-    ControlError::Unexpected(text)
+    ControlError::Unexpected(msg.kind().to_string())
 }
 
 /// The host part of `HOST:PORT` / `[V6]:PORT`, without brackets.

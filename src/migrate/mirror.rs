@@ -27,7 +27,7 @@ use crate::vm::DiskDescription;
 const POLL: Duration = Duration::from_millis(250);
 
 /// One disk's mirror.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MirrorJob {
     /// The disk.
     pub disk: String,
@@ -92,15 +92,12 @@ pub async fn wait_ready(
     loop {
         if ready.values().all(|r| *r) {
             // A job may become READY before the first poll: read the final offsets once more.
-            let mut copied = 0;
+            let mut copied = 0u64;
             if let Ok(list) = qemu.block_jobs().await {
-                let ours = list.iter().filter(|j| {
-                    let id = j.get("device").and_then(Value::as_str);
-                    jobs.iter().any(|job| Some(job.job.as_str()) == id)
-                });
-                copied = ours
-                    .filter_map(|j| j.get("offset").and_then(Value::as_u64))
-                    .sum();
+                copied = list
+                    .iter()
+                    .filter(|j| jobs.iter().any(|job| job.job == j.id))
+                    .fold(0, |sum, j| sum.saturating_add(j.offset));
             }
             return Ok(copied);
         }
@@ -142,18 +139,16 @@ pub async fn wait_ready(
             _ = tick.tick() => {
                 let list = qemu.block_jobs().await.map_err(|e| fail(crate::error_chain(&e)))?;
                 for job in jobs {
-                    let Some(info) = list.iter().find(|j| j.get("device").and_then(Value::as_str) == Some(&job.job)) else {
+                    let Some(info) = list.iter().find(|j| j.id == job.job) else {
                         return Err(fail(format!("mirror job of disk {} disappeared", job.disk)));
                     };
-                    let done = info.get("offset").and_then(Value::as_u64).unwrap_or(0);
-                    let total = info.get("len").and_then(Value::as_u64).unwrap_or(0);
-                    reporter.report(&Progress::Mirror { disk: job.disk.clone(), done, total });
-                    if info.get("ready").and_then(Value::as_bool) == Some(true) && !ready[&job.job] {
+                    reporter.report(&Progress::Mirror { disk: job.disk.clone(), done: info.offset, total: info.len });
+                    if info.ready && !ready[&job.job] {
                         ready.insert(job.job.clone(), true);
                         reporter.report(&Progress::MirrorReady { disk: job.disk.clone() });
                     }
                     if let Some(t) = trackers.get_mut(&job.job) {
-                        converge(qemu, job, t, total.saturating_sub(done), ready[&job.job], reporter).await;
+                        converge(qemu, job, t, info.remaining(), ready[&job.job], reporter).await;
                     }
                 }
             }
@@ -250,16 +245,14 @@ pub async fn final_sync(
     Ok(())
 }
 
-/// Rollback: abandon the jobs (force-cancel) and remove the NBD nodes. Best effort: each step
-/// is tried whatever the previous one did.
-pub async fn abandon(qemu: &SourceQemu, jobs: &[MirrorJob], nodes_added: &[String]) {
-    let mut events = qemu.qmp.events();
+/// Rollback: abandon the jobs that still exist (force-cancel) and remove the NBD nodes that
+/// still exist. Best effort: each step is tried whatever the previous one did.
+pub async fn abandon(qemu: &SourceQemu, jobs: &[MirrorJob]) {
+    let mut events = qemu.events();
     let mut running = Vec::new();
     if let Ok(list) = qemu.block_jobs().await {
         for job in jobs {
-            let exists = list
-                .iter()
-                .any(|j| j.get("device").and_then(Value::as_str) == Some(&job.job));
+            let exists = list.iter().any(|j| j.id == job.job);
             if exists && qemu.cancel_job(&job.job, true).await.is_ok() {
                 running.push(job.job.clone());
             }
@@ -287,9 +280,17 @@ pub async fn abandon(qemu: &SourceQemu, jobs: &[MirrorJob], nodes_added: &[Strin
             Err(_) => break,
         }
     }
-    for node in nodes_added {
-        if let Err(e) = qemu.del_node(node).await {
-            warn!(%node, error = %crate::error_chain(&e), "rollback: cannot remove NBD node");
+    remove_nodes(qemu, jobs).await;
+}
+
+/// Removes the NBD nodes of `jobs` that exist (after the switchover, or in a rollback).
+pub async fn remove_nodes(qemu: &SourceQemu, jobs: &[MirrorJob]) {
+    // Deleting a node that is not there is an error: ask first (all of them if QEMU won't say).
+    let existing = qemu.node_names().await.ok();
+    let exists = |node: &String| existing.as_ref().is_none_or(|e| e.contains(node));
+    for job in jobs.iter().filter(|j| exists(&j.node)) {
+        if let Err(e) = qemu.del_node(&job.node).await {
+            warn!(node = %job.node, error = %crate::error_chain(&e), "cannot remove NBD node");
         }
     }
 }

@@ -19,31 +19,50 @@
 //!                   blockdev-del nbd, quit ◄──── Running ─────  drop exports
 //! ```
 //!
-//! The migration is a value moving through [`PhaseName`]s; what a failure undoes depends only on
-//! how far it got. Until the source QEMU reports `completed` the source owns the VM: a failure
-//! cancels the jobs and the migration, removes the NBD nodes, tells the agent to roll back, and
-//! resumes the guest if ferry paused it. From `completed` on the destination owns it: the source is
-//! never resumed.
+//! The migration is a value moving through [`PhaseName`]s. Before it changes anything in the
+//! source QEMU it journals what it is about to create (see [`journal`]); every failure, and a
+//! completed migration too, ends in [`settle`], which decides from the source QEMU's own
+//! migration status (and, once that says `completed`, the agent's answer) which copy of the VM
+//! lives on, and removes the rest:
+//!
+//! ```text
+//!   discover ─► negotiate ─► [journal: mirror] ─► mirror ─► start-destination
+//!      │            │                                │            │
+//!      │            │        [journal: ram] ─► ram ─► switchover (pre-switchover, final sync,
+//!      │            │                                │            migrate-continue)
+//!      ▼            ▼                                ▼            ▼
+//!   nothing to undo (the agent rolls back    settle: source QEMU status
+//!   when the connection drops)                 not completed ─► source keeps the VM: cancel,
+//!                                                               remove jobs/nodes/capabilities,
+//!                                                               resume, agent rolls back
+//!                                              completed ─► Commit ─► agent: Running ─► quit source
+//!                                                                    agent: Abandoned ─► resume source
+//!                                                                    no answer ─► paused, journal kept:
+//!                                                                                 `ferry recover`
+//! ```
 
 pub mod control;
+pub mod journal;
 pub mod mirror;
 pub mod report;
+pub mod settle;
 pub mod source;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use control::AgentLink;
-use mirror::MirrorJob;
+use journal::{Journal, SourcePhase, SourceRecord};
 use report::{DestinationInfo, DiskSize, PhaseTimes, Progress, Reporter, Summary};
-use source::{InitialState, SourceQemu};
+use settle::{Outcome, Settle};
+use source::SourceQemu;
 
-use crate::protocol::{AgentMessage, SourceMessage};
+use crate::protocol::AgentMessage;
+use crate::status::{MigrationInfo, MigrationStatus};
 
 /// What `ferry migrate` was asked to do.
 #[derive(Debug, Clone)]
@@ -64,6 +83,11 @@ pub struct MigrateOptions {
     pub mirror_speed: Option<u64>,
     /// How long a mirror's remaining work may fail to shrink before it goes write-blocking.
     pub converge_after: Duration,
+    /// Where the source journal lives.
+    pub state_dir: PathBuf,
+    /// How long to keep trying to reach the agent when the source QEMU completed and only the
+    /// agent can confirm the hand-over.
+    pub agent_wait: Duration,
 }
 
 impl MigrateOptions {
@@ -78,6 +102,8 @@ impl MigrateOptions {
             sync_writes: false,
             mirror_speed: None,
             converge_after: Duration::from_secs(10),
+            state_dir: PathBuf::from(journal::DEFAULT_STATE_DIR),
+            agent_wait: Duration::from_secs(60),
         }
     }
 }
@@ -142,6 +168,11 @@ impl Failure {
 const RAM_POLL: Duration = Duration::from_millis(250);
 const SWITCH_POLL: Duration = Duration::from_millis(5);
 const SWITCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// The migration capabilities ferry needs on the source: `events` (the pause at
+/// pre-switchover is noticed at once), `pause-before-switchover` (the final disk sync happens
+/// with the guest stopped) and `return-path` (the migration completes only once the destination
+/// loaded the whole state, and fails, resuming the source, if it could not).
+const CAPABILITIES: [&str; 3] = ["events", "pause-before-switchover", "return-path"];
 
 /// Runs a whole migration. On failure the rollback has already happened when this returns; the
 /// last event reported is `Completed` or `Failed`.
@@ -162,70 +193,197 @@ pub async fn migrate(
     result
 }
 
+/// Connects to the source QEMU's monitor, as a failure of `phase`.
+async fn connect(opts: &MigrateOptions, phase: PhaseName) -> Result<SourceQemu, Failure> {
+    let qmp = qmp::Qmp::connect_unix(&opts.qmp_socket)
+        .await
+        .map_err(|e| Failure::new(phase, crate::error_chain(&e)))?;
+    Ok(SourceQemu::new(qmp))
+}
+
 async fn run(
     opts: &MigrateOptions,
     reporter: &mut dyn Reporter,
     cancel: &CancellationToken,
 ) -> Result<Summary, Failure> {
     let started = Instant::now();
-    let discover = |e: String| Failure::new(PhaseName::Discover, e);
-    let qmp = qmp::Qmp::connect_unix(&opts.qmp_socket)
-        .await
-        .map_err(|e| discover(crate::error_chain(&e)))?;
-    let qemu = SourceQemu { qmp };
-    let (vm, initial) = qemu
+    let qemu = connect(opts, PhaseName::Discover).await?;
+    let vm = qemu
         .discover()
         .await
-        .map_err(|e| discover(crate::error_chain(&e)))?;
+        .map_err(|e| Failure::new(PhaseName::Discover, crate::error_chain(&e)))?;
+    let journal = Journal::for_socket(&opts.state_dir, &opts.qmp_socket);
+    match journal.read() {
+        Ok(None) => {}
+        Ok(Some(record)) => {
+            return Err(Failure::new(
+                PhaseName::Discover,
+                format!(
+                    "migration {} of this VM was interrupted: run `ferry recover --qmp {}` first",
+                    record.migration_id,
+                    opts.qmp_socket.display()
+                ),
+            ))
+        }
+        Err(e) => {
+            return Err(Failure::new(
+                PhaseName::Discover,
+                format!(
+                    "cannot read the journal {}: {e}; check --state-dir",
+                    journal.path().display()
+                ),
+            ))
+        }
+    }
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let mut m = Migration {
-        jobs: mirror::plan(&vm.disks, &tag),
+        stops: qemu.events(),
         qemu,
-        initial,
+        journal,
+        record: None,
         link: None,
-        nodes_added: Vec::new(),
-        migration_started: false,
-        capability_set: false,
         phases: PhaseTimes::default(),
+        disk_bytes: 0,
     };
-    match m.forward(opts, &vm, reporter, cancel, started).await {
-        Ok(summary) => Ok(summary),
-        Err(mut failure) => {
-            if failure.phase < PhaseName::Finish {
-                m.rollback(&failure.error).await;
-            }
-            failure.source_running = m
-                .qemu
-                .status()
+    let forward = m.forward(opts, &vm, &tag, reporter, cancel, started).await;
+    let Some(record) = m.record.take() else {
+        // Nothing was created in the source QEMU; dropping the connection makes the agent roll
+        // back whatever it prepared.
+        let mut failure = forward.err().unwrap_or_else(|| {
+            Failure::new(
+                PhaseName::Negotiate,
+                "the migration ended before it started",
+            )
+        });
+        failure.source_running = m.source_running().await;
+        return Err(failure);
+    };
+    let reason = match &forward {
+        Ok(()) => "completed".to_string(),
+        Err(f) => f.to_string(),
+    };
+    let switch_start = Instant::now();
+    let outcome = Settle {
+        qemu: Some(&m.qemu),
+        journal: &m.journal,
+        token: &opts.token,
+        link: m.link.take(),
+        agent_wait: opts.agent_wait,
+        reason,
+    }
+    .run(record)
+    .await;
+    match (forward, outcome) {
+        (
+            _,
+            Outcome::Destination {
+                running:
+                    AgentMessage::Running {
+                        pid,
+                        qmp,
+                        resumed_at_us,
+                        allocated_bytes,
+                    },
+                info,
+            },
+        ) => {
+            m.phases.switchover = m
+                .phases
+                .switchover
+                .saturating_add(switch_start.elapsed().as_millis() as u64);
+            let stop_us = m
+                .stops
+                .wait_for(|e| e.name == "STOP", Duration::from_millis(100))
                 .await
-                .map(|(running, _)| running)
-                .unwrap_or(false);
+                .ok()
+                .map(|e| e.timestamp.as_micros());
+            let info = info.unwrap_or_else(|| MigrationInfo::from_json(&serde_json::Value::Null));
+            Ok(Summary {
+                downtime_ms: info.downtime_ms,
+                stop_to_resume_ms: match (stop_us, resumed_at_us) {
+                    (Some(stop), Some(resume)) => Some(resume.saturating_sub(stop) as f64 / 1000.0),
+                    _ => None,
+                },
+                total_ms: started.elapsed().as_millis() as u64,
+                phases_ms: m.phases.clone(),
+                disk_bytes: m.disk_bytes,
+                ram_bytes: info.ram_transferred,
+                destination_allocated_bytes: allocated_bytes,
+                destination: DestinationInfo { pid, qmp },
+            })
+        }
+        (Err(mut failure), Outcome::Source { .. }) => {
+            failure.source_running = m.source_running().await;
             Err(failure)
         }
+        (Ok(()), Outcome::Source { why }) => Err(Failure {
+            phase: PhaseName::Finish,
+            error: format!("the destination did not take the VM: {why}; it runs on the source"),
+            source_running: m.source_running().await,
+        }),
+        (forward, Outcome::Undecided { why }) => {
+            let phase = forward.err().map_or(PhaseName::Finish, |f| f.phase);
+            Err(Failure {
+                phase,
+                error: why,
+                source_running: false,
+            })
+        }
+        (_, Outcome::Destination { running, .. }) => Err(Failure::new(
+            PhaseName::Finish,
+            format!("the agent sent an unexpected {}", running.kind()),
+        )),
     }
 }
 
-/// One migration's state on the source: what exists and must be undone on failure.
+/// One migration on the source: what exists and the journal that names it.
 struct Migration {
     qemu: SourceQemu,
-    initial: InitialState,
+    journal: Journal,
+    /// What the journal holds (None until something is created in the source QEMU).
+    record: Option<SourceRecord>,
     link: Option<AgentLink>,
-    jobs: Vec<MirrorJob>,
-    nodes_added: Vec<String>,
-    migration_started: bool,
-    capability_set: bool,
+    /// Subscribed before the migration, so the source's STOP event is not missed.
+    stops: qmp::Events,
     phases: PhaseTimes,
+    disk_bytes: u64,
 }
 
 impl Migration {
+    /// Journals `record` before acting on it: a failure to write stops the migration.
+    fn journal(&mut self, record: SourceRecord, phase: PhaseName) -> Result<(), Failure> {
+        self.journal.write(&record).map_err(|e| {
+            Failure::new(
+                phase,
+                format!(
+                    "cannot write the journal {}: {e}; check --state-dir",
+                    self.journal.path().display()
+                ),
+            )
+        })?;
+        self.record = Some(record);
+        Ok(())
+    }
+
+    async fn source_running(&self) -> bool {
+        self.qemu
+            .status()
+            .await
+            .map(|(running, _)| running)
+            .unwrap_or(false)
+    }
+
+    /// Drives the migration up to the source QEMU's `completed`. Whatever this returns, the
+    /// caller settles it.
     async fn forward(
         &mut self,
         opts: &MigrateOptions,
         vm: &crate::vm::VmDescription,
+        tag: &str,
         reporter: &mut dyn Reporter,
         cancel: &CancellationToken,
         started: Instant,
-    ) -> Result<Summary, Failure> {
+    ) -> Result<(), Failure> {
         let negotiate = |e: String| Failure::new(PhaseName::Negotiate, e);
         let interrupted = |phase| Failure::new(phase, "interrupted");
         let link = tokio::select! {
@@ -237,9 +395,10 @@ impl Migration {
             _ = cancel.cancelled() => return Err(interrupted(PhaseName::Negotiate)),
             prepared = link.prepare(vm) => prepared.map_err(|e| negotiate(e.to_string()))?,
         };
+        let host = link.host.clone();
         info!(%migration_id, nbd_port, "agent prepared storage");
         reporter.report(&Progress::Prepared {
-            migration_id,
+            migration_id: migration_id.clone(),
             disks: vm
                 .disks
                 .iter()
@@ -253,11 +412,20 @@ impl Migration {
 
         // Mirror every disk.
         let mirror_start = Instant::now();
-        let mut events = self.qemu.qmp.events();
-        let mut stops = self.qemu.qmp.events();
-        let host = link.host.clone();
         let fail_mirror = |e: String| Failure::new(PhaseName::Mirror, e);
-        for job in &self.jobs {
+        let jobs = mirror::plan(&vm.disks, tag);
+        let mut record = SourceRecord {
+            phase: SourcePhase::Mirror,
+            migration_id,
+            to: opts.to.clone(),
+            jobs: jobs.clone(),
+            capabilities: Vec::new(),
+            resume: vm.running,
+            qemu_pid: self.qemu.pid(),
+        };
+        self.journal(record.clone(), PhaseName::Mirror)?;
+        let mut events = self.qemu.events();
+        for job in &jobs {
             let export = exports.iter().find(|x| x.disk == job.disk).ok_or_else(|| {
                 fail_mirror(format!(
                     "the agent prepared no export for disk {}",
@@ -268,7 +436,6 @@ impl Migration {
                 .add_nbd_target(&job.node, &host, nbd_port, &export.export)
                 .await
                 .map_err(|e| fail_mirror(crate::error_chain(&e)))?;
-            self.nodes_added.push(job.node.clone());
             let disk = vm
                 .disks
                 .iter()
@@ -289,16 +456,9 @@ impl Migration {
             .link
             .as_mut()
             .ok_or_else(|| fail_mirror("lost the agent".into()))?;
-        let disk_bytes = mirror::wait_ready(
-            &self.qemu,
-            &self.jobs,
-            &mut events,
-            reporter,
-            cancel,
-            link,
-            opts,
-        )
-        .await?;
+        self.disk_bytes =
+            mirror::wait_ready(&self.qemu, &jobs, &mut events, reporter, cancel, link, opts)
+                .await?;
         self.phases.mirror = mirror_start.elapsed().as_millis() as u64;
 
         // Destination QEMU and the RAM.
@@ -309,20 +469,23 @@ impl Migration {
             port = link.start_destination() => port.map_err(|e| start_fail(e.to_string()))?,
         };
         let ram_fail = |e: String| Failure::new(PhaseName::Ram, e);
-        // `events` makes QEMU announce each status change (MIGRATION), so the pause at
-        // pre-switchover is noticed at once instead of at the next progress poll.
-        for capability in ["events", "pause-before-switchover"] {
+        record.capabilities = self
+            .qemu
+            .capabilities_off(&CAPABILITIES)
+            .await
+            .map_err(|e| ram_fail(crate::error_chain(&e)))?;
+        record.phase = SourcePhase::Ram;
+        self.journal(record.clone(), PhaseName::Ram)?;
+        for capability in &record.capabilities {
             self.qemu
                 .set_capability(capability, true)
                 .await
                 .map_err(|e| ram_fail(crate::error_chain(&e)))?;
-            self.capability_set = true;
         }
         self.qemu
             .migrate(&host, port)
             .await
             .map_err(|e| ram_fail(crate::error_chain(&e)))?;
-        self.migration_started = true;
         self.wait_pre_switchover(opts, &mut events, reporter, cancel)
             .await?;
         self.phases.ram = ram_start.elapsed().as_millis() as u64;
@@ -330,66 +493,29 @@ impl Migration {
         // Switchover: the guest is stopped from here until it resumes on the destination.
         let switch_start = Instant::now();
         reporter.report(&Progress::Switchover);
+        crate::faults::hold("source-pre-switchover").await;
         let switch_fail = |e: String| Failure::new(PhaseName::Switchover, e);
-        mirror::final_sync(&self.qemu, &self.jobs, &mut events, SWITCH_TIMEOUT).await?;
+        mirror::final_sync(&self.qemu, &jobs, &mut events, SWITCH_TIMEOUT).await?;
         self.qemu
             .migrate_continue()
             .await
             .map_err(|e| switch_fail(crate::error_chain(&e)))?;
-        let info = self.wait_completed().await?;
-
-        // The destination owns the VM now. Nothing below may resume the source. The agent is told
-        // first: the idle NBD nodes are removed once the guest runs again, off the pause.
-        let finish_fail = |e: String| Failure::new(PhaseName::Finish, e);
-        let link = self
-            .link
-            .as_mut()
-            .ok_or_else(|| finish_fail("lost the agent".into()))?;
-        let running = link.switched().await.map_err(|e| {
-            finish_fail(format!(
-                "{e}; the VM has switched over and the agent finishes it on its own (the source stays paused)"
-            ))
-        })?;
-        self.phases.switchover = switch_start.elapsed().as_millis() as u64;
-        for node in std::mem::take(&mut self.nodes_added) {
-            if let Err(e) = self.qemu.del_node(&node).await {
-                warn!(%node, error = %crate::error_chain(&e), "removing NBD node after switchover");
-            }
-        }
-        let stop_us = stops
-            .wait_for(|e| e.name == "STOP", Duration::from_millis(100))
+        crate::faults::hold("source-continued").await;
+        let info = self
+            .qemu
+            .wait_migration(SWITCH_TIMEOUT, SWITCH_POLL, MigrationStatus::is_final)
             .await
-            .ok()
-            .map(|e| e.timestamp.as_micros());
-        if let Err(e) = self.qemu.quit().await {
-            warn!(error = %crate::error_chain(&e), "source QEMU did not quit");
+            .map_err(|e| switch_fail(crate::error_chain(&e)))?;
+        self.phases.switchover = switch_start.elapsed().as_millis() as u64;
+        if info.status != MigrationStatus::Completed {
+            return Err(switch_fail(format!(
+                "migration {} at the switchover: {}",
+                info.status,
+                info.why()
+            )));
         }
-        let AgentMessage::Running {
-            pid,
-            qmp,
-            resumed_at_us,
-            allocated_bytes,
-        } = running
-        else {
-            return Err(finish_fail("agent sent an unexpected reply".into()));
-        };
-        Ok(Summary {
-            downtime_ms: info.get("downtime").and_then(Value::as_u64),
-            stop_to_resume_ms: match (stop_us, resumed_at_us) {
-                (Some(stop), Some(resume)) => Some((resume - stop) as f64 / 1000.0),
-                _ => None,
-            },
-            total_ms: started.elapsed().as_millis() as u64,
-            phases_ms: self.phases.clone(),
-            disk_bytes,
-            ram_bytes: info
-                .get("ram")
-                .and_then(|r| r.get("transferred"))
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
-            destination_allocated_bytes: allocated_bytes,
-            destination: DestinationInfo { pid, qmp },
-        })
+        crate::faults::hold("source-completed").await;
+        Ok(())
     }
 
     async fn wait_pre_switchover(
@@ -419,26 +545,22 @@ impl Migration {
                 // rather than at the next poll.
                 event = events.next() => {
                     let event = event.map_err(|e| fail(format!("source QEMU: {}", crate::error_chain(&e))))?;
-                    if event.name == "MIGRATION" && event.data.get("status").and_then(Value::as_str) == Some("pre-switchover") {
+                    if event.name == "MIGRATION" && event.data.get("status").and_then(serde_json::Value::as_str) == Some("pre-switchover") {
                         return Ok(());
                     }
                 }
                 _ = tick.tick() => {
                     let info = self.qemu.query_migrate().await.map_err(|e| fail(crate::error_chain(&e)))?;
-                    let status = info.get("status").and_then(Value::as_str).unwrap_or("").to_string();
-                    let ram = info.get("ram");
-                    let field = |k: &str| ram.and_then(|r| r.get(k)).and_then(Value::as_u64).unwrap_or(0);
                     reporter.report(&Progress::Ram {
-                        status: status.clone(),
-                        transferred: field("transferred"),
-                        remaining: field("remaining"),
-                        total: field("total"),
+                        status: info.status.to_string(),
+                        transferred: info.ram_transferred,
+                        remaining: info.ram_remaining,
+                        total: info.ram_total,
                     });
-                    match status.as_str() {
-                        "pre-switchover" => return Ok(()),
-                        "failed" | "cancelled" | "cancelling" => {
-                            let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
-                            return Err(fail(format!("RAM migration {status}: {why}")));
+                    match info.status {
+                        MigrationStatus::PreSwitchover => return Ok(()),
+                        MigrationStatus::Failed | MigrationStatus::Cancelled | MigrationStatus::Cancelling => {
+                            return Err(fail(format!("RAM migration {}: {}", info.status, info.why())));
                         }
                         _ => {}
                     }
@@ -446,86 +568,80 @@ impl Migration {
             }
         }
     }
+}
 
-    async fn wait_completed(&mut self) -> Result<Value, Failure> {
-        let fail = |e: String| Failure::new(PhaseName::Switchover, e);
-        let deadline = Instant::now() + SWITCH_TIMEOUT;
-        loop {
-            let info = self
-                .qemu
-                .query_migrate()
-                .await
-                .map_err(|e| fail(crate::error_chain(&e)))?;
-            match info.get("status").and_then(Value::as_str).unwrap_or("") {
-                "completed" => return Ok(info),
-                "failed" | "cancelled" => {
-                    let why = info
-                        .get("error-desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("no reason given");
-                    return Err(fail(format!("migration failed at the switchover: {why}")));
-                }
-                _ if Instant::now() >= deadline => {
-                    return Err(fail("the switchover did not complete".into()))
-                }
-                _ => tokio::time::sleep(SWITCH_POLL).await,
-            }
-        }
-    }
+/// What `ferry recover` did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recovered {
+    /// The interrupted migration.
+    pub migration_id: String,
+    /// Who has the VM now.
+    pub outcome: Outcome,
+}
 
-    /// Undo everything before the switchover. Each step runs whatever the others did.
-    async fn rollback(&mut self, reason: &str) {
-        warn!(%reason, "rolling back");
-        if self.migration_started {
-            if let Err(e) = self.qemu.migrate_cancel().await {
-                warn!(error = %crate::error_chain(&e), "rollback: migrate_cancel");
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                match self.qemu.query_migrate().await {
-                    Ok(info)
-                        if !matches!(
-                            info.get("status").and_then(Value::as_str),
-                            Some("active" | "cancelling" | "pre-switchover" | "device" | "setup")
-                        ) =>
-                    {
-                        break
-                    }
-                    Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-                    Err(_) => break,
-                }
-            }
+/// Settles an interrupted migration of the VM behind `opts.qmp_socket` from its journal:
+/// `Ok(None)` when there is none. `to` overrides the journaled agent address.
+pub async fn recover(opts: &MigrateOptions, to: Option<&str>) -> Result<Option<Recovered>, String> {
+    let journal = Journal::for_socket(&opts.state_dir, &opts.qmp_socket);
+    let mut record = match journal.read() {
+        Ok(Some(record)) => record,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            return Err(format!(
+                "cannot read the journal {}: {e}",
+                journal.path().display()
+            ))
         }
-        mirror::abandon(&self.qemu, &self.jobs, &self.nodes_added).await;
-        self.nodes_added.clear();
-        if self.capability_set {
-            for capability in ["pause-before-switchover", "events"] {
-                let _ = self.qemu.set_capability(capability, false).await;
-            }
-        }
-        if let Some(mut link) = self.link.take() {
-            // Wait for the agent to hang up: it has then killed the destination QEMU, so resuming
-            // the source below can never make two copies run.
-            if link
-                .send(&SourceMessage::Abort {
-                    reason: reason.to_string(),
-                })
-                .await
-                .is_ok()
-            {
-                let _ = tokio::time::timeout(Duration::from_secs(15), async {
-                    while link.recv().await.is_ok() {}
-                })
-                .await;
-            }
-        }
-        if self.initial.running {
-            if let Ok((false, state)) = self.qemu.status().await {
-                info!(%state, "resuming the source guest");
-                if let Err(e) = self.qemu.cont().await {
-                    warn!(error = %crate::error_chain(&e), "rollback: cannot resume the source guest");
-                }
-            }
-        }
+    };
+    if let Some(to) = to {
+        record.to = to.to_string();
     }
+    let qemu = match connect(opts, PhaseName::Discover).await {
+        Ok(qemu) => Some(qemu),
+        Err(_) if !record.qemu_pid.is_some_and(pid_exists) => None,
+        Err(f) => {
+            return Err(format!(
+                "cannot reach the source QEMU ({}); nothing was changed: is another QMP client \
+                 connected to {}?",
+                f.error,
+                opts.qmp_socket.display()
+            ))
+        }
+    };
+    let restarted = match (&qemu, record.qemu_pid) {
+        (Some(q), Some(pid)) => q.pid().is_some_and(|p| p != pid),
+        _ => false,
+    };
+    if restarted {
+        // The QEMU behind the socket is not the one that migrated: whatever the old one did, this
+        // one owns its VM now. The destination must not start.
+        let _ = control::resolve(&record.to, &opts.token, &record.migration_id, false).await;
+        journal.remove().map_err(|e| e.to_string())?;
+        return Ok(Some(Recovered {
+            migration_id: record.migration_id,
+            outcome: Outcome::Source {
+                why: "the source QEMU was restarted since; the destination was told to roll back"
+                    .into(),
+            },
+        }));
+    }
+    let migration_id = record.migration_id.clone();
+    let outcome = Settle {
+        qemu: qemu.as_ref(),
+        journal: &journal,
+        token: &opts.token,
+        link: None,
+        agent_wait: opts.agent_wait,
+        reason: "an interrupted migration was recovered".into(),
+    }
+    .run(record)
+    .await;
+    Ok(Some(Recovered {
+        migration_id,
+        outcome,
+    }))
+}
+
+fn pid_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }

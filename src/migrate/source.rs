@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use qmp::qapi::qmp as q;
 use serde_json::{json, Value};
 
+use crate::status::{wait_migration, BlockJob, MigrationInfo, MigrationStatus, WaitError};
 use crate::vm::{safe_name, DiskDescription, VmDescription};
 
 /// A QMP failure on the source, with what was being done.
@@ -43,20 +44,27 @@ pub fn ctx(what: impl Into<String>) -> impl FnOnce(qmp::Error) -> SourceError {
 /// The source QEMU's QMP connection.
 #[derive(Clone)]
 pub struct SourceQemu {
-    /// The connection (public so that callers can subscribe to events).
-    pub qmp: qmp::Qmp,
-}
-
-/// The VM's state at the start, to restore on rollback.
-#[derive(Debug, Clone, Copy)]
-pub struct InitialState {
-    /// Whether the guest was running (ferry resumes it after a rollback only if so).
-    pub running: bool,
+    qmp: qmp::Qmp,
 }
 
 impl SourceQemu {
+    /// Wraps a connection to the source QEMU's monitor.
+    pub fn new(qmp: qmp::Qmp) -> SourceQemu {
+        SourceQemu { qmp }
+    }
+
+    /// A subscription to the QEMU's events from now on.
+    pub fn events(&self) -> qmp::Events {
+        self.qmp.events()
+    }
+
+    /// The QEMU's pid (the QMP peer's).
+    pub fn pid(&self) -> Option<u32> {
+        self.qmp.peer_pid()
+    }
+
     /// Reads the VM: its state, argv (through the QMP peer's pid), machine type and disks.
-    pub async fn discover(&self) -> Result<(VmDescription, InitialState), DiscoverError> {
+    pub async fn discover(&self) -> Result<VmDescription, DiscoverError> {
         let (running, state) = self.status().await?;
         if !matches!(state.as_str(), "running" | "paused") {
             return Err(DiscoverError::Unsupported(format!(
@@ -71,15 +79,12 @@ impl SourceQemu {
             .await
             .map_err(ctx("query-block"))?;
         let disks = disks_from_query_block(&blocks)?;
-        Ok((
-            VmDescription {
-                argv,
-                machine,
-                disks,
-                running,
-            },
-            InitialState { running },
-        ))
+        Ok(VmDescription {
+            argv,
+            machine,
+            disks,
+            running,
+        })
     }
 
     fn argv(&self) -> Result<Vec<String>, DiscoverError> {
@@ -200,14 +205,49 @@ impl SourceQemu {
         Ok(())
     }
 
-    /// The block jobs' raw list (`device`, `offset`, `len`, `ready`, `status`).
-    pub async fn block_jobs(&self) -> Result<Vec<Value>, SourceError> {
+    /// The block jobs.
+    pub async fn block_jobs(&self) -> Result<Vec<BlockJob>, SourceError> {
         let jobs = self
             .qmp
             .execute_raw("query-block-jobs", Value::Null)
             .await
             .map_err(ctx("query-block-jobs"))?;
-        Ok(jobs.as_array().cloned().unwrap_or_default())
+        Ok(BlockJob::list_from_json(&jobs))
+    }
+
+    /// The names of the block nodes.
+    pub async fn node_names(&self) -> Result<Vec<String>, SourceError> {
+        let nodes = self
+            .qmp
+            .execute_raw("query-named-block-nodes", json!({"flat": true}))
+            .await
+            .map_err(ctx("query-named-block-nodes"))?;
+        Ok(nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.get("node-name")?.as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// Of `names`, the migration capabilities that are off now.
+    pub async fn capabilities_off(&self, names: &[&str]) -> Result<Vec<String>, SourceError> {
+        let caps = self
+            .qmp
+            .execute_raw("query-migrate-capabilities", Value::Null)
+            .await
+            .map_err(ctx("query-migrate-capabilities"))?;
+        let on = |name: &str| {
+            caps.as_array().into_iter().flatten().any(|c| {
+                c.get("capability").and_then(Value::as_str) == Some(name)
+                    && c.get("state").and_then(Value::as_bool) == Some(true)
+            })
+        };
+        Ok(names
+            .iter()
+            .filter(|n| !on(n))
+            .map(|n| n.to_string())
+            .collect())
     }
 
     /// Sets one migration capability.
@@ -224,11 +264,7 @@ impl SourceQemu {
 
     /// Starts the RAM migration to `host:port`.
     pub async fn migrate(&self, host: &str, port: u16) -> Result<(), SourceError> {
-        let host = if host.contains(':') {
-            format!("[{host}]")
-        } else {
-            host.to_string()
-        };
+        let host = crate::protocol::uri_host(host);
         self.qmp
             .execute_raw("migrate", json!({"uri": format!("tcp:{host}:{port}")}))
             .await
@@ -236,12 +272,21 @@ impl SourceQemu {
         Ok(())
     }
 
-    /// `query-migrate`, raw (its fields differ between versions).
-    pub async fn query_migrate(&self) -> Result<Value, SourceError> {
-        self.qmp
-            .execute_raw("query-migrate", Value::Null)
+    /// `query-migrate`.
+    pub async fn query_migrate(&self) -> Result<MigrationInfo, SourceError> {
+        MigrationInfo::query(&self.qmp)
             .await
             .map_err(ctx("query-migrate"))
+    }
+
+    /// Polls `query-migrate` until `done` holds for the status (see [`wait_migration`]).
+    pub async fn wait_migration(
+        &self,
+        timeout: std::time::Duration,
+        every: std::time::Duration,
+        done: impl Fn(&MigrationStatus) -> bool,
+    ) -> Result<MigrationInfo, WaitError> {
+        wait_migration(&self.qmp, timeout, every, done).await
     }
 
     /// Lets a migration paused at `pre-switchover` finish.

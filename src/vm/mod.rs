@@ -47,7 +47,9 @@ pub struct DiskDescription {
 impl VmDescription {
     /// The sum of the disks' sizes: what the destination needs in the worst case.
     pub fn total_disk_bytes(&self) -> u64 {
-        self.disks.iter().map(|d| d.size).sum()
+        self.disks
+            .iter()
+            .fold(0u64, |sum, d| sum.saturating_add(d.size))
     }
 }
 

@@ -99,12 +99,18 @@ impl MigrateRun {
     }
 }
 
+/// The source state directory of a test: beside its token file, so each test has its own.
+pub fn state_dir(token_file: &Path) -> PathBuf {
+    token_file.parent().expect("token dir").join("source-state")
+}
+
 pub fn migrate_command(qmp: &Path, to: &str, token_file: &Path) -> Command {
     let mut cmd = Command::new(FERRY);
     cmd.args(["migrate", "--json", "--qmp"])
         .arg(qmp)
         .args(["--to", to, "--token-file"])
         .arg(token_file)
+        .env("FERRY_STATE_DIR", state_dir(token_file))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     cmd

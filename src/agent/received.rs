@@ -1,0 +1,385 @@
+//! One migration on the agent: everything it created on this host (directory, images, NBD
+//! exports, destination QEMU) and the transitions between its journaled [`Phase`]s.
+//!
+//! ```text
+//!  Receiving ──start_destination──► Started ──commit──► Resuming ──cont, reply──► Running
+//!      │                               │   (incoming completed,
+//!      │                               │    images fdatasynced)
+//!      └────────── rollback ◄──────────┘ (abort, QEMU dead: it never ran)
+//! ```
+//!
+//! Each transition is journaled before it is acted on. `rollback` (kill the destination, stop
+//! serving, remove the directory) is allowed only before `Resuming`: from there the guest may
+//! have run here and nothing of it is ever removed. A paused VM goes from `Started` straight to
+//! `Running` (there is no `cont`).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+
+use super::destination::{Destination, DestinationError};
+use super::storage::{self, MigrationDir, Phase, Record};
+use super::AgentConfig;
+use crate::nbd::{Export, NbdServer, ServerConfig};
+use crate::protocol::{self, AgentMessage, ExportInfo};
+use crate::status::MigrationStatus;
+use crate::vm::argv::{self, RewriteContext};
+use crate::vm::VmDescription;
+
+/// How long the incoming migration may take to complete once the source says it switched over
+/// (with the return path on it has normally completed already).
+const SWITCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Everything one migration created on this host.
+pub struct Received {
+    /// The migration's directory (its name is the migration id).
+    pub dir: MigrationDir,
+    argv: Vec<String>,
+    ctx: RewriteContext,
+    /// Disk names, in the VM description's order; `images` and `exports` follow it.
+    disks: Vec<String>,
+    images: Vec<PathBuf>,
+    exports: Vec<String>,
+    nbd: Option<NbdServer>,
+    destination: Option<Destination>,
+    record: Record,
+}
+
+impl Received {
+    /// Preflight, then directory, images and NBD exports. Refusals leave nothing behind.
+    pub async fn prepare(
+        vm: &VmDescription,
+        config: &AgentConfig,
+        ip: IpAddr,
+    ) -> Result<Received, String> {
+        storage::preflight(&config.storage, vm).map_err(|e| e.to_string())?;
+        let binary = config
+            .qemu_binary
+            .clone()
+            .unwrap_or_else(|| default_binary(vm));
+        // Dry run with the final paths' shape, so an argv we cannot run is refused before
+        // anything is created.
+        let probe = context(&binary, &config.storage.join("probe"), vm);
+        argv::rewrite(vm, &probe).map_err(|e| format!("the VM's command line: {e}"))?;
+        check_host_files(vm)?;
+
+        let dir = MigrationDir::create(&config.storage, vm.running).map_err(|e| e.to_string())?;
+        let ctx = context(&binary, &dir.path, vm);
+        let mut received = Received {
+            argv: Vec::new(),
+            ctx,
+            disks: Vec::new(),
+            images: Vec::new(),
+            exports: Vec::new(),
+            nbd: None,
+            destination: None,
+            record: Record {
+                phase: Phase::Receiving,
+                resume: vm.running,
+            },
+            dir,
+        };
+        if let Err(e) = received.create_storage(vm, ip).await {
+            received.rollback().await;
+            return Err(e);
+        }
+        Ok(received)
+    }
+
+    /// A migration a previous agent left in `record.phase`, with its destination QEMU
+    /// reattached; `None` when that QEMU is gone.
+    pub async fn reattach(dir: MigrationDir, record: Record) -> Option<Received> {
+        let pid = read_pid(&dir.path)?;
+        let ctx = RewriteContext {
+            binary: String::new(),
+            dir: dir.path.clone(),
+            images: HashMap::new(),
+        };
+        let destination = Destination::attach(pid, &dir.path, &ctx.qmp_socket()).await?;
+        Some(Received {
+            images: dir.images(),
+            argv: Vec::new(),
+            ctx,
+            disks: Vec::new(),
+            exports: Vec::new(),
+            nbd: None,
+            destination: Some(destination),
+            record,
+            dir,
+        })
+    }
+
+    /// The journaled phase.
+    pub fn phase(&self) -> Phase {
+        self.record.phase
+    }
+
+    /// The `Prepared` message for the source.
+    pub fn prepared(&self) -> AgentMessage {
+        AgentMessage::Prepared {
+            migration_id: self.dir.id.clone(),
+            nbd_port: self
+                .nbd
+                .as_ref()
+                .map(|n| n.local_addr().port())
+                .unwrap_or(0),
+            exports: self
+                .disks
+                .iter()
+                .zip(&self.exports)
+                .map(|(disk, export)| ExportInfo {
+                    disk: disk.clone(),
+                    export: export.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn journal(&mut self, phase: Phase) -> Result<(), String> {
+        let record = Record {
+            phase,
+            ..self.record
+        };
+        self.dir.record(record).map_err(|e| e.to_string())?;
+        self.record = record;
+        Ok(())
+    }
+
+    async fn create_storage(&mut self, vm: &VmDescription, ip: IpAddr) -> Result<(), String> {
+        let nbd = NbdServer::bind(SocketAddr::new(ip, 0), ServerConfig::default())
+            .await
+            .map_err(|e| format!("cannot start the NBD server: {e}"))?;
+        self.nbd = Some(nbd.clone());
+        for disk in &vm.disks {
+            let path = self
+                .dir
+                .create_image(&disk.name, disk.size)
+                .map_err(|e| e.to_string())?;
+            let export = protocol::new_nonce();
+            nbd.add_export(Export {
+                name: export.clone(),
+                path: path.clone(),
+                read_only: false,
+            })
+            .map_err(|e| format!("cannot export {}: {e}", path.display()))?;
+            self.disks.push(disk.name.clone());
+            self.images.push(path);
+            self.exports.push(export);
+        }
+        self.argv = argv::rewrite(vm, &self.ctx)
+            .map_err(|e| e.to_string())?
+            .argv;
+        Ok(())
+    }
+
+    /// Starts the destination QEMU paused, waiting for the RAM; returns the port it listens on.
+    /// Journaled `Started` first, so that a restarted agent looks for that QEMU.
+    pub async fn start_destination(&mut self, ip: IpAddr) -> Result<u16, String> {
+        self.journal(Phase::Started)?;
+        let _ = std::fs::write(self.dir.path.join("argv"), self.argv.join("\n"));
+        // Flush the bulk of the mirrored data now, while QEMU starts: the flush at the switchover
+        // (guest paused) then has only the last few blocks to write.
+        let preflush = storage::sync_files(self.images.clone());
+        let (pidfile, qmp_socket) = (self.ctx.pidfile(), self.ctx.qmp_socket());
+        let start = Destination::start(&self.argv, &self.dir.path, &pidfile, &qmp_socket);
+        let (flushed, dest) = tokio::join!(preflush, start);
+        if let Err(e) = flushed {
+            warn!(error = %e, "early flush of the images");
+        }
+        let dest = dest.map_err(|e| crate::error_chain(&e))?;
+        let port = dest.listen(ip).await;
+        self.destination = Some(dest);
+        port.map_err(|e| crate::error_chain(&e))
+    }
+
+    /// Whether the destination QEMU still exists (false before it was started).
+    pub fn destination_alive(&self) -> bool {
+        self.destination.as_ref().is_some_and(Destination::alive)
+    }
+
+    /// The destination's incoming migration status.
+    pub async fn incoming_status(&self) -> Result<MigrationStatus, DestinationError> {
+        match &self.destination {
+            Some(dest) => dest.incoming_status().await,
+            None => Ok(MigrationStatus::None),
+        }
+    }
+
+    /// The source's QEMU completed the migration: hand the VM to the destination QEMU. Answers
+    /// `Running`, or `Abandoned` (after rolling back) when the destination cannot take it and
+    /// never ran, so the source may resume. Also finishes a hand-over a previous agent left in
+    /// `Resuming`. Call [`mark_running`](Self::mark_running) once the answer is sent.
+    pub async fn commit(&mut self) -> AgentMessage {
+        match self.try_commit().await {
+            Ok(running) => running,
+            Err(reason) if self.record.phase < Phase::Resuming => {
+                warn!(migration = %self.dir.id, %reason, "cannot hand the VM over here; the source keeps it");
+                self.rollback().await;
+                AgentMessage::Abandoned {
+                    reason: format!(
+                        "the destination cannot take the VM ({reason}); it never ran there"
+                    ),
+                }
+            }
+            Err(reason) => {
+                // Past `Resuming` the guest may have run here: never undone, never abandoned.
+                error!(migration = %self.dir.id, %reason, "hand-over failed after the guest was started here");
+                AgentMessage::Refused {
+                    reason: format!(
+                        "the VM was started on the destination but then failed ({reason}); \
+                         its disks are kept in {}",
+                        self.dir.path.display()
+                    ),
+                }
+            }
+        }
+    }
+
+    async fn try_commit(&mut self) -> Result<AgentMessage, String> {
+        crate::faults::hold("agent-commit").await;
+        let dest = self.destination.as_ref().ok_or("no destination QEMU")?;
+        if !dest.alive() {
+            return Err("the destination QEMU is gone".into());
+        }
+        if self.record.phase < Phase::Resuming {
+            dest.wait_incoming(SWITCH_TIMEOUT)
+                .await
+                .map_err(|e| crate::error_chain(&e))?;
+            // Every mirror write was answered before the source let the migration complete, so
+            // the images hold the final data; make it durable before the guest can build on it.
+            storage::sync_files(self.images.clone())
+                .await
+                .map_err(|e| crate::error_chain(&e))?;
+            // The point of no return on this host: from here the guest may run here.
+            let next = if self.record.resume {
+                Phase::Resuming
+            } else {
+                Phase::Running
+            };
+            self.journal(next)?;
+        }
+        crate::faults::hold("agent-resuming").await;
+        let mut resumed_at_us = None;
+        let dest = self.destination.as_ref().ok_or("no destination QEMU")?;
+        if self.record.resume {
+            // A restarted agent finishing `Resuming` must not start a guest someone paused since
+            // it was started: `cont` only a guest that never left the incoming pause.
+            let running = dest.running().await.map_err(|e| crate::error_chain(&e))?;
+            if !running && self.record.phase == Phase::Resuming {
+                resumed_at_us = dest.resume().await.map_err(|e| crate::error_chain(&e))?;
+            }
+        }
+        info!(migration = %self.dir.id, pid = dest.pid, "VM running on this host");
+        Ok(AgentMessage::Running {
+            pid: dest.pid,
+            qmp: dest.qmp_path.display().to_string(),
+            resumed_at_us,
+            allocated_bytes: storage::allocated_bytes(&self.images),
+        })
+    }
+
+    /// Records that the hand-over is done (after the answer went out: this write is not in the
+    /// guest's pause). A crash before it leaves `Resuming`, which a restarted agent finishes.
+    pub fn mark_running(&mut self) {
+        if self.record.phase == Phase::Resuming {
+            if let Err(e) = self.journal(Phase::Running) {
+                warn!(error = %e, "recording phase running");
+            }
+        }
+    }
+
+    /// Stops serving the disks (after the switchover: the source's mirrors are done).
+    pub async fn release_nbd(&mut self) {
+        if let Some(nbd) = self.nbd.take() {
+            for export in &self.exports {
+                if let Err(e) = nbd.remove_export(export).await {
+                    warn!(%export, error = %e, "removing export");
+                }
+            }
+            if let Err(e) = nbd.shutdown().await {
+                warn!(error = %e, "stopping NBD server");
+            }
+        }
+    }
+
+    /// Undo everything: kill the destination QEMU, stop serving, remove the directory. Refused
+    /// (logged) from `Resuming` on: the guest may have run here.
+    pub async fn rollback(&mut self) {
+        if self.record.phase >= Phase::Resuming {
+            error!(migration = %self.dir.id, "refusing to roll back a VM that may have run here");
+            return;
+        }
+        if let Some(dest) = self.destination.take() {
+            dest.kill();
+            // The images must not be removed while QEMU may still write them.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while dest.alive() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        } else if let Some(pid) = read_pid(&self.dir.path) {
+            super::destination::kill_if_ours(pid, &self.dir.path);
+        }
+        if let Some(nbd) = self.nbd.take() {
+            let _ = nbd.shutdown().await;
+        }
+        if let Err(e) = self.dir.remove() {
+            warn!(error = %e, "rollback");
+        }
+        info!(migration = %self.dir.id, "rolled back");
+    }
+}
+
+/// The destination QEMU's pid from its pid file.
+pub fn read_pid(dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(dir.join("qemu.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+fn context(binary: &str, dir: &Path, vm: &VmDescription) -> RewriteContext {
+    let images: HashMap<String, PathBuf> = vm
+        .disks
+        .iter()
+        .map(|d| {
+            (
+                d.name.clone(),
+                dir.join(format!("disk-{}.raw", crate::vm::safe_name(&d.name))),
+            )
+        })
+        .collect();
+    RewriteContext {
+        binary: binary.to_string(),
+        dir: dir.to_path_buf(),
+        images,
+    }
+}
+
+/// The source's QEMU binary name (found on this host's PATH), unless `--qemu-binary` says otherwise.
+fn default_binary(vm: &VmDescription) -> String {
+    vm.argv
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "qemu-system-x86_64".to_string())
+}
+
+/// Files the destination QEMU loads by path at start-up must exist here too.
+fn check_host_files(vm: &VmDescription) -> Result<(), String> {
+    let opts = argv::parse(vm.argv.get(1..).unwrap_or_default()).map_err(|e| e.to_string())?;
+    for opt in opts {
+        if matches!(opt.name.as_str(), "kernel" | "initrd" | "bios" | "dtb") {
+            if let Some(path) = opt.value {
+                if !Path::new(&path).exists() {
+                    return Err(format!(
+                        "-{} {path}: no such file on the destination host; copy it to the same path there",
+                        opt.name
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
