@@ -91,8 +91,8 @@ async fn run_in(dir: &Path, qemu: &Path, cancel: &CancellationToken) -> anyhow::
     };
     let outcome = migrate(&opts, &mut reporter, cancel).await;
     stop_agent.cancel();
-    let summary =
-        outcome.map_err(|f| anyhow::anyhow!("migration failed during {}: {}", f.phase, f.error))?;
+    let summary = outcome
+        .map_err(|f| anyhow::anyhow!("migration failed during {}: {}", f.phase, f.line()))?;
     std::fs::write(
         dir.join("destination.pid"),
         summary.destination.pid.to_string(),

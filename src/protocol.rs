@@ -28,9 +28,9 @@
 //!    │       pre-switchover the source cancels the READY    │
 //!    │       mirrors (final sync), migrate-continue, and    │
 //!    │       waits for its QEMU's `completed` ...           │ (incoming completed)
-//!    │ Commit                                               │ journal `committed`, fdatasync the
-//!    │─────────────────────────────────────────────────────►│ images, journal `running`, `cont`;
-//!    │                Running{pid, qmp, resumed_at} | Abandoned  then drops the exports
+//!    │ Commit                                               │ fdatasync the images, journal
+//!    │─────────────────────────────────────────────────────►│ `resuming`, `cont`; reply; journal
+//!    │                Running{pid, qmp, resumed_at} | Abandoned  `running`, drop the exports
 //!    │◄─────────────────────────────────────────────────────│
 //!
 //!  a recovering source, on a new connection after the handshake:

@@ -9,8 +9,9 @@
 //! ```
 //!
 //! Each transition is journaled before it is acted on. `rollback` (kill the destination, stop
-//! serving, remove the directory) is allowed only before `Resuming`: from there the guest may
-//! have run here and nothing of it is ever removed. A paused VM goes from `Started` straight to
+//! serving, remove the directory) is allowed only while the guest cannot have run here: this
+//! agent knows whether it sent `cont`; a restarted agent that finds `Resuming` cannot, so from
+//! there nothing of the migration is ever removed. A paused VM goes from `Started` straight to
 //! `Running` (there is no `cont`).
 
 use std::collections::HashMap;
@@ -46,6 +47,9 @@ pub struct Received {
     nbd: Option<NbdServer>,
     destination: Option<Destination>,
     record: Record,
+    /// Whether this agent may have started the guest: `cont` sent, or a previous agent's
+    /// `Resuming` it cannot see past. Until then a dead destination never ran.
+    may_have_run: bool,
 }
 
 impl Received {
@@ -80,6 +84,7 @@ impl Received {
                 phase: Phase::Receiving,
                 resume: vm.running,
             },
+            may_have_run: false,
             dir,
         };
         if let Err(e) = received.create_storage(vm, ip).await {
@@ -107,6 +112,7 @@ impl Received {
             exports: Vec::new(),
             nbd: None,
             destination: Some(destination),
+            may_have_run: record.phase >= Phase::Resuming,
             record,
             dir,
         })
@@ -215,7 +221,7 @@ impl Received {
     pub async fn commit(&mut self) -> AgentMessage {
         match self.try_commit().await {
             Ok(running) => running,
-            Err(reason) if self.record.phase < Phase::Resuming => {
+            Err(reason) if !self.may_have_run => {
                 warn!(migration = %self.dir.id, %reason, "cannot hand the VM over here; the source keeps it");
                 self.rollback().await;
                 AgentMessage::Abandoned {
@@ -269,6 +275,7 @@ impl Received {
             // it was started: `cont` only a guest that never left the incoming pause.
             let running = dest.running().await.map_err(|e| crate::error_chain(&e))?;
             if !running && self.record.phase == Phase::Resuming {
+                self.may_have_run = true;
                 resumed_at_us = dest.resume().await.map_err(|e| crate::error_chain(&e))?;
             }
         }
@@ -308,7 +315,7 @@ impl Received {
     /// Undo everything: kill the destination QEMU, stop serving, remove the directory. Refused
     /// (logged) from `Resuming` on: the guest may have run here.
     pub async fn rollback(&mut self) {
-        if self.record.phase >= Phase::Resuming {
+        if self.may_have_run || self.record.phase == Phase::Running {
             error!(migration = %self.dir.id, "refusing to roll back a VM that may have run here");
             return;
         }

@@ -80,8 +80,10 @@ impl Registry {
     pub async fn resolve(&self, id: &str, commit: bool) -> AgentMessage {
         let slot = self.slots().get(id).cloned();
         if let Some(slot) = slot {
-            let taken = slot.lock().await.take();
-            if let Some(mut received) = taken {
+            // The lock is held through the commit or rollback: whoever asks next (the original
+            // connection, another recovering source) finds the outcome, never a half-done one.
+            let mut guard = slot.lock().await;
+            if let Some(received) = guard.as_mut() {
                 let reply = if commit {
                     let reply = received.commit().await;
                     received.mark_running();
@@ -93,6 +95,7 @@ impl Registry {
                         reason: format!("migration {id} was rolled back at the source's request"),
                     }
                 };
+                guard.take();
                 self.remove(id);
                 return reply;
             }

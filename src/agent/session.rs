@@ -258,10 +258,14 @@ where
     protocol::write_message(wr, &AgentMessage::DestinationReady { migration_port }).await?;
 
     expect(rd, "Commit").await?;
-    let taken = slot.lock().await.take();
-    let mut received = taken.ok_or(SessionError::TakenOver)?;
+    // Committed under the slot's lock, taken out only once done: a recovering source that asks
+    // meanwhile waits and then reads the outcome from the journal.
+    let mut guard = slot.lock().await;
+    let received = guard.as_mut().ok_or(SessionError::TakenOver)?;
     let reply = received.commit().await;
+    let mut received = guard.take().ok_or(SessionError::TakenOver)?;
     registry.remove(&received.dir.id);
+    drop(guard);
     // The VM runs here now whatever happens to the connection: a lost reply is only logged (a
     // recovering source gets the same answer from the journal).
     if let Err(e) = protocol::write_message(wr, &reply).await {

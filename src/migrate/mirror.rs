@@ -18,9 +18,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::control::AgentLink;
+use super::control::ControlError;
+use super::error::{Failure, MigrateError};
 use super::report::{Progress, Reporter};
 use super::source::SourceQemu;
-use super::{Failure, MigrateOptions, PhaseName};
+use super::{MigrateOptions, PhaseName};
 use crate::vm::DiskDescription;
 
 /// How often job progress is polled and reported.
@@ -71,7 +73,7 @@ pub async fn wait_ready(
     opts: &MigrateOptions,
 ) -> Result<u64, Failure> {
     let (timeout, sync_writes) = (opts.mirror_timeout, opts.sync_writes);
-    let fail = |e: String| Failure::new(PhaseName::Mirror, e);
+    let fail = |e: MigrateError| Failure::new(PhaseName::Mirror, e);
     let deadline = Instant::now() + timeout;
     let mut ready: HashMap<String, bool> = jobs.iter().map(|j| (j.job.clone(), false)).collect();
     let mut trackers: HashMap<String, Tracker> = jobs
@@ -102,23 +104,17 @@ pub async fn wait_ready(
             return Ok(copied);
         }
         tokio::select! {
-            _ = cancel.cancelled() => return Err(fail("interrupted".into())),
+            _ = cancel.cancelled() => return Err(fail(MigrateError::Cancelled)),
             msg = agent.recv() => {
-                let why = match msg {
-                    Ok(_) => "the agent sent a message out of turn".to_string(),
-                    Err(e) => e.to_string(),
-                };
-                return Err(fail(why));
+                let error = msg.err().unwrap_or_else(|| ControlError::Unexpected("message out of turn".into()));
+                return Err(fail(error.into()));
             }
             _ = tokio::time::sleep_until(deadline) => {
                 let waiting: Vec<&str> = jobs.iter().filter(|j| !ready[&j.job]).map(|j| j.disk.as_str()).collect();
-                return Err(fail(format!(
-                    "disks {} did not reach sync within {} s (the guest may write faster than the network; try --sync-writes)",
-                    waiting.join(", "), timeout.as_secs()
-                )));
+                return Err(fail(MigrateError::MirrorTimeout { disks: waiting.join(", "), secs: timeout.as_secs() }));
             }
             event = events.next() => {
-                let event = event.map_err(|e| fail(format!("source QEMU: {}", crate::error_chain(&e))))?;
+                let event = event.map_err(|e| fail(MigrateError::SourceEvents(e)))?;
                 let job_id = event.data.get("device").and_then(Value::as_str).unwrap_or("");
                 let Some(job) = jobs.iter().find(|j| j.job == job_id) else { continue };
                 match event.name.as_str() {
@@ -126,8 +122,8 @@ pub async fn wait_ready(
                         reporter.report(&Progress::MirrorReady { disk: job.disk.clone() });
                     }
                     "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => {
-                        let why = event.data.get("error").and_then(Value::as_str).unwrap_or("the job ended early");
-                        return Err(fail(format!("mirror of disk {} failed: {why}", job.disk)));
+                        let why = event.data.get("error").and_then(Value::as_str).unwrap_or("the job ended early").to_string();
+                        return Err(fail(MigrateError::Mirror { disk: job.disk.clone(), why }));
                     }
                     "BLOCK_JOB_ERROR" => {
                         let op = event.data.get("operation").and_then(Value::as_str).unwrap_or("I/O");
@@ -137,10 +133,10 @@ pub async fn wait_ready(
                 }
             }
             _ = tick.tick() => {
-                let list = qemu.block_jobs().await.map_err(|e| fail(crate::error_chain(&e)))?;
+                let list = qemu.block_jobs().await.map_err(|e| fail(e.into()))?;
                 for job in jobs {
                     let Some(info) = list.iter().find(|j| j.id == job.job) else {
-                        return Err(fail(format!("mirror job of disk {} disappeared", job.disk)));
+                        return Err(fail(MigrateError::Mirror { disk: job.disk.clone(), why: "the job disappeared".into() }));
                     };
                     reporter.report(&Progress::Mirror { disk: job.disk.clone(), done: info.offset, total: info.len });
                     if info.ready && !ready[&job.job] {
@@ -198,11 +194,11 @@ pub async fn final_sync(
     events: &mut qmp::Events,
     timeout: Duration,
 ) -> Result<(), Failure> {
-    let fail = |e: String| Failure::new(PhaseName::Switchover, e);
+    let fail = |e: MigrateError| Failure::new(PhaseName::Switchover, e);
     for job in jobs {
         qemu.cancel_job(&job.job, false)
             .await
-            .map_err(|e| fail(crate::error_chain(&e)))?;
+            .map_err(|e| fail(e.into()))?;
     }
     let mut pending: Vec<&MirrorJob> = jobs.iter().collect();
     let deadline = Instant::now() + timeout;
@@ -214,12 +210,7 @@ pub async fn final_sync(
                 remaining,
             )
             .await
-            .map_err(|e| {
-                fail(format!(
-                    "waiting for the final disk sync: {}",
-                    crate::error_chain(&e)
-                ))
-            })?;
+            .map_err(|e| fail(MigrateError::FinalSyncWait(e)))?;
         let id = event
             .data
             .get("device")
@@ -228,69 +219,77 @@ pub async fn final_sync(
         let Some(pos) = pending.iter().position(|j| j.job == id) else {
             continue;
         };
-        if let Some(err) = event.data.get("error").and_then(Value::as_str) {
-            return Err(fail(format!(
-                "final sync of disk {} failed: {err}",
-                pending[pos].disk
-            )));
-        }
-        if event.name == "BLOCK_JOB_CANCELLED" {
-            return Err(fail(format!(
-                "final sync of disk {} was cancelled",
-                pending[pos].disk
-            )));
+        let why = match event.data.get("error").and_then(Value::as_str) {
+            Some(err) => Some(err.to_string()),
+            None if event.name == "BLOCK_JOB_CANCELLED" => Some("the job was cancelled".into()),
+            None => None,
+        };
+        if let Some(why) = why {
+            let disk = pending[pos].disk.clone();
+            return Err(fail(MigrateError::FinalSync { disk, why }));
         }
         pending.remove(pos);
     }
     Ok(())
 }
 
+/// How long a force-cancelled mirror may take to end. Its writes in flight to the destination
+/// must finish first: behind a cut link that is when TCP delivers or gives up on them.
+const ABANDON_TIMEOUT: Duration = Duration::from_secs(180);
+
 /// Rollback: abandon the jobs that still exist (force-cancel) and remove the NBD nodes that
-/// still exist. Best effort: each step is tried whatever the previous one did.
-pub async fn abandon(qemu: &SourceQemu, jobs: &[MirrorJob]) {
-    let mut events = qemu.events();
-    let mut running = Vec::new();
-    if let Ok(list) = qemu.block_jobs().await {
-        for job in jobs {
-            let exists = list.iter().any(|j| j.id == job.job);
-            if exists && qemu.cancel_job(&job.job, true).await.is_ok() {
-                running.push(job.job.clone());
-            }
+/// still exist. Best effort: each step is tried whatever the previous one did. Returns what is
+/// left (a job that would not end in time, and its node).
+pub async fn abandon(qemu: &SourceQemu, jobs: &[MirrorJob]) -> Vec<String> {
+    let ours = |list: &[crate::status::BlockJob]| -> Vec<MirrorJob> {
+        jobs.iter()
+            .filter(|job| list.iter().any(|j| j.id == job.job))
+            .cloned()
+            .collect()
+    };
+    let mut running = qemu
+        .block_jobs()
+        .await
+        .map(|l| ours(&l))
+        .unwrap_or_default();
+    for job in &running {
+        if let Err(e) = qemu.cancel_job(&job.job, true).await {
+            warn!(disk = %job.disk, error = %crate::error_chain(&e), "cannot cancel mirror");
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !running.is_empty() {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        match events
-            .wait_for(
-                |e| {
-                    matches!(
-                        e.name.as_str(),
-                        "BLOCK_JOB_CANCELLED" | "BLOCK_JOB_COMPLETED"
-                    )
-                },
-                remaining,
-            )
-            .await
-        {
-            Ok(ev) => {
-                let id = ev.data.get("device").and_then(Value::as_str).unwrap_or("");
-                running.retain(|j| j != id);
-            }
-            Err(_) => break,
+    let start = Instant::now();
+    let mut said = false;
+    while !running.is_empty() && start.elapsed() < ABANDON_TIMEOUT {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Ok(list) = qemu.block_jobs().await {
+            running = ours(&list);
+        }
+        if !said && start.elapsed() > Duration::from_secs(10) && !running.is_empty() {
+            let disks: Vec<&str> = running.iter().map(|j| j.disk.as_str()).collect();
+            warn!(disks = %disks.join(", "), "waiting for cancelled mirrors to end: their writes to the destination are still in flight (is the network to it down?)");
+            said = true;
         }
     }
-    remove_nodes(qemu, jobs).await;
+    let mut left: Vec<String> = running
+        .iter()
+        .map(|j| format!("mirror job {}", j.job))
+        .collect();
+    left.extend(remove_nodes(qemu, jobs).await);
+    left
 }
 
-/// Removes the NBD nodes of `jobs` that exist (after the switchover, or in a rollback).
-pub async fn remove_nodes(qemu: &SourceQemu, jobs: &[MirrorJob]) {
+/// Removes the NBD nodes of `jobs` that exist (after the switchover, or in a rollback); returns
+/// the ones that could not be removed.
+pub async fn remove_nodes(qemu: &SourceQemu, jobs: &[MirrorJob]) -> Vec<String> {
     // Deleting a node that is not there is an error: ask first (all of them if QEMU won't say).
     let existing = qemu.node_names().await.ok();
     let exists = |node: &String| existing.as_ref().is_none_or(|e| e.contains(node));
+    let mut left = Vec::new();
     for job in jobs.iter().filter(|j| exists(&j.node)) {
         if let Err(e) = qemu.del_node(&job.node).await {
             warn!(node = %job.node, error = %crate::error_chain(&e), "cannot remove NBD node");
+            left.push(format!("NBD node {}", job.node));
         }
     }
+    left
 }

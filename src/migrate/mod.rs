@@ -6,17 +6,23 @@
 //!  discover         query-status, query-block,
 //!                   qom-get /machine, /proc/PID/cmdline
 //!  negotiate        ─────────── Hello/Challenge/Auth/Prepare ──►  preflight, images, NBD
+//!                   [journal: mirror]                        [journal: receiving]
 //!  mirror           blockdev-add nbd (discard: unmap)
 //!                   blockdev-mirror sync=full ═══ NBD writes ═══►  images
 //!                   ... BLOCK_JOB_READY on every disk
-//!  start-destination ──────────── StartDestination ──────────►  spawn -incoming defer -S ─► late-block-activate
+//!  start-destination ──────────── StartDestination ──────────►  [journal: started]
+//!                                                             spawn -incoming defer -S ─► late-block-activate,
+//!                                                                                         return-path,
 //!                                                                                         migrate-incoming tcp:IP:0
-//!  ram              pause-before-switchover, migrate ═══ RAM ═════════════════════════════►
+//!  ram              [journal: ram] events, return-path,
+//!                   pause-before-switchover, migrate ═══ RAM ═════════════════════════════►
 //!                   ... status pre-switchover (guest stopped)
 //!  switchover       block-job-cancel (final sync) ═══ last dirty blocks ═══► images
-//!                   migrate-continue ... completed            (incoming completed)
-//!  finish           ───────────────────────── Switched ─────►  fdatasync images ────► cont
-//!                   blockdev-del nbd, quit ◄──── Running ─────  drop exports
+//!                   migrate-continue ... completed ◄─ return path ─ (incoming completed)
+//!  finish (settle)  ───────────────────────── Commit ───────►  fdatasync images,
+//!                                                             [journal: resuming] ──────► cont
+//!                   blockdev-del nbd, quit ◄──── Running ─────  [journal: running], drop exports
+//!                   [journal removed]
 //! ```
 //!
 //! The migration is a value moving through [`PhaseName`]s. Before it changes anything in the
@@ -42,6 +48,7 @@
 //! ```
 
 pub mod control;
+pub mod error;
 pub mod journal;
 pub mod mirror;
 pub mod report;
@@ -55,7 +62,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use control::AgentLink;
+use control::{AgentLink, ControlError};
+use error::at;
+pub use error::{Failure, MigrateError};
 use journal::{Journal, SourcePhase, SourceRecord};
 use report::{DestinationInfo, DiskSize, PhaseTimes, Progress, Reporter, Summary};
 use settle::{Outcome, Settle};
@@ -141,29 +150,6 @@ impl std::fmt::Display for PhaseName {
     }
 }
 
-/// A failed migration: the phase and one line of what went wrong.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{phase}: {error}")]
-pub struct Failure {
-    /// Where it failed.
-    pub phase: PhaseName,
-    /// What went wrong.
-    pub error: String,
-    /// Whether the source VM runs (filled in after the rollback).
-    pub source_running: bool,
-}
-
-impl Failure {
-    /// A failure in `phase`.
-    pub fn new(phase: PhaseName, error: impl Into<String>) -> Self {
-        Failure {
-            phase,
-            error: error.into(),
-            source_running: false,
-        }
-    }
-}
-
 /// How often `query-migrate` is polled while the RAM streams, and during the switchover.
 const RAM_POLL: Duration = Duration::from_millis(250);
 const SWITCH_POLL: Duration = Duration::from_millis(5);
@@ -186,7 +172,7 @@ pub async fn migrate(
         Ok(summary) => reporter.report(&Progress::Completed(summary.clone())),
         Err(f) => reporter.report(&Progress::Failed {
             phase: f.phase.to_string(),
-            error: f.error.clone(),
+            error: f.line(),
             source_running: f.source_running,
         }),
     }
@@ -197,7 +183,8 @@ pub async fn migrate(
 async fn connect(opts: &MigrateOptions, phase: PhaseName) -> Result<SourceQemu, Failure> {
     let qmp = qmp::Qmp::connect_unix(&opts.qmp_socket)
         .await
-        .map_err(|e| Failure::new(phase, crate::error_chain(&e)))?;
+        .map_err(source::ctx("connecting to its QMP socket"))
+        .map_err(at(phase))?;
     Ok(SourceQemu::new(qmp))
 }
 
@@ -208,32 +195,20 @@ async fn run(
 ) -> Result<Summary, Failure> {
     let started = Instant::now();
     let qemu = connect(opts, PhaseName::Discover).await?;
-    let vm = qemu
-        .discover()
-        .await
-        .map_err(|e| Failure::new(PhaseName::Discover, crate::error_chain(&e)))?;
+    let vm = qemu.discover().await.map_err(at(PhaseName::Discover))?;
     let journal = Journal::for_socket(&opts.state_dir, &opts.qmp_socket);
-    match journal.read() {
-        Ok(None) => {}
-        Ok(Some(record)) => {
-            return Err(Failure::new(
-                PhaseName::Discover,
-                format!(
-                    "migration {} of this VM was interrupted: run `ferry recover --qmp {}` first",
-                    record.migration_id,
-                    opts.qmp_socket.display()
-                ),
-            ))
-        }
-        Err(e) => {
-            return Err(Failure::new(
-                PhaseName::Discover,
-                format!(
-                    "cannot read the journal {}: {e}; check --state-dir",
-                    journal.path().display()
-                ),
-            ))
-        }
+    let interrupted = journal.read().map_err(|source| MigrateError::Journal {
+        path: journal.path().to_path_buf(),
+        source,
+    });
+    if let Some(record) = interrupted.map_err(at(PhaseName::Discover))? {
+        return Err(Failure::new(
+            PhaseName::Discover,
+            MigrateError::Interrupted {
+                migration_id: record.migration_id,
+                socket: opts.qmp_socket.clone(),
+            },
+        ));
     }
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let mut m = Migration {
@@ -249,18 +224,15 @@ async fn run(
     let Some(record) = m.record.take() else {
         // Nothing was created in the source QEMU; dropping the connection makes the agent roll
         // back whatever it prepared.
-        let mut failure = forward.err().unwrap_or_else(|| {
-            Failure::new(
-                PhaseName::Negotiate,
-                "the migration ended before it started",
-            )
-        });
+        let mut failure = forward
+            .err()
+            .unwrap_or_else(|| Failure::new(PhaseName::Negotiate, MigrateError::Cancelled));
         failure.source_running = m.source_running().await;
         return Err(failure);
     };
     let reason = match &forward {
         Ok(()) => "completed".to_string(),
-        Err(f) => f.to_string(),
+        Err(f) => format!("{}: {}", f.phase, f.line()),
     };
     let switch_start = Instant::now();
     let outcome = Settle {
@@ -318,20 +290,16 @@ async fn run(
         }
         (Ok(()), Outcome::Source { why }) => Err(Failure {
             phase: PhaseName::Finish,
-            error: format!("the destination did not take the VM: {why}; it runs on the source"),
+            error: MigrateError::NotTaken(why),
             source_running: m.source_running().await,
         }),
         (forward, Outcome::Undecided { why }) => {
             let phase = forward.err().map_or(PhaseName::Finish, |f| f.phase);
-            Err(Failure {
-                phase,
-                error: why,
-                source_running: false,
-            })
+            Err(Failure::new(phase, MigrateError::Undecided(why)))
         }
         (_, Outcome::Destination { running, .. }) => Err(Failure::new(
             PhaseName::Finish,
-            format!("the agent sent an unexpected {}", running.kind()),
+            ControlError::Unexpected(running.kind().to_string()),
         )),
     }
 }
@@ -352,13 +320,13 @@ struct Migration {
 impl Migration {
     /// Journals `record` before acting on it: a failure to write stops the migration.
     fn journal(&mut self, record: SourceRecord, phase: PhaseName) -> Result<(), Failure> {
-        self.journal.write(&record).map_err(|e| {
+        self.journal.write(&record).map_err(|source| {
             Failure::new(
                 phase,
-                format!(
-                    "cannot write the journal {}: {e}; check --state-dir",
-                    self.journal.path().display()
-                ),
+                MigrateError::Journal {
+                    path: self.journal.path().to_path_buf(),
+                    source,
+                },
             )
         })?;
         self.record = Some(record);
@@ -384,16 +352,16 @@ impl Migration {
         cancel: &CancellationToken,
         started: Instant,
     ) -> Result<(), Failure> {
-        let negotiate = |e: String| Failure::new(PhaseName::Negotiate, e);
-        let interrupted = |phase| Failure::new(phase, "interrupted");
+        let negotiate = at::<ControlError>(PhaseName::Negotiate);
+        let interrupted = |phase| Failure::new(phase, MigrateError::Cancelled);
         let link = tokio::select! {
             _ = cancel.cancelled() => return Err(interrupted(PhaseName::Negotiate)),
-            link = AgentLink::connect(&opts.to, &opts.token) => link.map_err(|e| negotiate(e.to_string()))?,
+            link = AgentLink::connect(&opts.to, &opts.token) => link.map_err(&negotiate)?,
         };
         let link = self.link.insert(link);
         let (migration_id, nbd_port, exports) = tokio::select! {
             _ = cancel.cancelled() => return Err(interrupted(PhaseName::Negotiate)),
-            prepared = link.prepare(vm) => prepared.map_err(|e| negotiate(e.to_string()))?,
+            prepared = link.prepare(vm) => prepared.map_err(&negotiate)?,
         };
         let host = link.host.clone();
         info!(%migration_id, nbd_port, "agent prepared storage");
@@ -412,7 +380,7 @@ impl Migration {
 
         // Mirror every disk.
         let mirror_start = Instant::now();
-        let fail_mirror = |e: String| Failure::new(PhaseName::Mirror, e);
+        let fail_mirror = at::<MigrateError>(PhaseName::Mirror);
         let jobs = mirror::plan(&vm.disks, tag);
         let mut record = SourceRecord {
             phase: SourcePhase::Mirror,
@@ -426,21 +394,24 @@ impl Migration {
         self.journal(record.clone(), PhaseName::Mirror)?;
         let mut events = self.qemu.events();
         for job in &jobs {
-            let export = exports.iter().find(|x| x.disk == job.disk).ok_or_else(|| {
-                fail_mirror(format!(
-                    "the agent prepared no export for disk {}",
-                    job.disk
-                ))
-            })?;
+            let no_export = || {
+                fail_mirror(MigrateError::NoExport {
+                    disk: job.disk.clone(),
+                })
+            };
+            let export = exports
+                .iter()
+                .find(|x| x.disk == job.disk)
+                .ok_or_else(no_export)?;
             self.qemu
                 .add_nbd_target(&job.node, &host, nbd_port, &export.export)
                 .await
-                .map_err(|e| fail_mirror(crate::error_chain(&e)))?;
+                .map_err(|e| fail_mirror(e.into()))?;
             let disk = vm
                 .disks
                 .iter()
                 .find(|d| d.name == job.disk)
-                .ok_or_else(|| fail_mirror("disk list changed".into()))?;
+                .ok_or_else(no_export)?;
             self.qemu
                 .start_mirror(
                     &job.job,
@@ -450,12 +421,12 @@ impl Migration {
                     opts.mirror_speed,
                 )
                 .await
-                .map_err(|e| fail_mirror(crate::error_chain(&e)))?;
+                .map_err(|e| fail_mirror(e.into()))?;
         }
         let link = self
             .link
             .as_mut()
-            .ok_or_else(|| fail_mirror("lost the agent".into()))?;
+            .ok_or_else(|| fail_mirror(ControlError::Lost("no connection".into()).into()))?;
         self.disk_bytes =
             mirror::wait_ready(&self.qemu, &jobs, &mut events, reporter, cancel, link, opts)
                 .await?;
@@ -463,29 +434,25 @@ impl Migration {
 
         // Destination QEMU and the RAM.
         let ram_start = Instant::now();
-        let start_fail = |e: String| Failure::new(PhaseName::StartDestination, e);
         let port = tokio::select! {
             _ = cancel.cancelled() => return Err(interrupted(PhaseName::StartDestination)),
-            port = link.start_destination() => port.map_err(|e| start_fail(e.to_string()))?,
+            port = link.start_destination() => port.map_err(at::<ControlError>(PhaseName::StartDestination))?,
         };
-        let ram_fail = |e: String| Failure::new(PhaseName::Ram, e);
+        let ram_fail = at::<source::SourceError>(PhaseName::Ram);
         record.capabilities = self
             .qemu
             .capabilities_off(&CAPABILITIES)
             .await
-            .map_err(|e| ram_fail(crate::error_chain(&e)))?;
+            .map_err(&ram_fail)?;
         record.phase = SourcePhase::Ram;
         self.journal(record.clone(), PhaseName::Ram)?;
         for capability in &record.capabilities {
             self.qemu
                 .set_capability(capability, true)
                 .await
-                .map_err(|e| ram_fail(crate::error_chain(&e)))?;
+                .map_err(&ram_fail)?;
         }
-        self.qemu
-            .migrate(&host, port)
-            .await
-            .map_err(|e| ram_fail(crate::error_chain(&e)))?;
+        self.qemu.migrate(&host, port).await.map_err(&ram_fail)?;
         self.wait_pre_switchover(opts, &mut events, reporter, cancel)
             .await?;
         self.phases.ram = ram_start.elapsed().as_millis() as u64;
@@ -494,25 +461,25 @@ impl Migration {
         let switch_start = Instant::now();
         reporter.report(&Progress::Switchover);
         crate::faults::hold("source-pre-switchover").await;
-        let switch_fail = |e: String| Failure::new(PhaseName::Switchover, e);
+        let switch_fail = at::<MigrateError>(PhaseName::Switchover);
         mirror::final_sync(&self.qemu, &jobs, &mut events, SWITCH_TIMEOUT).await?;
         self.qemu
             .migrate_continue()
             .await
-            .map_err(|e| switch_fail(crate::error_chain(&e)))?;
+            .map_err(|e| switch_fail(e.into()))?;
         crate::faults::hold("source-continued").await;
         let info = self
             .qemu
             .wait_migration(SWITCH_TIMEOUT, SWITCH_POLL, MigrationStatus::is_final)
             .await
-            .map_err(|e| switch_fail(crate::error_chain(&e)))?;
+            .map_err(|e| switch_fail(e.into()))?;
         self.phases.switchover = switch_start.elapsed().as_millis() as u64;
         if info.status != MigrationStatus::Completed {
-            return Err(switch_fail(format!(
-                "migration {} at the switchover: {}",
-                info.status,
-                info.why()
-            )));
+            let why = format!("{} at the switchover", info.why());
+            return Err(switch_fail(MigrateError::Migration {
+                status: info.status,
+                why,
+            }));
         }
         crate::faults::hold("source-completed").await;
         Ok(())
@@ -525,32 +492,33 @@ impl Migration {
         reporter: &mut dyn Reporter,
         cancel: &CancellationToken,
     ) -> Result<(), Failure> {
-        let fail = |e: String| Failure::new(PhaseName::Ram, e);
+        let fail = at::<MigrateError>(PhaseName::Ram);
         let deadline = Instant::now() + opts.ram_timeout;
         let mut tick = tokio::time::interval(RAM_POLL);
         loop {
             let link = self
                 .link
                 .as_mut()
-                .ok_or_else(|| fail("lost the agent".into()))?;
+                .ok_or_else(|| fail(ControlError::Lost("no connection".into()).into()))?;
             tokio::select! {
-                _ = cancel.cancelled() => return Err(fail("interrupted".into())),
+                _ = cancel.cancelled() => return Err(fail(MigrateError::Cancelled)),
                 _ = tokio::time::sleep_until(deadline) => {
-                    return Err(fail(format!("RAM did not converge within {} s", opts.ram_timeout.as_secs())));
+                    return Err(fail(MigrateError::RamTimeout { secs: opts.ram_timeout.as_secs() }));
                 }
                 msg = link.recv() => {
-                    return Err(fail(msg.map_or_else(|e| e.to_string(), |_| "the agent sent a message out of turn".into())));
+                    let error = msg.err().unwrap_or_else(|| ControlError::Unexpected("message out of turn".into()));
+                    return Err(fail(error.into()));
                 }
                 // The guest is already stopped at pre-switchover: react to the event at once
                 // rather than at the next poll.
                 event = events.next() => {
-                    let event = event.map_err(|e| fail(format!("source QEMU: {}", crate::error_chain(&e))))?;
+                    let event = event.map_err(|e| fail(MigrateError::SourceEvents(e)))?;
                     if event.name == "MIGRATION" && event.data.get("status").and_then(serde_json::Value::as_str) == Some("pre-switchover") {
                         return Ok(());
                     }
                 }
                 _ = tick.tick() => {
-                    let info = self.qemu.query_migrate().await.map_err(|e| fail(crate::error_chain(&e)))?;
+                    let info = self.qemu.query_migrate().await.map_err(|e| fail(e.into()))?;
                     reporter.report(&Progress::Ram {
                         status: info.status.to_string(),
                         transferred: info.ram_transferred,
@@ -560,7 +528,8 @@ impl Migration {
                     match info.status {
                         MigrationStatus::PreSwitchover => return Ok(()),
                         MigrationStatus::Failed | MigrationStatus::Cancelled | MigrationStatus::Cancelling => {
-                            return Err(fail(format!("RAM migration {}: {}", info.status, info.why())));
+                            let why = info.why().to_string();
+                            return Err(fail(MigrateError::Migration { status: info.status, why }));
                         }
                         _ => {}
                     }
@@ -603,7 +572,7 @@ pub async fn recover(opts: &MigrateOptions, to: Option<&str>) -> Result<Option<R
             return Err(format!(
                 "cannot reach the source QEMU ({}); nothing was changed: is another QMP client \
                  connected to {}?",
-                f.error,
+                f.line(),
                 opts.qmp_socket.display()
             ))
         }

@@ -86,12 +86,13 @@ impl Settle<'_> {
             None => record.phase >= SourcePhase::Ram,
         };
         if !completed {
-            return self.back_to_source(&record).await;
+            return self.back_to_source(&record, true).await;
         }
         match self.ask_commit(&record).await {
             Ok(running @ AgentMessage::Running { .. }) => {
                 if let Some(qemu) = self.qemu {
-                    mirror::remove_nodes(qemu, &record.jobs).await;
+                    // Idle since the final sync; one that will not go goes with the QEMU.
+                    let _ = mirror::remove_nodes(qemu, &record.jobs).await;
                     if let Err(e) = qemu.quit().await {
                         warn!(error = %crate::error_chain(&e), "source QEMU did not quit");
                     }
@@ -105,11 +106,8 @@ impl Settle<'_> {
             Ok(AgentMessage::Abandoned { reason }) => {
                 info!(%reason, "the destination gave the VM back");
                 self.link = None;
-                let mut outcome = self.back_to_source(&record).await;
-                if let Outcome::Source { why } = &mut outcome {
-                    *why = reason;
-                }
-                outcome
+                self.reason = reason;
+                self.back_to_source(&record, false).await
             }
             Ok(other) => Outcome::Undecided {
                 why: format!("the agent answered {} to the hand-over", other.kind()),
@@ -186,17 +184,64 @@ impl Settle<'_> {
 
     /// The source keeps the VM: remove what the migration left in its QEMU, tell the agent,
     /// resume the guest if it ran before.
-    async fn back_to_source(mut self, record: &SourceRecord) -> Outcome {
-        if let Some(qemu) = self.qemu {
-            mirror::abandon(qemu, &record.jobs).await;
-            for capability in &record.capabilities {
-                if let Err(e) = qemu.set_capability(capability, false).await {
-                    warn!(%capability, error = %crate::error_chain(&e), "cannot turn a migration capability back off");
-                }
+    async fn back_to_source(mut self, record: &SourceRecord, tell_agent: bool) -> Outcome {
+        let Some(qemu) = self.qemu else {
+            // Without its QEMU the source has nothing to resume; the destination never loaded
+            // the VM (the agent would have taken it). Nothing is left to run.
+            if tell_agent {
+                self.tell_agent_abort(record).await;
+            }
+            self.forget();
+            return Outcome::Undecided {
+                why: format!(
+                    "the source QEMU is gone and the destination never received the whole VM \
+                     (migration {}): the VM is not running anywhere; start it again from its \
+                     source disks",
+                    record.migration_id
+                ),
+            };
+        };
+        let mut left = mirror::abandon(qemu, &record.jobs).await;
+        for capability in &record.capabilities {
+            if let Err(e) = qemu.set_capability(capability, false).await {
+                warn!(%capability, error = %crate::error_chain(&e), "cannot turn a migration capability back off");
+                left.push(format!("capability {capability}"));
             }
         }
-        // The agent rolls back by itself when its destination's stream breaks or its window
-        // passes; telling it now just makes that immediate.
+        if tell_agent {
+            self.tell_agent_abort(record).await;
+        }
+        let mut why = self.reason.clone();
+        if record.resume {
+            match qemu.status().await {
+                Ok((false, state)) => {
+                    info!(%state, "resuming the source guest");
+                    if let Err(e) = qemu.cont().await {
+                        why = format!(
+                            "{why}; and the source guest could not be resumed: {}",
+                            crate::error_chain(&e)
+                        );
+                    }
+                }
+                Ok((true, _)) => {}
+                Err(e) => warn!(error = %crate::error_chain(&e), "query-status"),
+            }
+        }
+        if left.is_empty() {
+            self.forget();
+        } else {
+            // The journal stays so that `ferry recover` can finish the clean-up later.
+            why = format!(
+                "{why}; still in the source QEMU: {} (run `ferry recover` once they can go)",
+                left.join(", ")
+            );
+        }
+        Outcome::Source { why }
+    }
+
+    /// The agent rolls back by itself when its destination's stream breaks or its window
+    /// passes; telling it now just makes that immediate.
+    async fn tell_agent_abort(&mut self, record: &SourceRecord) {
         match self.link.take() {
             Some(link) => link.abort(&self.reason).await,
             None => {
@@ -206,26 +251,6 @@ impl Settle<'_> {
                 }
             }
         }
-        let mut why = self.reason.clone();
-        if let Some(qemu) = self.qemu {
-            if record.resume {
-                match qemu.status().await {
-                    Ok((false, state)) => {
-                        info!(%state, "resuming the source guest");
-                        if let Err(e) = qemu.cont().await {
-                            why = format!(
-                                "{why}; and the source guest could not be resumed: {}",
-                                crate::error_chain(&e)
-                            );
-                        }
-                    }
-                    Ok((true, _)) => {}
-                    Err(e) => warn!(error = %crate::error_chain(&e), "query-status"),
-                }
-            }
-        }
-        self.forget();
-        Outcome::Source { why }
     }
 
     fn forget(&self) {
