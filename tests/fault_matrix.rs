@@ -118,6 +118,8 @@ struct Row {
     migrate_exit: String,
     recovered: bool,
     secs: u64,
+    /// What the processes said, for a failure message.
+    log: String,
 }
 
 /// One phase's column of the matrix: a namespace, a guest (rebooted after each case that moved
@@ -331,8 +333,10 @@ async fn run_case(rig: &mut Rig, phase: Phase, fault: Fault) -> Row {
     }
     // One `ferry recover` where the driver was killed or left its journal (undecided).
     let recovered = !journals(&rig.token).is_empty();
+    let mut recover_said = String::new();
     if recovered {
         let (code, json, stderr) = recover(&qmp_path, &rig.token);
+        recover_said = format!("{json} {stderr}");
         assert_eq!(
             code,
             0,
@@ -357,6 +361,13 @@ async fn run_case(rig: &mut Rig, phase: Phase, fault: Fault) -> Row {
         }
     }
     drop(agent);
+    let agent_said = std::fs::read_to_string(&agent_log).unwrap_or_default();
+    let tail: Vec<&str> = agent_said.lines().rev().take(15).collect();
+    let log = format!(
+        "ferry migrate: {}\nferry recover: {recover_said}\nagent (last lines, newest first):\n{}",
+        std::fs::read_to_string(&err).unwrap_or_default(),
+        tail.join("\n")
+    );
     Row {
         phase,
         fault,
@@ -364,6 +375,7 @@ async fn run_case(rig: &mut Rig, phase: Phase, fault: Fault) -> Row {
         migrate_exit,
         recovered,
         secs: started.elapsed().as_secs(),
+        log,
     }
 }
 
@@ -454,10 +466,11 @@ async fn column(phase: Phase, n: u8) -> Vec<Row> {
         let row = run_case(&mut rig, phase, fault).await;
         assert!(
             allowed.contains(&row.owner),
-            "{} / {}: the VM ended on the {:?}, expected {allowed:?}",
+            "{} / {}: the VM ended on the {:?}, expected {allowed:?}\n{}",
             phase.name(),
             fault.name(),
-            row.owner
+            row.owner,
+            row.log
         );
         eprintln!(
             "matrix: {} / {} -> {:?} ({} s)",

@@ -229,3 +229,44 @@ async fn agent_killed_during_the_hand_over_is_resumed_by_its_successor() {
         assert_on_destination(&mut guest, &token, &agent).await;
     }
 }
+
+/// SIGTERM to the agent in the middle of a migration drains: no new connection is accepted, the
+/// migration in progress finishes, and then the agent exits by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_agent_without_dropping_a_migration() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = token_file(tmp.path(), TOKEN);
+    let image = tmp.path().join("vda.raw");
+    raw_image(&image, 128 << 20, 48);
+    let mut guest = boot(
+        &tmp.path().join("src"),
+        vec![disk(&image, ImageFormat::Raw, "vda")],
+        50,
+    )
+    .await;
+    let mut agent = spawn_agent(&tmp.path().join("storage"), &token, "127.0.0.1:0", &[]);
+    let out = tmp.path().join("migrate.out");
+    let mut child = migrate_command(guest.qmp_socket(), &agent.addr, &token)
+        .args(["--bandwidth", "8"])
+        .stdout(std::fs::File::create(&out).expect("out"))
+        .spawn()
+        .expect("migrate");
+    wait_for_text(&out, "\"event\":\"mirror\"", Duration::from_secs(120));
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &agent.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    // Draining: the listener is closed, so a new source cannot start a migration.
+    wait_until("the agent stops listening", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(&agent.addr).is_err()
+    });
+    let status = child.wait().expect("migrate");
+    let stdout = std::fs::read(&out).expect("out");
+    let run = collect(status.code().unwrap_or(-1), &stdout, b"");
+    assert_eq!(run.code, 0, "{:?}", run.events.last());
+    wait_until("the drained agent exits", Duration::from_secs(20), || {
+        matches!(agent.child.try_wait(), Ok(Some(_)))
+    });
+    assert_on_destination(&mut guest, &token, &agent).await;
+}

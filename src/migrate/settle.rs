@@ -23,7 +23,7 @@ use super::journal::{Journal, SourcePhase, SourceRecord};
 use super::mirror;
 use super::source::SourceQemu;
 use crate::protocol::AgentMessage;
-use crate::status::{MigrationInfo, MigrationStatus};
+use crate::status::{MigrationInfo, MigrationStatus, WaitError};
 
 /// How long a migration still in flight may take to end after `migrate_cancel`.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -143,9 +143,24 @@ impl Settle<'_> {
                 crate::error_chain(e)
             )
         };
-        let info = qemu.query_migrate().await.map_err(|e| qmp_err(&e))?;
+        let mut info = qemu.query_migrate().await.map_err(|e| qmp_err(&e))?;
         if info.status.is_final() || record.phase < SourcePhase::Ram {
             return Ok(info);
+        }
+        if matches!(
+            info.status,
+            MigrationStatus::Device | MigrationStatus::Cancelling
+        ) {
+            // Past the point where only the device state is left to send: the outcome is a
+            // moment away, and cancelling now would throw away a hand-over about to succeed.
+            let waited = qemu
+                .wait_migration(CANCEL_TIMEOUT, Duration::from_millis(20), |s| s.is_final())
+                .await;
+            match waited {
+                Ok(info) => return Ok(info),
+                Err(WaitError::Timeout { last, .. }) => info.status = last,
+                Err(e) => return Err(qmp_err(&e)),
+            }
         }
         info!(status = %info.status, "cancelling the RAM migration");
         if let Err(e) = qemu.migrate_cancel().await {
