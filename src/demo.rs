@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, AgentConfig};
 use crate::guest::{self, Acks, DiskSpec, GuestImages, GuestSpec, ImageFormat};
+use crate::human_bytes;
 use crate::migrate::report::{HumanReporter, Progress, Reporter, Summary};
 use crate::migrate::{migrate, MigrateOptions};
-use crate::vm::human_bytes;
 
 /// The demo's disks: (guest name, file name, format, size, MiB of data written before boot).
 const DISKS: &[(&str, &str, ImageFormat, u64, u64)] = &[
@@ -114,7 +114,7 @@ async fn run_in(dir: &Path, qemu: &Path, cancel: &CancellationToken) -> anyhow::
     acks.merge(&Acks::parse(&std::fs::read_to_string(&dest_serial)?));
     let mut proof = String::new();
     for (name, ..) in DISKS {
-        let image = migration_dir.join(format!("disk-{name}.raw"));
+        let image = migration_dir.join(crate::agent::storage::image_file_name(name));
         let report = guest::verify_disk(&image, ImageFormat::Raw, name, acks.seqs(name))?;
         let _ = write!(
             proof,

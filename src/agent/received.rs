@@ -350,12 +350,7 @@ fn context(binary: &str, dir: &Path, vm: &VmDescription) -> RewriteContext {
     let images: HashMap<String, PathBuf> = vm
         .disks
         .iter()
-        .map(|d| {
-            (
-                d.name.clone(),
-                dir.join(format!("disk-{}.raw", crate::vm::safe_name(&d.name))),
-            )
-        })
+        .map(|d| (d.name.clone(), dir.join(storage::image_file_name(&d.name))))
         .collect();
     RewriteContext {
         binary: binary.to_string(),

@@ -11,7 +11,8 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::vm::{human_bytes, safe_name, VmDescription};
+use crate::human_bytes;
+use crate::vm::{safe_name, VmDescription};
 
 /// Room kept free beyond the disks' full size, for QEMU's own files and the file system.
 const HEADROOM: u64 = 64 << 20;
@@ -111,6 +112,12 @@ pub fn preflight(dir: &Path, vm: &VmDescription) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// The file name of a disk's image in a migration directory (`disk-vda.raw`): the one place it
+/// is made, so the agent, its restart and `ferry demo` agree.
+pub fn image_file_name(disk_name: &str) -> String {
+    format!("disk-{}.raw", safe_name(disk_name))
+}
+
 /// One migration's directory.
 #[derive(Debug, Clone)]
 pub struct MigrationDir {
@@ -141,7 +148,7 @@ impl MigrationDir {
 
     /// The image path for a disk.
     pub fn image_path(&self, disk_name: &str) -> PathBuf {
-        self.path.join(format!("disk-{}.raw", safe_name(disk_name)))
+        self.path.join(image_file_name(disk_name))
     }
 
     /// Creates an exact-size sparse raw image: nothing is allocated until data arrives.

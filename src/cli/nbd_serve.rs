@@ -51,7 +51,7 @@ pub async fn run(args: NbdServeArgs) -> ExitCode {
     };
     let server = match NbdServer::bind(args.listen, ServerConfig::default()).await {
         Ok(server) => server,
-        Err(e) => return super::fail(super::EXIT_FAILED, chain(&e)),
+        Err(e) => return super::fail(super::EXIT_FAILED, crate::error_chain(&e)),
     };
     let names: Vec<String> = args.exports.iter().map(|(name, _)| name.clone()).collect();
     for (name, path) in args.exports {
@@ -68,7 +68,7 @@ pub async fn run(args: NbdServeArgs) -> ExitCode {
                 _ => super::EXIT_FAILED,
             };
             let _ = server.shutdown().await;
-            return super::fail(code, chain(&e));
+            return super::fail(code, crate::error_chain(&e));
         }
     }
     let addr = server.local_addr();
@@ -81,20 +81,8 @@ pub async fn run(args: NbdServeArgs) -> ExitCode {
     }
     match server.shutdown().await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => super::fail(super::EXIT_FAILED, chain(&e)),
+        Err(e) => super::fail(super::EXIT_FAILED, crate::error_chain(&e)),
     }
-}
-
-/// The error and its causes on one line: `what failed: why`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

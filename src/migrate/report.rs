@@ -5,7 +5,7 @@ use std::io::Write;
 
 use serde::Serialize;
 
-use crate::vm::human_bytes;
+use crate::human_bytes;
 
 /// One progress event. The JSON form is `{"event": NAME, ...fields}`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -238,19 +238,6 @@ impl HumanReporter {
                 }
             )),
         }
-    }
-}
-
-/// Collects events (tests, `ferry demo`'s figures).
-#[derive(Default)]
-pub struct Collect {
-    /// Everything reported so far.
-    pub events: Vec<Progress>,
-}
-
-impl Reporter for Collect {
-    fn report(&mut self, event: &Progress) {
-        self.events.push(event.clone());
     }
 }
 

@@ -24,13 +24,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BufMut;
 use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
+use super::buffers::{Buffers, Payload, PAGE};
 use super::handshake::Session;
 use super::job::{self, Job};
 use super::request::{self, Op, Rejection};
@@ -39,120 +40,6 @@ use super::wire::{self, ReplyStyle, Request, MAX_PAYLOAD};
 
 /// Socket read buffer: headers and small writes are parsed from it; large payloads bypass it.
 const READ_BUFFER: usize = 64 * 1024;
-
-/// Bytes of idle buffers a connection keeps for reuse, for writes and for reads each.
-const MAX_CACHED_BUFFERS: usize = MAX_PAYLOAD as usize;
-
-/// Payload buffers of one connection, reused. A fresh 1 MiB allocation costs 256 page faults
-/// (and zeroing) when it is first filled; a reused buffer is already mapped. Write buffers are
-/// filled from the socket; read buffers are kept initialized so `pread` can fill them without
-/// clearing them first.
-#[derive(Default)]
-pub(crate) struct Buffers {
-    writes: std::sync::Mutex<Vec<BytesMut>>,
-    reads: std::sync::Mutex<Vec<Vec<u8>>>,
-}
-
-impl Buffers {
-    /// An empty buffer with room for `len` bytes: the smallest idle one that fits, or a new one.
-    fn take(&self, len: usize) -> BytesMut {
-        let mut free = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-        match best_fit(free.iter().map(BytesMut::capacity), len) {
-            Some(i) => free.swap_remove(i),
-            None => BytesMut::with_capacity(len),
-        }
-    }
-
-    pub(crate) fn give(&self, mut buf: BytesMut) {
-        buf.clear();
-        let mut free = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-        let cached: usize = free.iter().map(BytesMut::capacity).sum();
-        if cached + buf.capacity() <= MAX_CACHED_BUFFERS {
-            free.push(buf);
-        }
-    }
-
-    /// A buffer for `len` bytes of read data, returned to this pool when the reply built on it
-    /// is dropped (after it is sent).
-    pub(crate) fn take_read(self: &Arc<Self>, len: usize) -> ReadBuffer {
-        let data = {
-            let mut free = self.reads.lock().unwrap_or_else(|p| p.into_inner());
-            match best_fit(free.iter().map(Vec::len), len) {
-                Some(i) => free.swap_remove(i),
-                None => vec![0u8; len],
-            }
-        };
-        ReadBuffer {
-            data,
-            len,
-            pool: self.clone(),
-        }
-    }
-
-    fn give_read(&self, data: Vec<u8>) {
-        let mut free = self.reads.lock().unwrap_or_else(|p| p.into_inner());
-        let cached: usize = free.iter().map(Vec::len).sum();
-        if cached + data.len() <= MAX_CACHED_BUFFERS {
-            free.push(data);
-        }
-    }
-}
-
-/// Page size, the alignment write payloads get in their buffers.
-const PAGE: usize = 4096;
-
-/// A write payload in a pooled buffer, starting on a page boundary.
-pub(crate) struct Payload {
-    buf: BytesMut,
-    start: usize,
-}
-
-impl Payload {
-    pub(crate) fn data(&self) -> &[u8] {
-        &self.buf[self.start..]
-    }
-
-    /// Gives the buffer back to its pool.
-    pub(crate) fn recycle(self, buffers: &Buffers) {
-        buffers.give(self.buf);
-    }
-}
-
-/// Index of the smallest size that holds `len`.
-fn best_fit(sizes: impl Iterator<Item = usize>, len: usize) -> Option<usize> {
-    sizes
-        .enumerate()
-        .filter(|&(_, size)| size >= len)
-        .min_by_key(|&(_, size)| size)
-        .map(|(i, _)| i)
-}
-
-/// Read data on its way out: the first `len` bytes of a pooled buffer. Wrap it in
-/// `Bytes::from_owner` to slice it into reply chunks; the buffer goes back to its pool when the
-/// last slice is dropped.
-pub(crate) struct ReadBuffer {
-    data: Vec<u8>,
-    len: usize,
-    pool: Arc<Buffers>,
-}
-
-impl ReadBuffer {
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.data[..self.len]
-    }
-}
-
-impl AsRef<[u8]> for ReadBuffer {
-    fn as_ref(&self) -> &[u8] {
-        &self.data[..self.len]
-    }
-}
-
-impl Drop for ReadBuffer {
-    fn drop(&mut self) {
-        self.pool.give_read(std::mem::take(&mut self.data));
-    }
-}
 
 /// Per-connection bounds.
 #[derive(Debug, Clone, Copy)]
@@ -167,8 +54,7 @@ pub(crate) struct Bounds {
 enum Incoming {
     Op {
         req: Request,
-        op: Op,
-        payload: Option<Payload>,
+        op: Op<Payload>,
         bytes: Option<OwnedSemaphorePermit>,
     },
     Rejected {
@@ -189,6 +75,9 @@ enum ReadError {
     Wire(#[from] wire::WireError),
     #[error("request payload of {0} bytes is larger than the {MAX_PAYLOAD}-byte maximum")]
     PayloadTooLarge(u64),
+    /// Only a write carries a payload, and its payload was just read: never seen.
+    #[error("a write without its payload")]
+    MissingPayload,
 }
 
 /// Serves `session` on `stream` until the client leaves or the export is told to stop.
@@ -227,12 +116,7 @@ pub(crate) async fn serve(stream: TcpStream, session: Session, bounds: Bounds) {
             incoming = receive(&mut rd, &limits, &budget, &buffers) => incoming,
         };
         match incoming {
-            Ok(Incoming::Op {
-                req,
-                op,
-                payload,
-                bytes,
-            }) => {
+            Ok(Incoming::Op { req, op, bytes }) => {
                 // Cached plain writes serialize on the inode lock anyway: one lane thread. Direct
                 // writes wait for the device, so they run side by side on the pool.
                 let lane_write = match op {
@@ -240,6 +124,7 @@ pub(crate) async fn serve(stream: TcpStream, session: Session, bounds: Bounds) {
                         fua: false,
                         offset,
                         len,
+                        ..
                     } => !export.backend.goes_direct(offset, len as usize),
                     _ => false,
                 };
@@ -250,7 +135,6 @@ pub(crate) async fn serve(stream: TcpStream, session: Session, bounds: Bounds) {
                     context,
                     req,
                     op,
-                    payload,
                 };
                 let sink = sink.clone();
                 let token = export.work.token();
@@ -332,41 +216,32 @@ async fn receive(
             Ok(Incoming::Rejected { req, rejection })
         }
         Ok(Op::Disconnect) => Ok(Incoming::Disconnect),
-        Ok(op @ Op::Write { len, .. }) => {
-            let bytes = reserve(budget, len).await;
-            let len = len as usize;
-            let mut buf = buffers.take(len + PAGE);
-            // Start the data on a page boundary: the backend can then send it to disk directly.
-            let start = (PAGE - buf.as_ptr() as usize % PAGE) % PAGE;
-            buf.put_bytes(0, start);
-            while buf.len() < start + len {
-                let want = (start + len - buf.len()) as u64;
-                if (&mut *rd).take(want).read_buf(&mut buf).await? == 0 {
-                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        Ok(op) => {
+            let (payload, bytes) = match op {
+                Op::Write { len, .. } => {
+                    let bytes = reserve(budget, len).await;
+                    let len = len as usize;
+                    let mut buf = buffers.take(len + PAGE);
+                    // Start the data on a page boundary: the backend can then send it to disk
+                    // directly.
+                    let start = (PAGE - buf.as_ptr() as usize % PAGE) % PAGE;
+                    buf.put_bytes(0, start);
+                    while buf.len() < start + len {
+                        let want = (start + len - buf.len()) as u64;
+                        if (&mut *rd).take(want).read_buf(&mut buf).await? == 0 {
+                            return Err(
+                                std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()
+                            );
+                        }
+                    }
+                    (Some(Payload { buf, start }), bytes)
                 }
-            }
-            Ok(Incoming::Op {
-                req,
-                op,
-                payload: Some(Payload { buf, start }),
-                bytes,
-            })
+                Op::Read { len, .. } => (None, reserve(budget, len).await),
+                _ => (None, None),
+            };
+            let op = op.with_payload(payload).ok_or(ReadError::MissingPayload)?;
+            Ok(Incoming::Op { req, op, bytes })
         }
-        Ok(op @ Op::Read { len, .. }) => {
-            let bytes = reserve(budget, len).await;
-            Ok(Incoming::Op {
-                req,
-                op,
-                payload: None,
-                bytes,
-            })
-        }
-        Ok(op) => Ok(Incoming::Op {
-            req,
-            op,
-            payload: None,
-            bytes: None,
-        }),
     }
 }
 

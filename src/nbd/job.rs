@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use tracing::warn;
 
 use super::backend::{nbd_errno, ZeroError};
-use super::connection::{Buffers, Payload};
+use super::buffers::{Buffers, Payload};
 use super::export::ExportState;
 use super::request::Op;
 use super::wire::{self, chunk, errno, ReplyStyle, Request, MAX_PAYLOAD};
@@ -22,8 +22,7 @@ pub(crate) struct Job {
     pub(crate) style: ReplyStyle,
     pub(crate) context: u32,
     pub(crate) req: Request,
-    pub(crate) op: Op,
-    pub(crate) payload: Option<Payload>,
+    pub(crate) op: Op<Payload>,
 }
 
 impl Job {
@@ -36,7 +35,6 @@ impl Job {
             context,
             req,
             op,
-            payload,
         } = self;
         let b = &export.backend;
         let done = match op {
@@ -45,14 +43,11 @@ impl Job {
                     |e| error_reply(style, &req, nbd_errno(&e), &format!("read failed: {e}")),
                 )
             }
-            Op::Write { offset, fua, .. } => {
-                let written = match &payload {
-                    Some(p) => b.write_at(p.data(), offset, fua),
-                    None => Ok(()),
-                };
-                if let Some(p) = payload {
-                    p.recycle(&buffers);
-                }
+            Op::Write {
+                offset, fua, data, ..
+            } => {
+                let written = b.write_at(data.data(), offset, fua);
+                data.recycle(&buffers);
                 written.map_err(|e| (nbd_errno(&e), format!("write failed: {e}")))
             }
             Op::Flush => b

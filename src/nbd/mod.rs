@@ -31,6 +31,7 @@
 //! Rust.
 
 mod backend;
+mod buffers;
 mod connection;
 mod export;
 mod handshake;

@@ -10,9 +10,11 @@
 
 use super::wire::{cflag, cmd, errno, ReplyStyle, Request, MAX_PAYLOAD};
 
-/// A request that passed every check.
+/// A request that passed every check. `P` is the write payload: nothing (`()`) when the header
+/// is checked, the bytes themselves once the connection has read them (see [`Op::with_payload`]),
+/// so that a write without its data cannot reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Op {
+pub(crate) enum Op<P = ()> {
     Read {
         offset: u64,
         len: u32,
@@ -22,6 +24,7 @@ pub(crate) enum Op {
         offset: u64,
         len: u32,
         fua: bool,
+        data: P,
     },
     Flush,
     Trim {
@@ -46,6 +49,50 @@ pub(crate) enum Op {
         req_one: bool,
     },
     Disconnect,
+}
+
+impl Op {
+    /// The same op with the write payload `data` attached (`None` for every other op, which
+    /// carries none).
+    pub(crate) fn with_payload<P>(self, data: Option<P>) -> Option<Op<P>> {
+        Some(match self {
+            Op::Write {
+                offset, len, fua, ..
+            } => Op::Write {
+                offset,
+                len,
+                fua,
+                data: data?,
+            },
+            Op::Read { offset, len, df } => Op::Read { offset, len, df },
+            Op::Flush => Op::Flush,
+            Op::Trim { offset, len, fua } => Op::Trim { offset, len, fua },
+            Op::Cache { offset, len } => Op::Cache { offset, len },
+            Op::WriteZeroes {
+                offset,
+                len,
+                no_hole,
+                fast,
+                fua,
+            } => Op::WriteZeroes {
+                offset,
+                len,
+                no_hole,
+                fast,
+                fua,
+            },
+            Op::BlockStatus {
+                offset,
+                len,
+                req_one,
+            } => Op::BlockStatus {
+                offset,
+                len,
+                req_one,
+            },
+            Op::Disconnect => Op::Disconnect,
+        })
+    }
 }
 
 /// A request refused before touching the disk.
@@ -143,6 +190,7 @@ pub(crate) fn check(req: &Request, limits: &Limits) -> Result<Op, Rejection> {
             offset,
             len: short,
             fua,
+            data: (),
         }),
         cmd::TRIM => Ok(Op::Trim { offset, len, fua }),
         cmd::CACHE => Ok(Op::Cache { offset, len }),
@@ -214,7 +262,8 @@ mod tests {
             Ok(Op::Write {
                 offset: SIZE - 512,
                 len: 512,
-                fua: true
+                fua: true,
+                data: ()
             })
         );
         assert_eq!(

@@ -74,22 +74,6 @@ pub fn safe_name(name: &str) -> String {
     }
 }
 
-/// Human-readable byte count (binary units), for messages and progress.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,14 +84,5 @@ mod tests {
         assert_eq!(safe_name("disk0"), "disk0");
         assert_eq!(safe_name("../etc/passwd"), "etc_passwd");
         assert_eq!(safe_name("###"), "disk");
-    }
-
-    #[test]
-    fn human_units() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(
-            human_bytes(3 * 1024 * 1024 * 1024 + 100 * 1024 * 1024),
-            "3.1 GiB"
-        );
     }
 }
