@@ -7,7 +7,8 @@
 //! - file-backed chardevs and logs (`-serial file:X`, `-chardev file,path=X`, socket paths, `-D`)
 //!   go to files of the same base name inside the directory;
 //! - monitors and QMP sockets are dropped and replaced by the agent's own QMP socket;
-//! - `-S -incoming defer -daemonize -pidfile` are the agent's.
+//! - `-S -incoming defer -pidfile -sandbox` are the agent's (the agent starts QEMU detached
+//!   itself: `-daemonize` cannot run under a sandbox that denies fork and setsid).
 //!
 //! Every option passes an allowlist ([`options`]): ferry accepts only what it knows how to move,
 //! and refuses, with the option named, anything that would make the destination QEMU open
@@ -43,6 +44,11 @@ const RESERVED_NAMES: &[&str] = &[
     "qemu.stderr",
     "argv",
 ];
+
+/// What the destination QEMU runs under: seccomp, with no way to run other programs, change
+/// its privileges or its scheduling. Even a guest that breaks out of the device emulation is then
+/// left with the syscalls QEMU itself needs.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Where the destination's host-local things go.
 #[derive(Debug, Clone)]
@@ -340,7 +346,7 @@ impl<'a> Rewriter<'a> {
         let pidfile = self.ctx.pidfile().to_string_lossy().into_owned();
         self.push("qmp", Some(qmp));
         self.push("pidfile", Some(pidfile));
-        self.push("daemonize", None);
+        self.push("sandbox", Some(SANDBOX.into()));
         self.push("S", None);
         self.push("incoming", Some("defer".into()));
         Ok(Rewritten {
