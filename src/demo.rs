@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::policy::Policy;
 use crate::agent::{Agent, AgentConfig};
 use crate::guest::{self, Acks, DiskSpec, GuestImages, GuestSpec, ImageFormat};
 use crate::migrate::report::{HumanReporter, Progress, Reporter, Summary};
@@ -43,11 +44,19 @@ async fn run_in(dir: &Path, qemu: &Path, cancel: &CancellationToken) -> anyhow::
     let token = crate::protocol::new_nonce().into_bytes();
     let storage = dir.join("destination");
     std::fs::create_dir(&storage)?;
+    // The agent runs the demo's QEMU and may load the test guest's kernel and initrd.
+    let images = GuestImages::locate()?;
+    let guest_dir: Vec<PathBuf> = images
+        .kernel
+        .parent()
+        .map(Path::to_path_buf)
+        .into_iter()
+        .collect();
     let agent = Agent::bind(AgentConfig {
         listen: "127.0.0.1:0".parse()?,
         storage: storage.clone(),
         token: token.clone(),
-        qemu_binary: Some(qemu.display().to_string()),
+        policy: Policy::new(&[qemu.to_path_buf()], &guest_dir)?,
     })
     .await?;
     let agent_addr = agent.local_addr()?;
@@ -60,7 +69,7 @@ async fn run_in(dir: &Path, qemu: &Path, cancel: &CancellationToken) -> anyhow::
 
     // The source: the test guest with two disks, writing.
     let source_dir = dir.join("source");
-    let mut spec = GuestSpec::new(GuestImages::locate()?);
+    let mut spec = GuestSpec::new(images);
     for (name, file, format, size, data_mib) in DISKS {
         let path = source_dir.join(file);
         std::fs::create_dir_all(&source_dir)?;

@@ -7,6 +7,7 @@
 //! On start it cleans up after migrations a previous agent left half-done (see [`storage::Phase`]).
 
 pub mod destination;
+pub mod policy;
 pub mod session;
 pub mod storage;
 
@@ -30,8 +31,8 @@ pub struct AgentConfig {
     pub storage: PathBuf,
     /// The shared secret (never sent over the wire).
     pub token: Vec<u8>,
-    /// QEMU binary for destination VMs; by default the source's binary name on this host's PATH.
-    pub qemu_binary: Option<String>,
+    /// Which QEMU binary and which host files a source may use here.
+    pub policy: policy::Policy,
 }
 
 /// A bound agent, ready to [`run`](Agent::run).
