@@ -155,6 +155,17 @@ pub fn host_files(argv: &[String]) -> Vec<(String, String)> {
 
 /// Builds the destination argv for `vm`, or says which option prevents it.
 pub fn rewrite(vm: &VmDescription, ctx: &RewriteContext) -> Result<Rewritten, RewriteError> {
+    // The machine type is written into `-machine` as it came: it must be a name and nothing more
+    // (`pc,kernel=/x` would smuggle keys past the checks).
+    if let Some(machine) = &vm.machine {
+        let name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if machine.is_empty() || !machine.chars().all(name_char) {
+            return Err(RewriteError {
+                option: format!("machine type {machine:?}"),
+                reason: "a machine type is a name (letters, digits, '.', '_', '-')".into(),
+            });
+        }
+    }
     let opts = parse(vm.argv.get(1..).unwrap_or_default())?;
     let mut out = Rewriter::new(vm, ctx, &opts)?;
     for opt in &opts {

@@ -453,3 +453,21 @@ fn relocated_files_never_take_an_image_name() {
     assert_eq!(out.argv[2], "file:/st/m1/2-d0.raw");
     assert_eq!(out.argv[4], "/st/m1/2-argv");
 }
+
+/// The resolved machine type comes from the source too: a name, never extra keys.
+#[test]
+fn the_machine_type_is_only_a_name() {
+    for machine in ["pc,kernel=/etc/shadow", "pc firmware", ""] {
+        let vm = VmDescription {
+            machine: Some(machine.into()),
+            ..vm("qemu -m 64")
+        };
+        let err = rewrite(&vm, &ctx(&[])).expect_err(machine);
+        assert!(err.to_string().contains("machine type"), "{err}");
+    }
+    let vm = VmDescription {
+        machine: Some("pc-q35-10.0".into()),
+        ..vm("qemu -m 64")
+    };
+    rewrite(&vm, &ctx(&[])).expect("a real machine type");
+}
