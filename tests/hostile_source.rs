@@ -250,7 +250,6 @@ async fn options_that_reach_the_host_are_refused_before_anything_is_created() {
             vec!["-global"],
         ),
         (vec!["-readconfig", "/etc/qemu.conf"], vec!["-readconfig"]),
-        (vec!["-L", "/etc"], vec!["-L"]),
         (vec!["-pflash", "/etc/shadow"], vec!["-pflash"]),
         (
             vec!["-fw_cfg", "name=opt/x,file=/etc/shadow"],

@@ -115,8 +115,11 @@ pub(super) fn classify(name: &str) -> Option<Class> {
         "nodefaults" | "no-user-config" | "nodefconfig" | "no-reboot" | "no-shutdown"
         | "enable-kvm" | "no-kvm" | "no-hpet" | "no-acpi" | "no-fd-bootchk" | "win2k-hack"
         | "usb" | "only-migratable" | "rtc-td-hack" | "mem-prealloc" => Flag,
+        // `-L`: firmware and ROMs come from the destination binary's own data directories (a
+        // wrapper such as scripts/setup's QEMU 7.2 adds its own `-L`); the source's host paths
+        // mean nothing here, so they are dropped rather than refused.
         "S" | "daemonize" | "incoming" | "pidfile" | "qmp" | "qmp-pretty" | "monitor" | "mon"
-        | "sandbox" => Agent,
+        | "sandbox" | "L" => Agent,
         "cpu" | "vga" | "k" | "uuid" | "d" | "dfilter" | "seed" | "echr" | "watchdog-action" => {
             Name
         }
@@ -167,7 +170,6 @@ fn refused(name: &str) -> Option<&'static str> {
         }
         "plugin" => "it loads a shared library from the host",
         "trace" => "trace options read and write host files",
-        "L" => "it points QEMU at another host directory for firmware and ROM files",
         "option-rom" | "acpitable" => "it loads a host file into the guest",
         "fw_cfg" => "it can load a host file into the guest; ferry does not move fw_cfg items",
         "add-fd" => "it passes file descriptors of the source's process",
