@@ -76,7 +76,7 @@ impl RewriteContext {
 /// The destination's command line and what moved where.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rewritten {
-    /// argv[0] included.
+    /// argv\[0\] included.
     pub argv: Vec<String>,
     /// `(source path, destination path)` of every relocated chardev, socket or log file.
     pub relocated: Vec<(String, PathBuf)>,
