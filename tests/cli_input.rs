@@ -140,3 +140,44 @@ fn agent_refuses_a_missing_storage_directory_and_migrate_a_missing_socket() {
         "no QMP socket at",
     );
 }
+
+/// The agent's policy flags are checked at start-up: a binary that could never be matched to a
+/// source, or a directory that is not there, is a usage error naming the flag.
+#[test]
+fn agent_checks_its_binary_and_allow_path_flags() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef").expect("write");
+    chmod(&token, 0o600);
+    let token = token.to_str().expect("utf-8");
+    let storage = tmp.path().to_str().expect("utf-8");
+    let base = [
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--storage",
+        storage,
+        "--token-file",
+        token,
+    ];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    assert_one_line_error(
+        with(&["--qemu-binary", "/bin/sh"]),
+        2,
+        "--qemu-binary /bin/sh: the file name must be qemu-system-ARCH",
+    );
+    assert_one_line_error(
+        with(&["--qemu-binary", "/nonexistent/qemu-system-x86_64"]),
+        2,
+        "no such program",
+    );
+    assert_one_line_error(
+        with(&["--allow-path", "/nonexistent/firmware"]),
+        2,
+        "--allow-path /nonexistent/firmware: not a directory",
+    );
+}

@@ -478,3 +478,26 @@ fn the_machine_type_is_only_a_name() {
     };
     rewrite(&vm, &ctx(&[])).expect("a real machine type");
 }
+
+/// Firmware flash travels as a disk: a `-drive if=pflash` QEMU reported is pointed at its image.
+#[test]
+fn pflash_drives_travel_as_disks() {
+    let vm = VmDescription {
+        running: true,
+        argv: args(
+            "qemu -drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd",
+        ),
+        machine: None,
+        disks: vec![disk(
+            "pflash0",
+            "#block1",
+            "pflash0",
+            "/usr/share/OVMF/OVMF_CODE.fd",
+        )],
+    };
+    let out = rewrite(&vm, &ctx(&["pflash0"])).expect("rewrite");
+    assert_eq!(
+        out.argv[2],
+        "if=pflash,readonly=on,file=/st/m1/pflash0.raw,format=raw"
+    );
+}
