@@ -505,6 +505,8 @@ async fn a_guest_outpacing_the_mirror_still_converges() {
             "120",
         ],
     );
+    // Whatever the assertions below say, the destination QEMU does not outlive the test.
+    let _guard = PidGuard(run.last()["destination"]["pid"].as_u64().map(|p| p as u32));
     assert_eq!(
         run.of("mirror_write_blocking").len(),
         1,
