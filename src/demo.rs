@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::policy::Policy;
 use crate::agent::{Agent, AgentConfig};
 use crate::guest::{self, Acks, DiskSpec, GuestImages, GuestSpec, ImageFormat};
 use crate::human_bytes;
@@ -29,7 +30,7 @@ pub async fn run(qemu: &Path, cancel: &CancellationToken) -> anyhow::Result<()> 
     let tmp = tempfile::Builder::new().prefix("ferry-demo-").tempdir()?;
     say(&format!("working in {}", tmp.path().display()));
     let result = run_in(tmp.path(), qemu, cancel).await;
-    // Whatever happened: no QEMU of ours keeps running (the destination is daemonized).
+    // Whatever happened: no QEMU of ours keeps running (the destination runs detached).
     if let Ok(pid) = std::fs::read_to_string(tmp.path().join("destination.pid")) {
         if let Ok(pid) = pid.trim().parse() {
             crate::agent::destination::kill_pid(pid);
@@ -43,11 +44,19 @@ async fn run_in(dir: &Path, qemu: &Path, cancel: &CancellationToken) -> anyhow::
     let token = crate::protocol::new_nonce().into_bytes();
     let storage = dir.join("destination");
     std::fs::create_dir(&storage)?;
+    // The agent runs the demo's QEMU and may load the test guest's kernel and initrd.
+    let images = GuestImages::locate()?;
+    let guest_dir: Vec<PathBuf> = images
+        .kernel
+        .parent()
+        .map(Path::to_path_buf)
+        .into_iter()
+        .collect();
     let agent = Agent::bind(AgentConfig {
         listen: "127.0.0.1:0".parse()?,
         storage: storage.clone(),
         token: token.clone(),
-        qemu_binary: Some(qemu.display().to_string()),
+        policy: Policy::new(&[qemu.to_path_buf()], &guest_dir)?,
         recover_window: std::time::Duration::from_secs(60),
     })
     .await?;
@@ -61,7 +70,7 @@ async fn run_in(dir: &Path, qemu: &Path, cancel: &CancellationToken) -> anyhow::
 
     // The source: the test guest with two disks, writing.
     let source_dir = dir.join("source");
-    let mut spec = GuestSpec::new(GuestImages::locate()?);
+    let mut spec = GuestSpec::new(images);
     for (name, file, format, size, data_mib) in DISKS {
         let path = source_dir.join(file);
         std::fs::create_dir_all(&source_dir)?;

@@ -22,11 +22,47 @@ fn assert_one_line_error(result: (i32, String, String), code: i32, words: &str) 
     assert!(stderr.contains(words), "{stderr:?} should say {words:?}");
 }
 
+fn chmod(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
 #[test]
-fn token_files_must_exist_and_be_long_enough() {
+fn token_files_must_exist_be_private_and_long_enough() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let short = tmp.path().join("short");
     std::fs::write(&short, "abc\n").expect("write");
+    chmod(&short, 0o600);
+    let open = tmp.path().join("open");
+    std::fs::write(&open, "0123456789abcdef0123456789abcdef").expect("write");
+    chmod(&open, 0o644);
+    let open_path = open.to_str().expect("utf-8");
+    for cmd in [
+        &[
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--storage",
+            "/tmp",
+            "--token-file",
+            open_path,
+        ][..],
+        &[
+            "migrate",
+            "--qmp",
+            "/x",
+            "--to",
+            "127.0.0.1:1",
+            "--token-file",
+            open_path,
+        ][..],
+    ] {
+        assert_one_line_error(
+            run(cmd),
+            2,
+            &format!("(mode 0644): run `chmod 600 {open_path}`"),
+        );
+    }
     let storage = tmp.path().to_str().expect("utf-8");
     assert_one_line_error(
         run(&[
@@ -74,6 +110,7 @@ fn agent_refuses_a_missing_storage_directory_and_migrate_a_missing_socket() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let token = tmp.path().join("token");
     std::fs::write(&token, "0123456789abcdef0123456789abcdef").expect("write");
+    chmod(&token, 0o600);
     let token = token.to_str().expect("utf-8");
     assert_one_line_error(
         run(&[
@@ -101,5 +138,46 @@ fn agent_refuses_a_missing_storage_directory_and_migrate_a_missing_socket() {
         ]),
         2,
         "no QMP socket at",
+    );
+}
+
+/// The agent's policy flags are checked at start-up: a binary that could never be matched to a
+/// source, or a directory that is not there, is a usage error naming the flag.
+#[test]
+fn agent_checks_its_binary_and_allow_path_flags() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef").expect("write");
+    chmod(&token, 0o600);
+    let token = token.to_str().expect("utf-8");
+    let storage = tmp.path().to_str().expect("utf-8");
+    let base = [
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--storage",
+        storage,
+        "--token-file",
+        token,
+    ];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    assert_one_line_error(
+        with(&["--qemu-binary", "/bin/sh"]),
+        2,
+        "--qemu-binary /bin/sh: the file name must be qemu-system-ARCH",
+    );
+    assert_one_line_error(
+        with(&["--qemu-binary", "/nonexistent/qemu-system-x86_64"]),
+        2,
+        "no such program",
+    );
+    assert_one_line_error(
+        with(&["--allow-path", "/nonexistent/firmware"]),
+        2,
+        "--allow-path /nonexistent/firmware: not a directory",
     );
 }

@@ -334,11 +334,15 @@ async fn faults_roll_back_and_a_later_migration_succeeds() {
     assert_eq!(agent.leftovers(), Vec::<String>::new());
     drop(agent);
 
-    // 2. The destination QEMU fails to start.
-    let fake = tmp.path().join("broken-qemu");
+    // 2. The destination QEMU fails to start. (The agent runs only binaries named like the
+    // source's, so the fake one carries QEMU's name.)
+    let fake_dir = tmp.path().join("broken");
+    std::fs::create_dir_all(&fake_dir).expect("fake dir");
+    let fake = fake_dir.join("qemu-system-x86_64");
     std::fs::write(
         &fake,
-        "#!/bin/sh\necho 'qemu: simulated start failure' >&2\nexit 1\n",
+        // It answers the agent's sandbox probe (`-version`) like QEMU, then fails to start.
+        "#!/bin/sh\ncase \" $* \" in *\" -version \"*) echo 'QEMU emulator version 0 (fake)'; exit 0;; esac\necho 'qemu: simulated start failure' >&2\nexit 1\n",
     )
     .expect("script");
     std::process::Command::new("chmod")
@@ -501,6 +505,8 @@ async fn a_guest_outpacing_the_mirror_still_converges() {
             "120",
         ],
     );
+    // Whatever the assertions below say, the destination QEMU does not outlive the test.
+    let _guard = PidGuard(run.last()["destination"]["pid"].as_u64().map(|p| p as u32));
     assert_eq!(
         run.of("mirror_write_blocking").len(),
         1,

@@ -4,6 +4,7 @@
 mod nbd_support;
 
 use std::path::Path;
+use std::process::Command;
 
 use ferry::nbd::ServerConfig;
 use nbd_support::*;
@@ -136,7 +137,11 @@ fn nbdcopy_both_ways() {
 
 #[test]
 fn nbdinfo_map_and_list() {
-    let ts = TestServer::start(ServerConfig::default());
+    // Listing is off by default (the agent's export names are secrets); `nbd-serve` turns it on.
+    let ts = TestServer::start(ServerConfig {
+        list_exports: true,
+        ..ServerConfig::default()
+    });
     let path = ts.dir.path().join("mapped.raw");
     sparse_file(&path, 16 * MIB);
     let f = std::fs::OpenOptions::new()
@@ -198,4 +203,22 @@ fn assert_sparse_like(src: &Path, dst: &Path) {
         d <= s + s / 100 + 64 * 1024,
         "destination allocates {d} bytes, source {s}"
     );
+}
+
+/// With the default configuration (the agent's), `nbdinfo --list` learns no export name.
+#[test]
+fn nbdinfo_list_names_nothing_by_default() {
+    let ts = TestServer::start(ServerConfig::default());
+    ts.export_new("secret-export-name", MIB, false);
+    let out = Command::new("nbdinfo")
+        .args(["--list", &format!("nbd://{}", ts.addr())])
+        .output()
+        .expect("nbdinfo");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("secret-export-name"), "{text}");
+    let _dir = ts.shutdown();
 }

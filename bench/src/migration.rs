@@ -122,13 +122,18 @@ pub async fn ferry(ferry_bin: &Path, dir: &Path, setup: &Setup) -> Result<Migrat
     let source = boot_source(dir, setup).await?;
     let token = dir.join("token");
     std::fs::write(&token, "bench-token-0123456789abcdef-0123")?;
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let storage = dir.join("storage");
     std::fs::create_dir_all(&storage)?;
+    // The agent may load the test guest's kernel and initrd.
+    let kernel = GuestImages::locate()?.kernel;
     let mut agent = tokio::process::Command::new(ferry_bin)
         .args(["agent", "--listen", "127.0.0.1:0", "--storage"])
         .arg(&storage)
         .arg("--token-file")
         .arg(&token)
+        .arg("--allow-path")
+        .arg(kernel.parent().unwrap_or(Path::new("/")))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)

@@ -1,5 +1,9 @@
-//! The destination QEMU: started daemonized from the rewritten argv (so it outlives the agent),
-//! driven over its own QMP socket inside the migration directory.
+//! The destination QEMU: started detached from the rewritten argv (its own process group, so it
+//! outlives the agent and a Ctrl-C on the agent's terminal), sandboxed, and driven over its own
+//! QMP socket inside the migration directory.
+//!
+//! Not `-daemonize`: QEMU forks and calls `setsid` for it after installing its seccomp filter,
+//! which `-sandbox spawn=deny,elevateprivileges=deny` forbids. The agent detaches it instead.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -11,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::status::{wait_migration, MigrationInfo, MigrationStatus, WaitError};
 
-/// How long QEMU may take to initialise before `-daemonize` returns.
+/// How long QEMU may take to initialise and answer on its QMP socket.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A failure of the destination QEMU, with what QEMU said where there is something.
@@ -58,9 +62,10 @@ pub struct Destination {
 }
 
 impl Destination {
-    /// Runs `argv` (which must contain `-daemonize -pidfile PIDFILE -qmp unix:QMP`) and connects.
-    /// QEMU's parent process exits only once initialisation succeeded or failed, so its exit
-    /// status is the answer to "did it start"; its stderr goes to `dir/qemu.stderr`.
+    /// Runs `argv` (which must contain `-pidfile PIDFILE -qmp unix:QMP`) and connects. QEMU has
+    /// started when its QMP socket answers; if it exits first, its stderr (`dir/qemu.stderr`)
+    /// says why. Its working directory is `/`, so that no relative file name (a ROM, a keymap)
+    /// resolves against the agent's directory.
     pub async fn start(
         argv: &[String],
         dir: &Path,
@@ -76,6 +81,8 @@ impl Destination {
         })?;
         let mut child = tokio::process::Command::new(binary)
             .args(args)
+            .current_dir("/")
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -83,41 +90,39 @@ impl Destination {
             .map_err(|e| DestinationError::Start {
                 detail: format!("cannot run {binary}: {e}"),
             })?;
-        let status = match tokio::time::timeout(START_TIMEOUT, child.wait()).await {
-            Ok(Ok(status)) => status,
-            Ok(Err(e)) => {
-                return Err(DestinationError::Start {
-                    detail: e.to_string(),
-                })
+        let pid = child.id().ok_or_else(|| DestinationError::Start {
+            detail: "exited at once".into(),
+        })?;
+        let connected = tokio::select! {
+            status = child.wait() => {
+                let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                let detail = match status {
+                    Ok(status) => last_lines(&text, 3).unwrap_or_else(|| format!("exited with {status}")),
+                    Err(e) => e.to_string(),
+                };
+                return Err(DestinationError::Start { detail });
             }
-            Err(_) => {
-                let _ = child.kill().await;
-                return Err(DestinationError::Start {
-                    detail: format!("no answer within {}s", START_TIMEOUT.as_secs()),
-                });
-            }
+            connected = qmp::Qmp::connect_unix_timeout(qmp_path, START_TIMEOUT) => connected,
         };
-        if !status.success() {
-            let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-            let detail = last_lines(&text, 3).unwrap_or_else(|| format!("exited with {status}"));
-            return Err(DestinationError::Start { detail });
-        }
-        let pid = std::fs::read_to_string(pidfile)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .ok_or_else(|| DestinationError::Start {
-                detail: format!("no pid in {}", pidfile.display()),
-            })?;
-        let qmp = match qmp::Qmp::connect_unix_timeout(qmp_path, Duration::from_secs(10)).await {
+        let qmp = match connected {
             Ok(qmp) => qmp,
             Err(source) => {
-                kill_pid(pid);
+                let _ = child.start_kill();
                 return Err(DestinationError::Qmp {
-                    what: "connecting to its QMP socket".into(),
+                    what: format!(
+                        "connecting to its QMP socket within {}s",
+                        START_TIMEOUT.as_secs()
+                    ),
                     source,
                 });
             }
         };
+        // The pid file is what a restarted agent goes by; QEMU writes it before its QMP socket.
+        if !pidfile.exists() {
+            tracing::warn!(pidfile = %pidfile.display(), "destination QEMU wrote no pid file");
+        }
+        // Dropping `child` leaves QEMU running; tokio reaps it when it exits.
+        drop(child);
         Ok(Destination {
             pid,
             qmp_path: qmp_path.to_path_buf(),

@@ -2,13 +2,14 @@
 //! sources holding the same token, receives their disks over NBD into a directory per migration,
 //! and starts the destination QEMU from the source's rewritten command line.
 //!
-//! It must never take a VM down with it: destination QEMUs are daemonized (they outlive the agent),
+//! It must never take a VM down with it: destination QEMUs run detached (they outlive the agent),
 //! every migration is journaled in its directory before each step, a failed migration rolls back
 //! only what it created, and a restarted agent resumes from the journals (see [`registry`]).
 //! SIGTERM drains: no new connection is accepted and the agent exits once every connection in
 //! progress has ended; a second SIGTERM exits at once (the journals cover that too).
 
 pub mod destination;
+pub mod policy;
 pub mod received;
 pub mod registry;
 pub mod session;
@@ -44,8 +45,8 @@ pub struct AgentConfig {
     pub storage: PathBuf,
     /// The shared secret (never sent over the wire).
     pub token: Vec<u8>,
-    /// QEMU binary for destination VMs; by default the source's binary name on this host's PATH.
-    pub qemu_binary: Option<String>,
+    /// Which QEMU binary and which host files a source may use here.
+    pub policy: policy::Policy,
     /// How long a destination whose control connection dropped is kept for the source to settle
     /// it (unless its incoming migration completed: then until the source settles it).
     pub recover_window: Duration,

@@ -61,14 +61,18 @@ impl Received {
     ) -> Result<Received, String> {
         storage::preflight(&config.storage, vm).map_err(|e| e.to_string())?;
         let binary = config
-            .qemu_binary
-            .clone()
-            .unwrap_or_else(|| default_binary(vm));
+            .policy
+            .binary_for(vm)
+            .await
+            .map_err(|e| e.to_string())?;
         // Dry run with the final paths' shape, so an argv we cannot run is refused before
         // anything is created.
         let probe = context(&binary, &config.storage.join("probe"), vm);
         argv::rewrite(vm, &probe).map_err(|e| format!("the VM's command line: {e}"))?;
-        check_host_files(vm)?;
+        config
+            .policy
+            .check_host_files(vm)
+            .map_err(|e| e.to_string())?;
 
         let dir = MigrationDir::create(&config.storage, vm.running).map_err(|e| e.to_string())?;
         let ctx = context(&binary, &dir.path, vm);
@@ -357,31 +361,4 @@ fn context(binary: &str, dir: &Path, vm: &VmDescription) -> RewriteContext {
         dir: dir.to_path_buf(),
         images,
     }
-}
-
-/// The source's QEMU binary name (found on this host's PATH), unless `--qemu-binary` says otherwise.
-fn default_binary(vm: &VmDescription) -> String {
-    vm.argv
-        .first()
-        .and_then(|a| Path::new(a).file_name())
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "qemu-system-x86_64".to_string())
-}
-
-/// Files the destination QEMU loads by path at start-up must exist here too.
-fn check_host_files(vm: &VmDescription) -> Result<(), String> {
-    let opts = argv::parse(vm.argv.get(1..).unwrap_or_default()).map_err(|e| e.to_string())?;
-    for opt in opts {
-        if matches!(opt.name.as_str(), "kernel" | "initrd" | "bios" | "dtb") {
-            if let Some(path) = opt.value {
-                if !Path::new(&path).exists() {
-                    return Err(format!(
-                        "-{} {path}: no such file on the destination host; copy it to the same path there",
-                        opt.name
-                    ));
-                }
-            }
-        }
-    }
-    Ok(())
 }

@@ -137,7 +137,10 @@ impl MigrationDir {
         let suffix: u32 = rand::random();
         let id = format!("m{secs}-{suffix:08x}");
         let path = storage.join(&id);
-        fs::create_dir(&path).map_err(io_err("cannot create migration directory", &path))?;
+        // 0700 and images 0600: a VM's disks and sockets are nobody else's business on this host.
+        std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
+            .create(&path)
+            .map_err(io_err("cannot create migration directory", &path))?;
         let dir = MigrationDir { id, path };
         dir.record(Record {
             phase: Phase::Receiving,
@@ -154,11 +157,12 @@ impl MigrationDir {
     /// Creates an exact-size sparse raw image: nothing is allocated until data arrives.
     pub fn create_image(&self, disk_name: &str, size: u64) -> Result<PathBuf, StorageError> {
         let path = self.image_path(disk_name);
-        let file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io_err("cannot create image", &path))?;
+        let file = std::os::unix::fs::OpenOptionsExt::mode(
+            File::options().write(true).create_new(true),
+            0o600,
+        )
+        .open(&path)
+        .map_err(io_err("cannot create image", &path))?;
         file.set_len(size)
             .map_err(io_err("cannot size image", &path))?;
         Ok(path)
@@ -287,6 +291,10 @@ mod tests {
         assert_eq!(dir.read_record().map(|r| r.phase), Some(Phase::Receiving));
         let image = dir.create_image("#block1", 10 << 30).expect("image");
         assert_eq!(fs::metadata(&image).expect("stat").len(), 10 << 30);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path), 0o700, "directory private");
+        assert_eq!(mode(&image), 0o600, "image private");
         assert!(allocated_bytes([&image]) < 1 << 20);
         assert_eq!(dir.images(), vec![image.clone()]);
         let running = Record {

@@ -1,4 +1,5 @@
-//! `ferry agent --listen ADDR --storage DIR --token-file FILE [--qemu-binary PATH]`.
+//! `ferry agent --listen ADDR --storage DIR --token-file FILE [--qemu-binary PATH]...
+//! [--allow-path DIR]...`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,6 +7,7 @@ use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::policy::Policy;
 use crate::agent::{Agent, AgentConfig};
 
 /// Arguments of `ferry agent`.
@@ -20,9 +22,15 @@ pub struct AgentArgs {
     /// File holding the shared token (the same file content on the source).
     #[arg(long, value_name = "FILE")]
     token_file: PathBuf,
-    /// QEMU binary for destination VMs (default: the source's binary name, on this host's PATH).
+    /// A QEMU system emulator destination VMs may run, named qemu-system-ARCH; repeatable. The
+    /// one whose file name matches the source's binary is used. Default: qemu-system-* on PATH.
     #[arg(long, value_name = "PATH")]
-    qemu_binary: Option<String>,
+    qemu_binary: Vec<PathBuf>,
+    /// A directory `-kernel`, `-initrd`, `-bios`, `-dtb` files may come from; repeatable.
+    /// Default: the distribution's firmware directories (/usr/share/qemu, /usr/share/seabios,
+    /// /usr/share/ovmf, ...).
+    #[arg(long, value_name = "DIR")]
+    allow_path: Vec<PathBuf>,
     /// Seconds a paused destination is kept after its source's control connection dropped, for
     /// `ferry recover` on the source to settle it (one whose incoming migration completed is kept
     /// until the source settles it).
@@ -36,11 +44,15 @@ pub async fn run(args: AgentArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return super::fail(super::EXIT_USAGE, e),
     };
+    let policy = match Policy::new(&args.qemu_binary, &args.allow_path) {
+        Ok(p) => p,
+        Err(e) => return super::fail(super::EXIT_USAGE, crate::error_chain(&e)),
+    };
     let config = AgentConfig {
         listen: args.listen,
         storage: args.storage,
         token,
-        qemu_binary: args.qemu_binary,
+        policy,
         recover_window: std::time::Duration::from_secs(args.recover_window),
     };
     let agent = match Agent::bind(config).await {

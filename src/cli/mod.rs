@@ -95,14 +95,29 @@ fn init_tracing() {
 }
 
 /// Reads a shared token: the file's content without surrounding white space. Refuses a missing,
-/// empty or short token rather than run with a guessable one.
+/// empty or short token rather than run with a guessable one, and a file other users can read
+/// (anyone who reads the token may run migrations into the agent).
 pub fn read_token(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let text = std::fs::read(path)
-        .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let cannot = |e: std::io::Error| format!("cannot read token file {}: {e}", path.display());
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    // The mode of the file actually opened, not of whatever the path names a moment later.
+    let mode = file.metadata().map_err(cannot)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "token file {} is accessible by group or others (mode {:04o}): run `chmod 600 {}`",
+            path.display(),
+            mode & 0o7777,
+            path.display()
+        ));
+    }
+    let mut text = Vec::new();
+    file.read_to_end(&mut text).map_err(cannot)?;
     let token = text.trim_ascii().to_vec();
     if token.len() < 16 {
         return Err(format!(
-            "token file {} holds {} bytes; use at least 16 random bytes (e.g. `head -c 32 /dev/urandom | base64 > {}`)",
+            "token file {} holds {} bytes; use at least 16 random bytes (e.g. `(umask 077; head -c 32 /dev/urandom | base64 > {})`)",
             path.display(),
             token.len(),
             path.display()

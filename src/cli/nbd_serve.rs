@@ -49,7 +49,12 @@ pub async fn run(args: NbdServeArgs) -> ExitCode {
             )
         }
     };
-    let server = match NbdServer::bind(args.listen, ServerConfig::default()).await {
+    // The operator chose these names; listing them is a convenience, not a leak.
+    let config = ServerConfig {
+        list_exports: true,
+        ..ServerConfig::default()
+    };
+    let server = match NbdServer::bind(args.listen, config).await {
         Ok(server) => server,
         Err(e) => return super::fail(super::EXIT_FAILED, crate::error_chain(&e)),
     };

@@ -98,10 +98,22 @@ impl State {
     }
 }
 
-/// Runs the handshake on `stream` against the exports in `registry`.
+/// The one answer to every question about an export that is not served (never served, or being
+/// removed): it names nothing and does not echo the name, so a client learns no more than "no".
+/// During a migration the export name is the only secret between the source and its disk.
+const NO_SUCH_EXPORT: &str = "no such export";
+
+/// The export called `name`, unless there is none or it is being removed.
+fn lookup(registry: &Registry, name: &str) -> Option<Arc<ExportState>> {
+    registry.get(name).filter(|e| !e.stop.is_cancelled())
+}
+
+/// Runs the handshake on `stream` against the exports in `registry`. `list_exports`: whether
+/// `NBD_OPT_LIST` names them (otherwise it is answered `NBD_REP_ERR_POLICY`).
 pub(crate) async fn negotiate<S>(
     stream: &mut S,
     registry: &Registry,
+    list_exports: bool,
 ) -> Result<Outcome, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -157,7 +169,7 @@ where
                 if state.extended {
                     return Err(HandshakeError::ExportNameWithExtendedHeaders);
                 }
-                let Some(export) = registry.get(&name) else {
+                let Some(export) = lookup(registry, &name) else {
                     // This option cannot carry an error: the spec says to disconnect.
                     return Err(HandshakeError::UnknownExport(name));
                 };
@@ -176,6 +188,10 @@ where
                 // The client may already be gone; it was leaving anyway.
                 let _ = send(stream, &mut out).await;
                 return Ok(Outcome::Aborted);
+            }
+            ClientOption::List if !list_exports => {
+                let message = "listing exports is disabled on this server";
+                wire::put_option_error(&mut out, code, rep::ERR_POLICY, message);
             }
             ClientOption::List => {
                 for name in registry.names() {
@@ -268,9 +284,8 @@ fn info_reply(
     registry: &Registry,
     request: &InfoRequest,
 ) -> Option<Arc<ExportState>> {
-    let Some(export) = registry.get(&request.name) else {
-        let message = format!("no export named {:?} on this server", request.name);
-        wire::put_option_error(out, code, rep::ERR_UNKNOWN, &message);
+    let Some(export) = lookup(registry, &request.name) else {
+        wire::put_option_error(out, code, rep::ERR_UNKNOWN, NO_SUCH_EXPORT);
         return None;
     };
     let flags = export.transmission_flags(state.style().chunked());
@@ -303,9 +318,8 @@ fn meta_reply(
         wire::put_option_error(out, code, rep::ERR_INVALID, message);
         return;
     }
-    if registry.get(&request.export).is_none() {
-        let message = format!("no export named {:?} on this server", request.export);
-        wire::put_option_error(out, code, rep::ERR_UNKNOWN, &message);
+    if lookup(registry, &request.export).is_none() {
+        wire::put_option_error(out, code, rep::ERR_UNKNOWN, NO_SUCH_EXPORT);
         return;
     }
     // `base:` is a wildcard when listing and selects nothing when setting; an empty query list
@@ -410,7 +424,7 @@ mod tests {
     async fn go_with_extended_headers_and_base_allocation() {
         let (registry, _f) = registry_with("disk", 1 << 20, false);
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let server = tokio::spawn(async move { negotiate(&mut server, &registry).await });
+        let server = tokio::spawn(async move { negotiate(&mut server, &registry, true).await });
         start(&mut client, 3).await;
 
         option(&mut client, 0x1234, b"junk").await;
@@ -464,7 +478,7 @@ mod tests {
     async fn unknown_export_list_and_oversized_option() {
         let (registry, _f) = registry_with("a", 4096, true);
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let server = tokio::spawn(async move { negotiate(&mut server, &registry).await });
+        let server = tokio::spawn(async move { negotiate(&mut server, &registry, true).await });
         start(&mut client, 1).await;
 
         let mut go = name_data("missing");
@@ -472,7 +486,11 @@ mod tests {
         option(&mut client, opt::GO, &go).await;
         let (_, kind, message) = reply(&mut client).await;
         assert_eq!(kind, rep::ERR_UNKNOWN);
-        assert!(String::from_utf8_lossy(&message).contains("missing"));
+        assert_eq!(
+            &message[..],
+            NO_SUCH_EXPORT.as_bytes(),
+            "the name is not echoed"
+        );
 
         // 1 MiB of option data is skipped, not buffered, and negotiation continues.
         option(&mut client, 0x77, &vec![0u8; 1 << 20]).await;
@@ -501,7 +519,7 @@ mod tests {
         let registry = Arc::new(registry);
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
         let r = registry.clone();
-        let server = tokio::spawn(async move { negotiate(&mut server, &r).await });
+        let server = tokio::spawn(async move { negotiate(&mut server, &r, true).await });
         start(&mut client, 3).await;
         option(&mut client, opt::EXPORT_NAME, b"x").await;
         let mut answer = [0u8; 10];
@@ -522,7 +540,7 @@ mod tests {
         // Garbage instead of an option: the handshake fails, nothing panics.
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
         let r = registry.clone();
-        let server = tokio::spawn(async move { negotiate(&mut server, &r).await });
+        let server = tokio::spawn(async move { negotiate(&mut server, &r, true).await });
         start(&mut client, 1).await;
         client
             .write_all(b"GET / HTTP/1.1\r\n\r\n")
@@ -535,8 +553,41 @@ mod tests {
 
         // Unknown client flags: refused.
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let server = tokio::spawn(async move { negotiate(&mut server, &registry).await });
+        let server = tokio::spawn(async move { negotiate(&mut server, &registry, true).await });
         start(&mut client, 0x80).await;
         assert!(matches!(server.await, Ok(Err(HandshakeError::Wire(_)))));
+    }
+
+    #[tokio::test]
+    async fn closed_doors_list_refused_and_a_stopping_export_looks_unknown() {
+        let (registry, _f) = registry_with("secret-name", 4096, false);
+        let stopping = registry.get("secret-name").expect("export");
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move { negotiate(&mut server, &registry, false).await });
+        start(&mut client, 1).await;
+
+        option(&mut client, opt::LIST, &[]).await;
+        let (_, kind, message) = reply(&mut client).await;
+        assert_eq!(kind, rep::ERR_POLICY);
+        assert!(!String::from_utf8_lossy(&message).contains("secret-name"));
+
+        let mut unknown = name_data("other");
+        unknown.put_u16(0);
+        option(&mut client, opt::INFO, &unknown).await;
+        let unknown_reply = reply(&mut client).await;
+        stopping.stop.cancel();
+        let mut known = name_data("secret-name");
+        known.put_u16(0);
+        option(&mut client, opt::INFO, &known).await;
+        let known_reply = reply(&mut client).await;
+        assert_eq!(unknown_reply.1, rep::ERR_UNKNOWN);
+        assert_eq!(
+            (unknown_reply.1, unknown_reply.2),
+            (known_reply.1, known_reply.2),
+            "unknown and unreachable get the same answer"
+        );
+        option(&mut client, opt::ABORT, &[]).await;
+        assert_eq!(reply(&mut client).await.1, rep::ACK);
+        assert!(matches!(server.await, Ok(Ok(Outcome::Aborted))));
     }
 }

@@ -46,6 +46,10 @@ pub struct ServerConfig {
     pub max_buffered_bytes_per_connection: usize,
     /// How long a stopping connection may take to hand its last replies to the client.
     pub shutdown_grace: Duration,
+    /// Whether `NBD_OPT_LIST` names the exports. Off by default: where export names are
+    /// unguessable (the agent's), the name is the only thing between a client and a disk, and a
+    /// list would hand it out. `ferry nbd-serve` turns it on (its operator picked the names).
+    pub list_exports: bool,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +60,7 @@ impl Default for ServerConfig {
             max_requests_per_connection: 64,
             max_buffered_bytes_per_connection: 2 * MAX_PAYLOAD as usize,
             shutdown_grace: Duration::from_secs(30),
+            list_exports: false,
         }
     }
 }
@@ -296,7 +301,7 @@ async fn serve_connection(mut socket: TcpStream, shared: &Shared) {
         () = shared.stop.cancelled() => return,
         n = tokio::time::timeout(
             shared.config.handshake_timeout,
-            handshake::negotiate(&mut socket, &shared.registry),
+            handshake::negotiate(&mut socket, &shared.registry, shared.config.list_exports),
         ) => n,
     };
     let session = match negotiated {

@@ -7,134 +7,48 @@
 //! - file-backed chardevs and logs (`-serial file:X`, `-chardev file,path=X`, socket paths, `-D`)
 //!   go to files of the same base name inside the directory;
 //! - monitors and QMP sockets are dropped and replaced by the agent's own QMP socket;
-//! - `-S -incoming defer -daemonize -pidfile` are the agent's.
+//! - `-S -incoming defer -pidfile -sandbox` are the agent's (the agent starts QEMU detached
+//!   itself: `-daemonize` cannot run under a sandbox that denies fork and setsid).
 //!
-//! Anything that would make the destination share a path with the source, or that cannot run
-//! daemonized, is refused with the option named, rather than guessed at.
+//! Every option passes an allowlist ([`options`]): ferry accepts only what it knows how to move,
+//! and refuses, with the option named, anything that would make the destination QEMU open
+//! something of the host's it was not given (a file, a device, a port, a program). The checks
+//! look at values as data ([`value`]), so the JSON spelling of an option gets the same checks.
+//! Submodules: [`options`] (the table), [`value`] (values, host references), `drive`, `chardev`,
+//! `net`, `devices` (one per kind of option).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
-use super::blockdev::{collect_chain, has_filename, parse_blockdev};
-
-use super::keyval::{is_true, KeyVal};
+use super::blockdev::{collect_chain, parse_blockdev};
 use super::VmDescription;
 
-/// QEMU options that take no value. Everything else takes exactly one.
-const FLAGS: &[&str] = &[
-    "S",
-    "snapshot",
-    "nographic",
-    "daemonize",
-    "nodefaults",
-    "no-user-config",
-    "nodefconfig",
-    "no-reboot",
-    "no-shutdown",
-    "enable-kvm",
-    "s",
-    "full-screen",
-    "no-frame",
-    "alt-grab",
-    "ctrl-grab",
-    "no-quit",
-    "no-hpet",
-    "no-acpi",
-    "no-fd-bootchk",
-    "win2k-hack",
-    "usb",
-    "only-migratable",
-    "enable-sync-profile",
-    "preconfig",
-    "xen-attach",
-    "xen-domid-restrict",
-    "version",
-    "h",
-    "help",
-    "semihosting",
-    "rtc-td-hack",
-    "portrait",
-    "sdl",
-    "curses",
-    "enable-fips",
-    "no-kvm",
+mod chardev;
+mod devices;
+mod drive;
+mod net;
+pub mod options;
+pub mod value;
+
+use options::Class;
+
+/// File names inside the migration directory that belong to the agent: a relocated file never
+/// takes one of these, nor a disk image's name.
+const RESERVED_NAMES: &[&str] = &[
+    "qmp.sock",
+    "qemu.pid",
+    "phase",
+    "phase.tmp",
+    "qemu.stderr",
+    "argv",
 ];
 
-/// Options that cannot move to another host: why, for the operator.
-const REFUSED: &[(&str, &str)] = &[
-    (
-        "snapshot",
-        "writes go to a temporary overlay that cannot be migrated",
-    ),
-    (
-        "loadvm",
-        "it restores a snapshot stored in the source images",
-    ),
-    (
-        "mem-path",
-        "guest RAM is backed by a file on the source host",
-    ),
-    ("fsdev", "it shares a host directory with the guest"),
-    ("virtfs", "it shares a host directory with the guest"),
-    ("readconfig", "the config file lives on the source host"),
-    ("writeconfig", "it writes a file on the source host"),
-    (
-        "nographic",
-        "it ties the serial console to the terminal; use -display none and -serial file:PATH",
-    ),
-    (
-        "hda",
-        "use -drive or -blockdev so the disk can be identified",
-    ),
-    (
-        "hdb",
-        "use -drive or -blockdev so the disk can be identified",
-    ),
-    (
-        "hdc",
-        "use -drive or -blockdev so the disk can be identified",
-    ),
-    (
-        "hdd",
-        "use -drive or -blockdev so the disk can be identified",
-    ),
-    (
-        "cdrom",
-        "eject the media or use an empty -drive media=cdrom",
-    ),
-    (
-        "fda",
-        "use -drive or -blockdev so the disk can be identified",
-    ),
-    (
-        "fdb",
-        "use -drive or -blockdev so the disk can be identified",
-    ),
-    (
-        "mtdblock",
-        "use -drive or -blockdev so the disk can be identified",
-    ),
-    (
-        "sd",
-        "use -drive or -blockdev so the disk can be identified",
-    ),
-];
-
-/// Options the agent sets itself; the source's values are dropped.
-const REPLACED: &[&str] = &[
-    "S",
-    "daemonize",
-    "incoming",
-    "pidfile",
-    "qmp",
-    "qmp-pretty",
-    "monitor",
-];
-
-/// File names inside the migration directory that belong to the agent.
-const RESERVED_NAMES: &[&str] = &["qmp.sock", "qemu.pid", "phase", "qemu.stderr"];
+/// What the destination QEMU runs under: seccomp, with no way to run other programs, change
+/// its privileges or its scheduling. Even a guest that breaks out of the device emulation is then
+/// left with the syscalls QEMU itself needs.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Where the destination's host-local things go.
 #[derive(Debug, Clone)]
@@ -162,7 +76,7 @@ impl RewriteContext {
 /// The destination's command line and what moved where.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rewritten {
-    /// argv[0] included.
+    /// argv\[0\] included.
     pub argv: Vec<String>,
     /// `(source path, destination path)` of every relocated chardev, socket or log file.
     pub relocated: Vec<(String, PathBuf)>,
@@ -210,7 +124,7 @@ pub fn parse(args: &[String]) -> Result<Vec<Opt>, RewriteError> {
                     .into(),
             });
         };
-        if FLAGS.contains(&name) {
+        if options::FLAGS.contains(&name) {
             opts.push(Opt {
                 name: name.to_string(),
                 value: None,
@@ -228,8 +142,30 @@ pub fn parse(args: &[String]) -> Result<Vec<Opt>, RewriteError> {
     Ok(opts)
 }
 
+/// The files the destination QEMU would load from this host's file system at start-up
+/// (`-kernel`, `-initrd`, `-bios`, `-dtb`, `-shim`), as `(option, path)`: the agent checks them
+/// against the directories it allows. Options that do not parse are left to [`rewrite`] to refuse.
+pub fn host_files(argv: &[String]) -> Vec<(String, String)> {
+    let opts = parse(argv.get(1..).unwrap_or_default()).unwrap_or_default();
+    opts.into_iter()
+        .filter(|o| options::classify(&o.name) == Some(Class::HostFile))
+        .filter_map(|o| Some((o.name, o.value?)))
+        .collect()
+}
+
 /// Builds the destination argv for `vm`, or says which option prevents it.
 pub fn rewrite(vm: &VmDescription, ctx: &RewriteContext) -> Result<Rewritten, RewriteError> {
+    // The machine type is written into `-machine` as it came: it must be a name and nothing more
+    // (`pc,kernel=/x` would smuggle keys past the checks).
+    if let Some(machine) = &vm.machine {
+        let name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if machine.is_empty() || !machine.chars().all(name_char) {
+            return Err(RewriteError {
+                option: format!("machine type {machine:?}"),
+                reason: "a machine type is a name (letters, digits, '.', '_', '-')".into(),
+            });
+        }
+    }
     let opts = parse(vm.argv.get(1..).unwrap_or_default())?;
     let mut out = Rewriter::new(vm, ctx, &opts)?;
     for opt in &opts {
@@ -273,7 +209,19 @@ impl<'a> Rewriter<'a> {
             ctx,
             argv: vec![ctx.binary.clone()],
             relocated: Vec::new(),
-            used_names: RESERVED_NAMES.iter().map(|s| s.to_string()).collect(),
+            // Images are reserved before any option is read: a `-serial file:/x/disk-vda.raw`
+            // seen before its disk's `-blockdev` must not be given the image's name (QEMU would
+            // truncate the mirrored image when it opens the serial file).
+            used_names: RESERVED_NAMES
+                .iter()
+                .map(|s| s.to_string())
+                .chain(
+                    ctx.images
+                        .values()
+                        .filter_map(|p| p.file_name())
+                        .map(|n| n.to_string_lossy().into_owned()),
+                )
+                .collect(),
             chain_nodes,
             placed: HashSet::new(),
             machine_seen: false,
@@ -289,194 +237,66 @@ impl<'a> Rewriter<'a> {
 
     fn option(&mut self, opt: &Opt) -> Result<(), RewriteError> {
         let name = opt.name.as_str();
-        let value = opt.value.as_deref();
-        if let Some((_, why)) = REFUSED.iter().find(|(n, _)| *n == name) {
-            return Err(refuse(name, value, *why));
-        }
-        if REPLACED.contains(&name) {
-            return Ok(());
-        }
-        let Some(value) = value else {
-            self.push(name, None);
-            return Ok(());
+        let Some(class) = options::classify(name) else {
+            return Err(refuse(name, opt.value.as_deref(), options::UNKNOWN));
         };
-        match name {
-            "drive" => self.drive(value),
-            "blockdev" => self.blockdev(value),
-            "serial" | "parallel" | "debugcon" => {
-                let v = self.legacy_chardev(name, value)?;
-                self.push(name, Some(v));
-                Ok(())
+        let value = match (class, opt.value.as_deref()) {
+            (Class::Refused(why), value) => return Err(refuse(name, value, why)),
+            (Class::Agent, _) => return Ok(()),
+            (Class::Flag, None) => {
+                self.push(name, None);
+                return Ok(());
             }
-            "chardev" => self.chardev(value),
-            "D" => {
-                let moved = self.relocate(value);
-                self.push(name, Some(moved));
-                Ok(())
-            }
-            "machine" | "M" => {
-                self.machine_seen = true;
-                let mut kv = KeyVal::parse(value);
-                if let Some(machine) = &self.vm.machine {
-                    match kv.items.first_mut() {
-                        Some((k, v)) if k.is_empty() => *v = machine.clone(),
-                        _ => kv.set("type", machine),
-                    }
-                }
-                self.push(name, Some(kv.render()));
-                Ok(())
-            }
-            "object" => {
-                let kv = KeyVal::parse(value);
-                if kv.implied() == Some("memory-backend-file")
-                    || kv.get("qom-type") == Some("memory-backend-file")
-                {
+            (_, Some(value)) => value,
+            (_, None) => return Err(refuse(name, None, "it is missing its value")),
+        };
+        match class {
+            Class::Name => {
+                if value.contains('/') {
                     return Err(refuse(
                         name,
                         Some(value),
-                        "guest RAM is backed by a file on the source host",
+                        "a name is expected here, not a path",
                     ));
                 }
                 self.push(name, Some(value.to_string()));
                 Ok(())
             }
-            _ => {
+            Class::Text | Class::HostFile => {
                 self.push(name, Some(value.to_string()));
                 Ok(())
             }
-        }
-    }
-
-    fn drive(&mut self, value: &str) -> Result<(), RewriteError> {
-        let mut kv = KeyVal::parse(value);
-        if kv.get("snapshot").is_some_and(is_true) {
-            return Err(refuse(
-                "drive",
-                Some(value),
-                "snapshot=on keeps writes in a temporary overlay",
-            ));
-        }
-        let file = kv.get("file").unwrap_or("").to_string();
-        let id = kv.get("id").unwrap_or("").to_string();
-        let disk =
-            self.vm.disks.iter().find(|d| {
-                (!id.is_empty() && d.device == id) || (!file.is_empty() && d.file == file)
-            });
-        let Some(disk) = disk else {
-            if file.is_empty() {
-                // An empty drive (a cdrom without media): nothing host-local in it.
-                self.push("drive", Some(value.to_string()));
-                return Ok(());
-            }
-            if kv.get("media") == Some("cdrom") {
-                return Err(refuse(
-                    "drive",
-                    Some(value),
-                    "a cdrom with media inserted; eject it first",
-                ));
-            }
-            return Err(refuse(
-                "drive",
-                Some(value),
-                "this drive is not among the disks QEMU reported, so it cannot be copied",
-            ));
-        };
-        let image = self.image_for(&disk.name)?;
-        kv.remove_where(|k| k == "format" || k.starts_with("file.") || k.starts_with("backing"));
-        kv.set("file", &image);
-        kv.set("format", "raw");
-        self.placed.insert(disk.name.clone());
-        self.push("drive", Some(kv.render()));
-        Ok(())
-    }
-
-    fn blockdev(&mut self, value: &str) -> Result<(), RewriteError> {
-        let parsed = parse_blockdev(value);
-        let node = parsed
-            .get("node-name")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        if let Some(disk) = self.vm.disks.iter().find(|d| d.node_name == node) {
-            let image = self.image_for(&disk.name)?;
-            let mut root = Map::new();
-            root.insert("driver".into(), json!("raw"));
-            root.insert("node-name".into(), json!(node));
-            root.insert("file".into(), json!({"driver": "file", "filename": image}));
-            if disk.read_only {
-                root.insert("read-only".into(), json!(true));
-            }
-            for key in ["discard", "detect-zeroes"] {
-                if let Some(v) = parsed.get(key).and_then(Value::as_str) {
-                    root.insert(key.into(), json!(v));
+            Class::Keyval => {
+                let parsed = value::parse(value, "").map_err(|e| refuse(name, Some(value), e))?;
+                if let Some(key) = value::any_host_reference(&parsed) {
+                    return Err(refuse(
+                        name,
+                        Some(value),
+                        format!("`{key}=` names something on the source host"),
+                    ));
                 }
+                self.push(name, Some(value.to_string()));
+                Ok(())
             }
-            self.placed.insert(disk.name.clone());
-            self.push("blockdev", Some(Value::Object(root).to_string()));
-            return Ok(());
-        }
-        if self.chain_nodes.contains(&node) {
-            return Ok(());
-        }
-        if has_filename(&parsed) {
-            return Err(refuse(
-                "blockdev",
-                Some(value),
-                "it opens a file that is not one of the VM's disks",
-            ));
-        }
-        self.push("blockdev", Some(value.to_string()));
-        Ok(())
-    }
-
-    /// `-serial file:X`, `unix:X`, `stdio`, `mon:stdio`, ...
-    fn legacy_chardev(&mut self, name: &str, value: &str) -> Result<String, RewriteError> {
-        let inner = value.strip_prefix("mon:").unwrap_or(value);
-        let prefix = &value[..value.len() - inner.len()];
-        if inner == "stdio" || inner.starts_with("pipe:") {
-            return Err(refuse(
-                name,
-                Some(value),
-                "the destination QEMU runs daemonized; use file:PATH or a unix socket",
-            ));
-        }
-        if let Some(path) = inner.strip_prefix("file:") {
-            return Ok(format!("{prefix}file:{}", self.relocate(path)));
-        }
-        if let Some(rest) = inner.strip_prefix("unix:") {
-            let (path, opts) = rest
-                .split_once(',')
-                .map_or((rest, None), |(p, o)| (p, Some(o)));
-            let moved = self.relocate(path);
-            return Ok(match opts {
-                Some(o) => format!("{prefix}unix:{moved},{o}"),
-                None => format!("{prefix}unix:{moved}"),
-            });
-        }
-        Ok(value.to_string())
-    }
-
-    fn chardev(&mut self, value: &str) -> Result<(), RewriteError> {
-        let mut kv = KeyVal::parse(value);
-        let backend = kv
-            .implied()
-            .or_else(|| kv.get("backend"))
-            .unwrap_or("")
-            .to_string();
-        match backend.as_str() {
-            "stdio" | "pipe" | "serial" | "tty" | "parallel" | "parport" => {
-                return Err(refuse("chardev", Some(value), "the destination QEMU runs daemonized and cannot reach this host device; use file or socket"));
+            Class::Drive => self.drive(value),
+            Class::Blockdev => self.blockdev(value),
+            Class::Chardev => self.chardev(value),
+            Class::LegacyChardev => self.legacy_chardev(name, value),
+            Class::Netdev | Class::Nic | Class::Net => self.netdev(name, value),
+            Class::Device => self.device(value),
+            Class::Object => self.object(value),
+            Class::Machine => self.machine(name, value),
+            Class::Display => self.display(value),
+            Class::Vnc => self.vnc(value),
+            Class::Audio => self.audio(name, value),
+            Class::UsbDevice => self.usbdevice(value),
+            Class::LogFile => {
+                let moved = self.relocate(value);
+                self.push(name, Some(moved));
+                Ok(())
             }
-            _ => {}
+            Class::Flag | Class::Agent | Class::Refused(_) => Ok(()),
         }
-        for key in ["path", "logfile"] {
-            if let Some(path) = kv.get(key).map(str::to_string) {
-                let moved = self.relocate(&path);
-                kv.set(key, &moved);
-            }
-        }
-        self.push("chardev", Some(kv.render()));
-        Ok(())
     }
 
     /// A path inside the migration directory with the same base name, unique within it.
@@ -537,7 +357,7 @@ impl<'a> Rewriter<'a> {
         let pidfile = self.ctx.pidfile().to_string_lossy().into_owned();
         self.push("qmp", Some(qmp));
         self.push("pidfile", Some(pidfile));
-        self.push("daemonize", None);
+        self.push("sandbox", Some(SANDBOX.into()));
         self.push("S", None);
         self.push("incoming", Some("defer".into()));
         Ok(Rewritten {

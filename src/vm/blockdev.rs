@@ -1,6 +1,7 @@
-//! A read-only view of `-blockdev` values: which node a value defines, which nodes it references,
-//! whether it opens a file. Values are only inspected here, never passed back to QEMU (the keyval
-//! form's values all stay strings, which QEMU's JSON form would not accept).
+//! A read-only view of `-blockdev` values: which node a value defines and which nodes it
+//! references (what a value opens on the host is checked in `argv::value`). Values are only
+//! inspected here, never passed back to QEMU (the keyval form's values all stay strings, which
+//! QEMU's JSON form would not accept).
 
 use std::collections::{HashMap, HashSet};
 
@@ -56,13 +57,6 @@ pub fn collect_chain(node: &str, blockdevs: &HashMap<String, Value>, out: &mut H
     }
 }
 
-pub fn has_filename(value: &Value) -> bool {
-    match value {
-        Value::Object(map) => map.iter().any(|(k, v)| k == "filename" || has_filename(v)),
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,7 +69,6 @@ mod tests {
             r#"{"driver":"qcow2","node-name":"d0","file":{"driver":"file","filename":"/a.qcow2"}}"#,
         );
         assert_eq!(kv, js);
-        assert!(has_filename(&kv));
     }
 
     #[test]

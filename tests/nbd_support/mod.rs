@@ -153,6 +153,7 @@ pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
 pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
+pub const REP_ERR_POLICY: u32 = 0x8000_0002;
 pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 pub const CMD_READ: u16 = 0;
 pub const CMD_WRITE: u16 = 1;

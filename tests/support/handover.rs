@@ -59,6 +59,13 @@ pub fn spawn_agent_in(
         .arg("--token-file")
         .arg(token)
         .args(["--recover-window", "20"])
+        .arg("--allow-path")
+        .arg(
+            guest_images()
+                .kernel
+                .parent()
+                .expect("guest image directory"),
+        )
         .args(args)
         .envs(env.iter().copied())
         .env("FERRY_LOG", "ferry=info")

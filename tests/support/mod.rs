@@ -23,7 +23,18 @@ pub struct AgentProc {
 }
 
 impl AgentProc {
+    /// Starts an agent that may load the test guest's kernel and initrd (`--allow-path` their
+    /// directory), plus `extra` flags.
     pub fn start(storage: &Path, token_file: &Path, extra: &[&str]) -> AgentProc {
+        let kernel = guest_images().kernel;
+        let guest_dir = kernel.parent().expect("guest image directory");
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--allow-path".as_ref(), guest_dir.as_os_str()];
+        args.extend(extra.iter().map(|e| std::ffi::OsStr::new(*e)));
+        AgentProc::start_bare(storage, token_file, &args)
+    }
+
+    /// Starts an agent with exactly these flags besides listen, storage and token.
+    pub fn start_bare(storage: &Path, token_file: &Path, extra: &[&std::ffi::OsStr]) -> AgentProc {
         std::fs::create_dir_all(storage).expect("create storage");
         let mut child = Command::new(FERRY)
             .args(["agent", "--listen", "127.0.0.1:0", "--storage"])
@@ -144,9 +155,12 @@ pub fn collect(code: i32, stdout: &[u8], stderr: &[u8]) -> MigrateRun {
     }
 }
 
+/// A token file as the README says to make one: readable by its owner only.
 pub fn token_file(dir: &Path, content: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
     let path = dir.join(format!("token-{}", content.len()));
     std::fs::write(&path, content).expect("write token");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
     path
 }
 

@@ -1,0 +1,438 @@
+//! A source that holds the token but not the operator's trust: every test sends a real
+//! `ferry agent` a command line it must refuse, and checks from outside that it did (the words
+//! naming the option), that nothing was created in its storage and that nothing ran.
+//!
+//! Most cases use a hand-written control-protocol peer (Hello → Challenge → Auth →
+//! Authenticated → Prepare), which can send any argv without booting QEMU; one boots the test
+//! guest with an option QEMU accepts on the source but the agent must not run.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry::protocol::{self, AgentMessage, Signer, SourceMessage};
+use ferry::vm::{DiskDescription, VmDescription};
+use support::*;
+use tokio::net::TcpStream;
+
+const TOKEN: &str = "hostile-test-token-0123456789abcdef";
+
+/// A connected, authenticated peer.
+struct Peer {
+    rd: tokio::net::tcp::OwnedReadHalf,
+    wr: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Peer {
+    async fn connect(addr: &str) -> Peer {
+        let stream = TcpStream::connect(addr)
+            .await
+            .expect("connect to the agent");
+        let (mut rd, mut wr) = stream.into_split();
+        let hello = SourceMessage::Hello {
+            versions: protocol::SUPPORTED_VERSIONS.to_vec(),
+            software: "hostile test peer".into(),
+        };
+        protocol::write_message(&mut wr, &hello)
+            .await
+            .expect("hello");
+        let nonce = match protocol::read_message(&mut rd).await.expect("challenge") {
+            AgentMessage::Challenge { nonce, .. } => nonce,
+            other => panic!("expected a challenge, got {other:?}"),
+        };
+        let auth = SourceMessage::Auth {
+            mac: protocol::sign(TOKEN.as_bytes(), Signer::Source, &nonce),
+            nonce: protocol::new_nonce(),
+        };
+        protocol::write_message(&mut wr, &auth).await.expect("auth");
+        match protocol::read_message(&mut rd)
+            .await
+            .expect("authenticated")
+        {
+            AgentMessage::Authenticated { .. } => {}
+            other => panic!("expected authenticated, got {other:?}"),
+        }
+        Peer { rd, wr }
+    }
+
+    async fn prepare(&mut self, vm: VmDescription) -> AgentMessage {
+        protocol::write_message(&mut self.wr, &SourceMessage::Prepare { vm })
+            .await
+            .expect("prepare");
+        protocol::read_message(&mut self.rd)
+            .await
+            .expect("the agent answers")
+    }
+}
+
+fn argv(words: &[&str]) -> Vec<String> {
+    words.iter().map(|s| s.to_string()).collect()
+}
+
+/// One 1 MiB disk, defined by a `-blockdev` that is on the command line.
+fn disk_description() -> DiskDescription {
+    DiskDescription {
+        name: "vda".into(),
+        node_name: "vda".into(),
+        device: String::new(),
+        file: "/src/vda.raw".into(),
+        format: "raw".into(),
+        size: 1 << 20,
+        read_only: false,
+    }
+}
+
+const DISK_ARGS: &[&str] = &[
+    "-blockdev",
+    "driver=raw,node-name=vda,file.driver=file,file.filename=/src/vda.raw",
+    "-device",
+    "virtio-blk-pci,drive=vda",
+];
+
+fn vm(argv0: &str, extra: &[&str]) -> VmDescription {
+    let mut words = vec![argv0, "-accel", "tcg", "-m", "64", "-display", "none"];
+    words.extend_from_slice(DISK_ARGS);
+    words.extend_from_slice(extra);
+    VmDescription {
+        argv: argv(&words),
+        machine: None,
+        disks: vec![disk_description()],
+        running: true,
+    }
+}
+
+/// Processes whose command line mentions `needle` (a QEMU started for the agent's storage would).
+fn processes_mentioning(needle: &Path) -> Vec<String> {
+    let needle = needle.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| c.windows(needle.len()).any(|w| w == needle))
+        // The agent itself names its storage directory.
+        .filter(|c| !c.windows(6).any(|w| w == b"agent\0"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .collect()
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    agent: AgentProc,
+    allowed: PathBuf,
+    root: PathBuf,
+}
+
+/// An agent that may load files from `ROOT/fw` only.
+fn agent() -> Setup {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().to_path_buf();
+    let token = token_file(&root, TOKEN);
+    let allowed = root.join("fw");
+    std::fs::create_dir_all(&allowed).expect("fw dir");
+    std::fs::write(allowed.join("bios.bin"), b"not really a bios").expect("bios");
+    std::fs::write(root.join("secret"), b"host secret").expect("secret");
+    std::os::unix::fs::symlink(root.join("secret"), allowed.join("escape")).expect("symlink");
+    let agent = AgentProc::start_bare(
+        &root.join("storage"),
+        &token,
+        &["--allow-path".as_ref(), allowed.as_os_str()],
+    );
+    Setup {
+        _tmp: tmp,
+        agent,
+        allowed,
+        root,
+    }
+}
+
+/// Sends `vm`; asserts the refusal names `words`, and that nothing was created or started.
+async fn assert_refused(setup: &Setup, vm: VmDescription, words: &[&str]) -> String {
+    let mut peer = Peer::connect(&setup.agent.addr).await;
+    let label = vm.argv.join(" ");
+    let reason = match peer.prepare(vm).await {
+        AgentMessage::Refused { reason } => reason,
+        other => panic!("{label}: expected a refusal, got {other:?}"),
+    };
+    for w in words {
+        assert!(reason.contains(w), "{label}: {reason:?} should say {w:?}");
+    }
+    assert!(!reason.contains('\n'), "one line: {reason:?}");
+    assert_eq!(
+        setup.agent.leftovers(),
+        Vec::<String>::new(),
+        "{label}: nothing in the agent's storage"
+    );
+    assert_eq!(
+        processes_mentioning(&setup.agent.storage),
+        Vec::<String>::new(),
+        "{label}: no QEMU started"
+    );
+    reason
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_is_never_the_sources_choice() {
+    let setup = agent();
+    for argv0 in [
+        "sh",
+        "/bin/sh",
+        "/tmp/x/../../bin/qemu-img",
+        "qemu-system-x86_64;sh",
+    ] {
+        assert_refused(&setup, vm(argv0, &[]), &["qemu-system-ARCH"]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn options_that_reach_the_host_are_refused_before_anything_is_created() {
+    let setup = agent();
+    let marker = setup.root.join("marker");
+    let script = setup.root.join("marker-script");
+    std::fs::write(&script, format!("#!/bin/sh\ntouch {}\n", marker.display())).expect("script");
+    let tap = format!("tap,id=n0,script={},downscript=no", script.display());
+    let escape = format!("{}/escape", setup.allowed.display());
+    let dotdot = format!("{}/../secret", setup.allowed.display());
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec!["-netdev", &tap],
+            vec!["-netdev tap", "no mapping of host networks"],
+        ),
+        (vec!["-nic", "tap,model=virtio-net-pci"], vec!["-nic tap"]),
+        (
+            vec!["-netdev", "user,id=n,hostfwd=tcp::2222-:22"],
+            vec!["-netdev user", "hostfwd"],
+        ),
+        (
+            vec!["-netdev", "user,id=n,guestfwd=tcp:10.0.2.100:1-cmd:/bin/sh"],
+            vec!["guestfwd"],
+        ),
+        (
+            vec!["-device", "loader,file=/etc/shadow,addr=0x1000"],
+            vec!["-device loader"],
+        ),
+        (
+            vec!["-device", r#"{"driver":"e1000","romfile":"/etc/shadow"}"#],
+            vec!["-device {", "romfile"],
+        ),
+        (
+            vec!["-object", "secret,id=s,file=/etc/shadow"],
+            vec!["-object secret", "file="],
+        ),
+        (
+            vec![
+                "-object",
+                r#"{"qom-type":"memory-backend-file","id":"m","size":1048576,"mem-path":"/dev/shm/x"}"#,
+            ],
+            vec!["-object {", "backed by a file"],
+        ),
+        (
+            vec![
+                "-chardev",
+                "socket,id=c,host=0.0.0.0,port=4444,server=on,wait=off",
+            ],
+            vec!["-chardev socket", "TCP"],
+        ),
+        (vec!["-serial", "/dev/ttyS0"], vec!["-serial /dev/ttyS0"]),
+        (vec!["-serial", "stdio"], vec!["-serial stdio"]),
+        (vec!["-display", "gtk"], vec!["-display gtk"]),
+        (vec!["-vnc", "0.0.0.0:0"], vec!["-vnc 0.0.0.0:0"]),
+        (vec!["-plugin", "/tmp/evil.so"], vec!["-plugin"]),
+        (vec!["-set", "device.x.romfile=/etc/shadow"], vec!["-set"]),
+        (
+            vec!["-global", "e1000.romfile=/etc/shadow"],
+            vec!["-global"],
+        ),
+        (vec!["-readconfig", "/etc/qemu.conf"], vec!["-readconfig"]),
+        (vec!["-pflash", "/etc/shadow"], vec!["-pflash"]),
+        (
+            vec!["-fw_cfg", "name=opt/x,file=/etc/shadow"],
+            vec!["-fw_cfg"],
+        ),
+        (
+            vec![
+                "-drive",
+                "if=none,id=x,file.driver=file,file.filename=/etc/shadow",
+            ],
+            vec!["-drive", "file.driver"],
+        ),
+        (
+            vec!["-machine", "pc,dumpdtb=/etc/passwd"],
+            vec!["-machine", "dumpdtb"],
+        ),
+        (
+            vec!["-frobnicate", "x"],
+            vec!["-frobnicate", "does not know"],
+        ),
+        (
+            vec!["-kernel", "/etc/shadow"],
+            vec!["-kernel /etc/shadow", "--allow-path"],
+        ),
+        (vec!["-bios", &escape], vec!["-bios", "--allow-path"]),
+        (vec!["-initrd", &dotdot], vec!["-initrd", "--allow-path"]),
+    ];
+    for (extra, words) in cases {
+        assert_refused(&setup, vm("qemu-system-x86_64", &extra), &words).await;
+    }
+    // The tap script never ran, not even later.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !marker.exists(),
+        "the source's script ran on the destination"
+    );
+}
+
+/// Outside the allowed directories and missing get the same answer: the agent is no oracle for
+/// what exists on its host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_files_outside_and_missing_get_the_same_answer() {
+    let setup = agent();
+    let secret = setup.root.join("secret").display().to_string();
+    let missing = setup.root.join("no-such-file").display().to_string();
+    let a = assert_refused(
+        &setup,
+        vm("qemu-system-x86_64", &["-kernel", &secret]),
+        &["-kernel"],
+    )
+    .await;
+    let b = assert_refused(
+        &setup,
+        vm("qemu-system-x86_64", &["-kernel", &missing]),
+        &["-kernel"],
+    )
+    .await;
+    assert_eq!(a.replace(&secret, "PATH"), b.replace(&missing, "PATH"));
+    // Inside: accepted (the dry run passes; the agent prepares storage).
+    let bios = format!("{}/bios.bin", setup.allowed.display());
+    let mut peer = Peer::connect(&setup.agent.addr).await;
+    match peer
+        .prepare(vm("qemu-system-x86_64", &["-bios", &bios]))
+        .await
+    {
+        AgentMessage::Prepared { .. } => {}
+        other => panic!("an allowed firmware file must be accepted: {other:?}"),
+    }
+}
+
+/// Once prepared, the agent's NBD server lists nothing: the export names stay secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdinfo_list_on_the_agents_nbd_port_shows_nothing() {
+    let setup = agent();
+    let mut peer = Peer::connect(&setup.agent.addr).await;
+    let (port, exports) = match peer.prepare(vm("qemu-system-x86_64", &[])).await {
+        AgentMessage::Prepared {
+            nbd_port, exports, ..
+        } => (nbd_port, exports),
+        other => panic!("expected prepared, got {other:?}"),
+    };
+    let out = std::process::Command::new("nbdinfo")
+        .args(["--list", &format!("nbd://127.0.0.1:{port}")])
+        .output()
+        .expect("nbdinfo");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for e in &exports {
+        assert!(!text.contains(&e.export), "export name leaked: {text}");
+    }
+    let dir = std::fs::read_dir(&setup.agent.storage)
+        .expect("storage")
+        .flatten()
+        .next()
+        .expect("a migration directory")
+        .path();
+    let mode = |p: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).expect("stat").permissions())
+            & 0o777
+    };
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join("disk-vda.raw")), 0o600);
+    // An abort removes everything.
+    protocol::write_message(
+        &mut peer.wr,
+        &SourceMessage::Abort {
+            reason: "test over".into(),
+        },
+    )
+    .await
+    .expect("abort");
+    let mut left = setup.agent.leftovers();
+    for _ in 0..50 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = setup.agent.leftovers();
+    }
+    assert_eq!(left, Vec::<String>::new());
+}
+
+#[test]
+fn a_token_file_others_can_read_is_refused_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = token_file(tmp.path(), TOKEN);
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = std::process::Command::new(FERRY)
+        .args(["agent", "--listen", "127.0.0.1:0", "--storage"])
+        .arg(tmp.path())
+        .arg("--token-file")
+        .arg(&token)
+        .output()
+        .expect("ferry agent");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("chmod 600 {}", token.display())),
+        "{stderr}"
+    );
+}
+
+/// A real source QEMU that runs fine with a TCP chardev: `ferry migrate` reports the agent's
+/// refusal naming it, the guest keeps running on the source, nothing is left on the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_source_with_a_tcp_chardev_is_refused_and_keeps_running() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = token_file(tmp.path(), TOKEN);
+    let image = tmp.path().join("vda.raw");
+    raw_image(&image, 64 << 20, 0);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut spec = ferry::guest::GuestSpec::new(guest_images()).disk(disk(
+        &image,
+        ferry::guest::ImageFormat::Raw,
+        "vda",
+    ));
+    spec.extra_qemu_args = [
+        "-chardev",
+        &format!("socket,id=dbg,host=127.0.0.1,port={port},server=on,wait=off"),
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    let guest = boot_spec(
+        &tmp.path().join("src"),
+        &spec,
+        Path::new(ferry::guest::DEFAULT_QEMU),
+    )
+    .await;
+    let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
+    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    assert_eq!(run.code, 1, "{:?}", run.events.last());
+    let error = run.last()["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("-chardev socket"), "{error}");
+    assert!(error.contains("TCP"), "{error}");
+    assert_eq!(run.last()["source_running"], serde_json::Value::Bool(true));
+    still_acking(guest.serial_log(), "vda", 5).await;
+    assert_eq!(agent.leftovers(), Vec::<String>::new());
+}
