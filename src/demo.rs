@@ -14,10 +14,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::policy::Policy;
 use crate::agent::{Agent, AgentConfig};
-use crate::guest::{self, Acks, DiskSpec, GuestImages, GuestSpec, ImageFormat};
 use crate::human_bytes;
 use crate::migrate::report::{HumanReporter, Progress, Reporter, Summary};
 use crate::migrate::{migrate, MigrateOptions};
+use ferry_testkit::{self as guest, Acks, DiskSpec, GuestImages, GuestSpec, ImageFormat};
 
 /// The demo's disks: (guest name, file name, format, size, MiB of data written before boot).
 const DISKS: &[(&str, &str, ImageFormat, u64, u64)] = &[
@@ -156,35 +156,8 @@ impl Reporter for Tee {
 
 fn make_image(path: &Path, format: ImageFormat, size: u64, data_mib: u64) -> anyhow::Result<()> {
     match format {
-        ImageFormat::Raw => {
-            use std::os::unix::fs::FileExt;
-            let file = std::fs::File::create(path)?;
-            file.set_len(size)?;
-            // Spread data over the disk so the mirror carries data and holes.
-            let mut chunk = vec![0u8; 1 << 20];
-            let mut state = 0x2545_f491_4f6c_dd1du64;
-            for i in 0..data_mib {
-                for word in chunk.chunks_mut(8) {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
-                }
-                file.write_all_at(&chunk, size / 4 + i * (3 << 20) % (size / 2))?;
-            }
-        }
-        ImageFormat::Qcow2 => {
-            let status = std::process::Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2"])
-                .arg(path)
-                .arg(size.to_string())
-                .status()?;
-            anyhow::ensure!(
-                status.success(),
-                "qemu-img create {} failed",
-                path.display()
-            );
-        }
+        ImageFormat::Raw => ferry_testkit::disk::raw_image(path, size, data_mib)?,
+        ImageFormat::Qcow2 => ferry_testkit::disk::qcow2_image(path, size)?,
     }
     Ok(())
 }

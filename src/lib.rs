@@ -4,7 +4,6 @@
 //! Where things live:
 //! - [`nbd`]: the NBD wire format, the tokio NBD server and its file backend (the destination's
 //!   data path). Knows nothing of migration.
-//! - [`guest`]: the test guest used by the tests and `ferry demo`: launch, acks, verifier.
 //! - [`protocol`]: the agent control protocol (framing, messages, authentication).
 //! - [`vm`]: the VM description and the rules that rewrite its command line for the destination.
 //! - [`agent`]: `ferry agent`, the destination side.
@@ -12,14 +11,15 @@
 //! - [`status`]: typed views of QEMU's `query-migrate` and `query-block-jobs`, one wait helper.
 //! - [`faults`]: fault-injection points the hand-over tests stop processes at.
 //! - [`journal`]: crash-safe state files, the durable record of who owns a VM.
-//! - [`demo`]: `ferry demo`, a whole migration of the test guest on localhost.
+//! - `demo` (with the `demo` feature): `ferry demo`, a whole migration of the test guest on
+//!   localhost, using the test scaffolding in the `ferry-testkit` crate.
 //! - [`cli`]: the command line, one file per subcommand, output formats and exit codes.
 
 pub mod agent;
 pub mod cli;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod faults;
-pub mod guest;
 pub mod journal;
 pub mod migrate;
 pub mod nbd;

@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-#[path = "../qmp/tests/support/qemu.rs"]
-mod support;
-use support::{available_qemus, TestQemu};
+use ferry_testkit::qemu::{available_qemus, TestQemu};
 
 fn ferry_qmp(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ferry"))

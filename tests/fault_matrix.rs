@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry::guest::{verify_disk, Acks, ImageFormat, RunningGuest};
+use ferry_testkit::{verify_disk, Acks, ImageFormat, RunningGuest};
 use serde_json::Value;
 use support::handover::*;
 use support::*;
@@ -229,7 +229,7 @@ async fn run_case(rig: &mut Rig, phase: Phase, fault: Fault) -> Row {
     agent_args.push(if fault == Fault::CannotLoad {
         rig.wrapper.display().to_string()
     } else {
-        ferry::guest::DEFAULT_QEMU.to_string()
+        ferry_testkit::DEFAULT_QEMU.to_string()
     });
     let agent_args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
     let agent_hold = format!("agent-resuming:{HOLD_SECS}");
@@ -451,7 +451,7 @@ async fn check_destination(rig: &mut Rig, agent: &AgentProc, context: &str) {
 async fn column(phase: Phase, n: u8) -> Vec<Row> {
     let tmp = tempfile::tempdir().expect("tempdir");
     let token = token_file(tmp.path(), TOKEN);
-    let wrapper = qemu_without_virtio_blk(tmp.path(), Path::new(ferry::guest::DEFAULT_QEMU));
+    let wrapper = qemu_without_virtio_blk(tmp.path(), Path::new(ferry_testkit::DEFAULT_QEMU));
     let mut rig = Rig {
         dir: tmp.path().to_path_buf(),
         ns: Netns::create(n),

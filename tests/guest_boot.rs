@@ -10,14 +10,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferry::guest::workload::record;
-use ferry::guest::{
+use ferry_testkit::workload::record;
+use ferry_testkit::{
     launch, verify_disk, DiskSpec, GuestError, GuestImages, GuestSpec, ImageFormat,
 };
 
-#[path = "../qmp/tests/support/qemu.rs"]
-mod support;
-use support::available_qemus;
+use ferry_testkit::qemu::available_qemus;
 
 const MIB: u64 = 1 << 20;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(30);

@@ -12,7 +12,8 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use ferry::guest::ImageFormat;
+use ferry_testkit::qemu::qemu_7_2;
+use ferry_testkit::ImageFormat;
 use serde_json::Value;
 use support::handover::*;
 use support::*;
@@ -128,7 +129,7 @@ async fn source_keeps_the_vm(qemu: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_keeps_the_vm_after_faults_before_the_hand_over() {
-    source_keeps_the_vm(Path::new(ferry::guest::DEFAULT_QEMU)).await;
+    source_keeps_the_vm(Path::new(ferry_testkit::DEFAULT_QEMU)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,7 +179,7 @@ async fn driver_killed_after_continue(qemu: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn driver_killed_after_migrate_continue_is_recovered_on_the_destination() {
-    driver_killed_after_continue(Path::new(ferry::guest::DEFAULT_QEMU)).await;
+    driver_killed_after_continue(Path::new(ferry_testkit::DEFAULT_QEMU)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -408,9 +408,9 @@ async fn a_real_source_with_a_tcp_chardev_is_refused_and_keeps_running() {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
-    let mut spec = ferry::guest::GuestSpec::new(guest_images()).disk(disk(
+    let mut spec = ferry_testkit::GuestSpec::new(guest_images()).disk(disk(
         &image,
-        ferry::guest::ImageFormat::Raw,
+        ferry_testkit::ImageFormat::Raw,
         "vda",
     ));
     spec.extra_qemu_args = [
@@ -423,7 +423,7 @@ async fn a_real_source_with_a_tcp_chardev_is_refused_and_keeps_running() {
     let guest = boot_spec(
         &tmp.path().join("src"),
         &spec,
-        Path::new(ferry::guest::DEFAULT_QEMU),
+        Path::new(ferry_testkit::DEFAULT_QEMU),
     )
     .await;
     let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);

@@ -8,7 +8,8 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry::guest::{verify_disk, Acks, ImageFormat};
+use ferry_testkit::qemu::qemu_7_2;
+use ferry_testkit::{verify_disk, Acks, ImageFormat};
 use serde_json::Value;
 use support::*;
 
@@ -29,7 +30,7 @@ fn migration_dir(storage: &Path) -> PathBuf {
 /// and after stopping it every acknowledged record is on the destination images.
 async fn check_completed(
     run: &MigrateRun,
-    source: &mut ferry::guest::RunningGuest,
+    source: &mut ferry_testkit::RunningGuest,
     storage: &Path,
     disks: &[(&str, &str)],
 ) -> PidGuard {
@@ -59,7 +60,6 @@ async fn check_completed(
     }
     let qmp_path = PathBuf::from(done["destination"]["qmp"].as_str().expect("qmp path"));
     quit(&qmp_path).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
 
     let mut acks =
         Acks::parse(&std::fs::read_to_string(source.serial_log()).expect("source serial"));
@@ -190,7 +190,7 @@ async fn refusals_leave_the_vm_untouched_and_nothing_behind() {
     qcow2_image(&big, 20 << 40);
     let images = guest_images();
     let mut spec =
-        ferry::guest::GuestSpec::new(images.clone()).disk(disk(&image, ImageFormat::Raw, "vda"));
+        ferry_testkit::GuestSpec::new(images.clone()).disk(disk(&image, ImageFormat::Raw, "vda"));
     spec.extra_qemu_args = [
         "-drive",
         &format!("if=none,id=big,format=qcow2,file={}", big.display()),
@@ -203,7 +203,7 @@ async fn refusals_leave_the_vm_untouched_and_nothing_behind() {
     let guest = boot_spec(
         &tmp.path().join("src"),
         &spec,
-        Path::new(ferry::guest::DEFAULT_QEMU),
+        Path::new(ferry_testkit::DEFAULT_QEMU),
     )
     .await;
     let serial = guest.serial_log().to_path_buf();
@@ -236,7 +236,7 @@ async fn refusals_leave_the_vm_untouched_and_nothing_behind() {
     let image2 = tmp.path().join("vda2.raw");
     raw_image(&image2, 64 << 20, 0);
     let mut spec2 =
-        ferry::guest::GuestSpec::new(images).disk(disk(&image2, ImageFormat::Raw, "vda"));
+        ferry_testkit::GuestSpec::new(images).disk(disk(&image2, ImageFormat::Raw, "vda"));
     spec2.extra_qemu_args = [
         "-virtfs",
         &format!(
@@ -250,7 +250,7 @@ async fn refusals_leave_the_vm_untouched_and_nothing_behind() {
     let guest2 = boot_spec(
         &tmp.path().join("src2"),
         &spec2,
-        Path::new(ferry::guest::DEFAULT_QEMU),
+        Path::new(ferry_testkit::DEFAULT_QEMU),
     )
     .await;
     let run = migrate(guest2.qmp_socket(), &agent.addr, &token);
@@ -384,8 +384,11 @@ async fn faults_roll_back_and_a_later_migration_succeeds() {
     );
     assert_eq!(run.last()["source_running"], Value::Bool(true));
     still_acking(&serial, "vda", 5).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(agent.leftovers(), Vec::<String>::new());
+    support::handover::wait_until(
+        "the agent's storage empties",
+        Duration::from_secs(15),
+        || agent.leftovers().is_empty(),
+    );
 
     // 4. After all that, a migration goes through.
     let run = migrate(guest.qmp_socket(), &agent.addr, &token);
@@ -406,7 +409,7 @@ async fn qemu_7_2_source_migrates_to_7_2_and_to_10_0() {
             "10.0",
             vec![
                 "--qemu-binary".to_string(),
-                ferry::guest::DEFAULT_QEMU.to_string(),
+                ferry_testkit::DEFAULT_QEMU.to_string(),
             ],
         ),
     ] {

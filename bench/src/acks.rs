@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry::guest::workload::console::{self, Line};
+use ferry_testkit::workload::console::{self, Line};
 
 const POLL: Duration = Duration::from_millis(1);
 

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use ferry::guest::{self, DiskSpec, GuestImages, GuestSpec, ImageFormat, RunningGuest};
+use ferry_testkit::{self as guest, DiskSpec, GuestImages, GuestSpec, ImageFormat, RunningGuest};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};

@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ferry::guest::{self, DiskSpec, ImageFormat};
+use ferry_testkit::{self as guest, DiskSpec, ImageFormat};
 use serde_json::{json, Value};
 
 use crate::acks::AckWatch;

@@ -71,7 +71,7 @@ pub struct Running {
 /// A free TCP port on 127.0.0.1 (bound and released: a race other tools here do not run).
 /// A QEMU with no machine (`-M none`), only block nodes and a QMP socket at `sock`.
 pub fn bare_qemu(sock: &Path) -> Command {
-    let mut c = Command::new(ferry::guest::DEFAULT_QEMU);
+    let mut c = Command::new(ferry_testkit::DEFAULT_QEMU);
     c.args([
         "-M",
         "none",

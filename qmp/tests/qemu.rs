@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 use qmp::{CloseReason, Error, Qmp};
 use serde_json::{json, Value};
 
-#[path = "support/qemu.rs"]
-mod support;
-use support::{available_qemus, TestQemu};
+use ferry_testkit::qemu::{available_qemus, TestQemu};
 
 const CONNECT: Duration = Duration::from_secs(5);
 const EVENT_WAIT: Duration = Duration::from_secs(3);

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
     /// QEMU binary for both ends.
-    #[arg(long, value_name = "PATH", default_value = crate::guest::DEFAULT_QEMU)]
+    #[arg(long, value_name = "PATH", default_value = ferry_testkit::DEFAULT_QEMU)]
     qemu: PathBuf,
 }
 

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod agent;
+#[cfg(feature = "demo")]
 mod demo;
 mod migrate;
 mod nbd_serve;
@@ -45,6 +46,7 @@ enum Command {
     /// destination or roll it back to the source, and remove its leftovers.
     Recover(recover::RecoverArgs),
     /// Migrate the bundled test guest on this machine, both ends on localhost, and verify it.
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
 }
 
@@ -71,6 +73,7 @@ pub fn main() -> ExitCode {
             Command::Agent(args) => agent::run(args).await,
             Command::Migrate(args) => migrate::run(args).await,
             Command::Recover(args) => recover::run(args).await,
+            #[cfg(feature = "demo")]
             Command::Demo(args) => demo::run(args).await,
         }
     })

@@ -507,10 +507,25 @@ impl Raw {
         }
     }
 
-    /// True once the server has closed the connection (reads EOF or a reset).
+    /// True once the server has closed the connection (EOF or a reset, with nothing more sent);
+    /// false if it sent more, or kept the connection open until the read timeout.
     pub fn closed_by_server(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+        matches!(read_until_closed(&mut self.s), Ok(rest) if rest.is_empty())
+    }
+}
+
+/// Reads until the peer closes (EOF, or a reset, which is a close too) and returns what came
+/// before; a read timeout (the socket's, so the wait is bounded) is an error, never a close.
+pub fn read_until_closed(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut rest = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(rest),
+            Ok(n) => rest.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(rest),
+            Err(e) => return Err(e),
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry::guest::{verify_disk, Acks, ImageFormat, RunningGuest};
+use ferry_testkit::{verify_disk, Acks, ImageFormat, RunningGuest};
 use serde_json::Value;
 
 use super::*;

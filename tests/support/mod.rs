@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry::guest::{DiskSpec, GuestImages, GuestSpec, ImageFormat, RunningGuest};
+use ferry_testkit::{DiskSpec, GuestImages, GuestSpec, ImageFormat, RunningGuest};
 use serde_json::Value;
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
@@ -164,37 +164,14 @@ pub fn token_file(dir: &Path, content: &str) -> PathBuf {
     path
 }
 
-/// A sparse raw image with `data_mib` MiB of pseudo-random data written at 1 MiB-spaced chunks
-/// from the middle of the disk, so the mirror has real data and real holes to carry.
+/// A sparse raw image with `data_mib` MiB of pseudo-random data from the middle of the disk on
+/// (see [`ferry_testkit::disk::raw_image`]).
 pub fn raw_image(path: &Path, size: u64, data_mib: u64) {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::File::create(path).expect("create image");
-    file.set_len(size).expect("size image");
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut chunk = vec![0u8; 1 << 20];
-    for i in 0..data_mib {
-        for b in chunk.chunks_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            b.copy_from_slice(&state.to_le_bytes()[..b.len()]);
-        }
-        let offset = size / 2 + i * (2 << 20);
-        if offset + (1 << 20) <= size {
-            file.write_all_at(&chunk, offset).expect("write data");
-        }
-    }
+    ferry_testkit::disk::raw_image(path, size, data_mib).expect("create raw image");
 }
 
 pub fn qcow2_image(path: &Path, size: u64) {
-    let ok = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(path)
-        .arg(size.to_string())
-        .status()
-        .expect("qemu-img")
-        .success();
-    assert!(ok, "qemu-img create failed");
+    ferry_testkit::disk::qcow2_image(path, size).expect("create qcow2 image");
 }
 
 pub fn allocated(path: &Path) -> u64 {
@@ -206,7 +183,7 @@ pub fn allocated(path: &Path) -> u64 {
 
 /// Boots the test guest on the given disks and waits until each disk has acknowledged writes.
 pub async fn boot(dir: &Path, disks: Vec<DiskSpec>, rate: u32) -> RunningGuest {
-    boot_with(dir, disks, rate, Path::new(ferry::guest::DEFAULT_QEMU)).await
+    boot_with(dir, disks, rate, Path::new(ferry_testkit::DEFAULT_QEMU)).await
 }
 
 /// [`boot`] with a given QEMU binary.
@@ -225,7 +202,7 @@ pub fn guest_images() -> GuestImages {
 
 /// Boots `spec` and waits until each of its disks (`vda`, `vdb`, ...) has acknowledged writes.
 pub async fn boot_spec(dir: &Path, spec: &GuestSpec, qemu: &Path) -> RunningGuest {
-    let mut guest = ferry::guest::launch(dir, spec, qemu)
+    let mut guest = ferry_testkit::launch(dir, spec, qemu)
         .await
         .expect("launch guest");
     let names = (0..spec.disks.len()).map(|i| format!("vd{}", (b'a' + i as u8) as char));
@@ -236,17 +213,6 @@ pub async fn boot_spec(dir: &Path, spec: &GuestSpec, qemu: &Path) -> RunningGues
             .expect("guest acknowledges writes");
     }
     guest
-}
-
-/// QEMU 7.2 as `scripts/setup` unpacks it beside the system's QEMU, if it is there.
-pub fn qemu_7_2() -> Option<PathBuf> {
-    let path = PathBuf::from("/opt/ferry/qemu-7.2/qemu-system-x86_64");
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!("note: QEMU 7.2 not found at {}: skipped", path.display());
-        None
-    }
 }
 
 pub fn disk(path: &Path, format: ImageFormat, id: &str) -> DiskSpec {
@@ -267,16 +233,33 @@ pub fn wait_exit(guest: &mut RunningGuest, timeout: Duration) -> bool {
 
 /// Proves the guest is still alive on `serial` by waiting for `more` new acks on `disk`.
 pub async fn still_acking(serial: &Path, disk: &str, more: usize) {
-    let now =
-        ferry::guest::Acks::parse(&std::fs::read_to_string(serial).unwrap_or_default()).count(disk);
-    ferry::guest::wait_for_acks(serial, disk, now + more, Duration::from_secs(60))
+    let now = ferry_testkit::Acks::parse(&std::fs::read_to_string(serial).unwrap_or_default())
+        .count(disk);
+    ferry_testkit::wait_for_acks(serial, disk, now + more, Duration::from_secs(60))
         .await
         .unwrap_or_else(|e| panic!("guest stopped acknowledging on {}: {e}", serial.display()));
 }
 
-/// Asks a QEMU to quit over QMP and waits until its socket is gone.
+/// Asks a QEMU to quit over QMP and waits (up to 20 s) until the process is gone, so that its
+/// images are closed before anyone reads them.
 pub async fn quit(qmp_path: &Path) {
-    if let Ok(q) = qmp::Qmp::connect_unix(qmp_path).await {
-        let _ = q.execute_raw("quit", Value::Null).await;
+    let q = qmp::Qmp::connect_unix(qmp_path)
+        .await
+        .unwrap_or_else(|e| panic!("QMP {}: {e}", qmp_path.display()));
+    let pid = q.peer_pid().expect("QEMU's pid");
+    let _ = q.execute_raw("quit", Value::Null).await;
+    let gone = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, s)| s.starts_with('Z'))
+        })
+    };
+    let start = Instant::now();
+    while !gone() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "QEMU {pid} did not quit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -405,19 +405,19 @@ fn the_allowlist_accepts_what_it_can_move() {
 /// The test guest's own command line (what `ferry demo` and the end-to-end tests migrate).
 #[test]
 fn the_test_guest_command_line_is_accepted() {
-    let images = crate::guest::GuestImages {
+    let images = ferry_testkit::GuestImages {
         kernel: PathBuf::from("/srv/g/vmlinuz"),
         initrd: PathBuf::from("/srv/g/initrd.img"),
     };
-    let spec = crate::guest::GuestSpec::new(images)
-        .disk(crate::guest::DiskSpec::new(
+    let spec = ferry_testkit::GuestSpec::new(images)
+        .disk(ferry_testkit::DiskSpec::new(
             "/src/a.raw",
-            crate::guest::ImageFormat::Raw,
+            ferry_testkit::ImageFormat::Raw,
             "vda",
         ))
-        .disk(crate::guest::DiskSpec::new(
+        .disk(ferry_testkit::DiskSpec::new(
             "/src/b.qcow2",
-            crate::guest::ImageFormat::Qcow2,
+            ferry_testkit::ImageFormat::Qcow2,
             "vdb",
         ));
     let mut argv = vec!["qemu-system-x86_64".to_string()];

@@ -17,7 +17,7 @@
 //!  verify_disk(image, acked) → every acked record present, or the first one missing
 //! ```
 //!
-//! Used by the integration tests and by `ferry demo`; never by a real migration. Nothing here
+//! Used by the integration tests, the benchmarks and `ferry demo`; never by a real migration. Nothing here
 //! may hide a lost write: the verifier fails on the first acknowledged record it cannot find.
 
 mod acks;

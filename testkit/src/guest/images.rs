@@ -24,7 +24,9 @@ impl GuestImages {
             let dir = PathBuf::from(dir);
             return Self::in_dir(&dir).ok_or(GuestError::ImagesNotInGuestDir { dir });
         }
-        let mut tried = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-images/out")];
+        // This crate lives in `testkit/` of the source tree, beside `vm-images/`.
+        let tree = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut tried = vec![tree.parent().unwrap_or(tree).join("vm-images/out")];
         if let Some(exe_dir) = std::env::current_exe()
             .ok()
             .and_then(|e| e.parent().map(Path::to_path_buf))

@@ -1,9 +1,9 @@
 //! Real QEMUs for tests: which ones this machine has, and one started on temporary QMP sockets,
 //! killed when dropped.
 //!
-//! Shared by `qmp/tests/*` and the root crate's `tests/cli_qmp.rs` (through `#[path]`), so it
-//! uses only std, tempfile and nix.
-#![allow(dead_code)] // each test binary uses a different part
+//! QEMU 7.2 is tested when `scripts/setup` has unpacked it. Without it the 7.2 tests are skipped
+//! with a note on stderr, unless `FERRY_REQUIRE_QEMU_7_2=1` (as `scripts/test` sets): then its
+//! absence is a failure, so that a CI run never passes while testing less than it says.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,7 +21,24 @@ pub const QEMU_7_2: &str = "/opt/ferry/qemu-7.2/qemu-system-x86_64";
 pub struct QemuBinary {
     /// For messages: "system" or "7.2".
     pub name: &'static str,
+    /// The program to run.
     pub program: PathBuf,
+}
+
+/// QEMU 7.2 if it is installed; `None` (said on stderr) if not, or a panic naming what to do
+/// when `FERRY_REQUIRE_QEMU_7_2` is set.
+pub fn qemu_7_2() -> Option<PathBuf> {
+    let path = PathBuf::from(QEMU_7_2);
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var_os("FERRY_REQUIRE_QEMU_7_2").is_some_and(|v| v != "0") {
+        panic!(
+            "QEMU 7.2 is required (FERRY_REQUIRE_QEMU_7_2) but {QEMU_7_2} is missing: run scripts/setup"
+        );
+    }
+    eprintln!("note: QEMU 7.2 skipped: {QEMU_7_2} is not installed (scripts/setup installs it)");
+    None
 }
 
 /// Every QEMU to test against: the system's (10.x, from PATH) always, 7.2 when `scripts/setup`
@@ -31,21 +48,18 @@ pub fn available_qemus() -> Vec<QemuBinary> {
         name: "system",
         program: PathBuf::from("qemu-system-x86_64"),
     }];
-    if Path::new(QEMU_7_2).exists() {
+    if let Some(program) = qemu_7_2() {
         all.push(QemuBinary {
             name: "7.2",
-            program: PathBuf::from(QEMU_7_2),
+            program,
         });
-    } else {
-        eprintln!(
-            "note: QEMU 7.2 skipped: {QEMU_7_2} is not installed (scripts/setup installs it)"
-        );
     }
     all
 }
 
 /// A running `qemu-system-x86_64 -M none` with `monitors` QMP unix sockets, killed on drop.
 pub struct TestQemu {
+    /// The binary it runs.
     pub binary: QemuBinary,
     /// One socket per `-qmp` option: QEMU serves one client per socket.
     pub sockets: Vec<PathBuf>,
