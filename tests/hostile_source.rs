@@ -343,6 +343,25 @@ async fn nbdinfo_list_on_the_agents_nbd_port_shows_nothing() {
     for e in &exports {
         assert!(!text.contains(&e.export), "export name leaked: {text}");
     }
+    // Only the source's address is served: another one (127.0.0.2 is loopback too) gets no
+    // greeting, just a close.
+    let stranger =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let from: std::net::SocketAddr = "127.0.0.2:0".parse().expect("address");
+    stranger.bind(&from.into()).expect("bind 127.0.0.2");
+    let to: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+    stranger.connect(&to.into()).expect("connect");
+    let mut stranger: std::net::TcpStream = stranger.into();
+    stranger
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut first = Vec::new();
+    let closed = std::io::Read::read_to_end(&mut stranger, &mut first);
+    assert!(
+        closed.is_ok() && first.is_empty(),
+        "a stranger got {} bytes ({closed:?})",
+        first.len()
+    );
     let dir = std::fs::read_dir(&setup.agent.storage)
         .expect("storage")
         .flatten()
@@ -435,4 +454,28 @@ async fn a_real_source_with_a_tcp_chardev_is_refused_and_keeps_running() {
     assert_eq!(run.last()["source_running"], serde_json::Value::Bool(true));
     still_acking(guest.serial_log(), "vda", 5).await;
     assert_eq!(agent.leftovers(), Vec::<String>::new());
+}
+
+/// Idle connections that never authenticate, more than there are places for, do not keep a real
+/// source out: the oldest pending handshake gives way to a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_unauthenticated_connections_do_not_stop_a_real_migration() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = token_file(tmp.path(), TOKEN);
+    let image = tmp.path().join("vda.raw");
+    raw_image(&image, 64 << 20, 4);
+    let mut guest = boot(
+        &tmp.path().join("src"),
+        vec![disk(&image, ferry_testkit::ImageFormat::Raw, "vda")],
+        50,
+    )
+    .await;
+    let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
+    let idle: Vec<std::net::TcpStream> = (0..80)
+        .map(|_| std::net::TcpStream::connect(&agent.addr).expect("an idle connection"))
+        .collect();
+    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    assert_eq!(run.code, 0, "{:?}\n{}", run.events.last(), run.stderr);
+    drop(idle);
+    support::handover::assert_on_destination(&mut guest, &token, &agent).await;
 }

@@ -9,16 +9,16 @@
 //! progress has ended; a second SIGTERM exits at once (the journals cover that too).
 
 pub mod destination;
+pub mod handshakes;
 pub mod policy;
 pub mod received;
 pub mod registry;
 pub mod session;
 pub mod storage;
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -31,10 +31,8 @@ use registry::Registry;
 
 /// How many migrations may be received at once.
 const MAX_SESSIONS: usize = 8;
-/// How many connections may be in the handshake at once, and from one address: unauthenticated
-/// peers get their own, short-lived places and cannot take the migrations' ones.
+/// How many connections may be in the handshake at once (see [`handshakes`]).
 const MAX_HANDSHAKES: usize = 64;
-const MAX_HANDSHAKES_PER_ADDR: usize = 8;
 
 /// What the agent needs to run.
 #[derive(Debug, Clone)]
@@ -119,8 +117,7 @@ impl Agent {
     /// connection in progress has ended.
     pub async fn run(self, shutdown: CancellationToken) {
         let sessions = Arc::new(Semaphore::new(MAX_SESSIONS));
-        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-        let per_addr: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+        let handshakes = handshakes::Handshakes::new(MAX_HANDSHAKES);
         let mut tasks = JoinSet::new();
         loop {
             let accepted = tokio::select! {
@@ -136,10 +133,7 @@ impl Agent {
                     continue;
                 }
             };
-            let Some(handshake) = AddrPermit::take(&handshakes, &per_addr, peer.ip()) else {
-                warn!(%peer, "too many unauthenticated connections; dropping this one");
-                continue;
-            };
+            let place = handshakes.take();
             crate::protocol::tune_socket(&stream);
             let (config, registry, sessions) =
                 (self.config.clone(), self.registry.clone(), sessions.clone());
@@ -150,9 +144,14 @@ impl Agent {
                     let mut stream = stream;
                     let request = {
                         let (mut rd, mut wr) = stream.split();
-                        session::authenticate(&mut rd, &mut wr, &config.token).await
+                        tokio::select! {
+                            _ = place.evicted.cancelled() => {
+                                return warn!("closed before it authenticated, to make room for newer connections");
+                            }
+                            request = session::authenticate(&mut rd, &mut wr, &config.token) => request,
+                        }
                     };
-                    drop(handshake);
+                    drop(place);
                     let request = match request {
                         Ok(request) => request,
                         Err(e) => return warn!(error = %e, "connection refused"),
@@ -184,46 +183,6 @@ impl Agent {
                 migrations = self.registry.len(),
                 "destinations waiting for their source stay paused; a restarted agent resumes them"
             );
-        }
-    }
-}
-
-/// A place among the unauthenticated connections, counted per peer address too.
-struct AddrPermit {
-    _global: tokio::sync::OwnedSemaphorePermit,
-    per_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    ip: IpAddr,
-}
-
-impl AddrPermit {
-    fn take(
-        global: &Arc<Semaphore>,
-        per_addr: &Arc<Mutex<HashMap<IpAddr, usize>>>,
-        ip: IpAddr,
-    ) -> Option<AddrPermit> {
-        let permit = global.clone().try_acquire_owned().ok()?;
-        let mut counts = per_addr.lock().unwrap_or_else(|p| p.into_inner());
-        let count = counts.entry(ip).or_insert(0);
-        if *count >= MAX_HANDSHAKES_PER_ADDR {
-            return None;
-        }
-        *count += 1;
-        Some(AddrPermit {
-            _global: permit,
-            per_addr: per_addr.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for AddrPermit {
-    fn drop(&mut self) {
-        let mut counts = self.per_addr.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = counts.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.ip);
-            }
         }
     }
 }

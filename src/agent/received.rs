@@ -58,6 +58,7 @@ impl Received {
         vm: &VmDescription,
         config: &AgentConfig,
         ip: IpAddr,
+        source: IpAddr,
     ) -> Result<Received, String> {
         storage::preflight(&config.storage, vm).map_err(|e| e.to_string())?;
         let binary = config
@@ -91,7 +92,7 @@ impl Received {
             may_have_run: false,
             dir,
         };
-        if let Err(e) = received.create_storage(vm, ip).await {
+        if let Err(e) = received.create_storage(vm, ip, source).await {
             received.rollback().await;
             return Err(e);
         }
@@ -158,8 +159,18 @@ impl Received {
         Ok(())
     }
 
-    async fn create_storage(&mut self, vm: &VmDescription, ip: IpAddr) -> Result<(), String> {
-        let nbd = NbdServer::bind(SocketAddr::new(ip, 0), ServerConfig::default())
+    /// Images and their exports, served on `ip` to `source` only.
+    async fn create_storage(
+        &mut self,
+        vm: &VmDescription,
+        ip: IpAddr,
+        source: IpAddr,
+    ) -> Result<(), String> {
+        let config = ServerConfig {
+            allowed_peer: Some(source.to_canonical()),
+            ..ServerConfig::default()
+        };
+        let nbd = NbdServer::bind(SocketAddr::new(ip, 0), config)
             .await
             .map_err(|e| format!("cannot start the NBD server: {e}"))?;
         self.nbd = Some(nbd.clone());
@@ -258,27 +269,47 @@ impl Received {
             dest.wait_incoming(SWITCH_TIMEOUT)
                 .await
                 .map_err(|e| crate::error_chain(&e))?;
-            // Every mirror write was answered before the source let the migration complete, so
-            // the images hold the final data; make it durable before the guest can build on it.
+            // The point of no return on this host: from here the guest may run here. Recording
+            // it and making the images durable (every mirror write was answered before the
+            // source let its migration complete, so they hold the final data) are both needed
+            // before `cont`, and independent: both at once, in the guest's pause.
+            let record = Record {
+                phase: if self.record.resume {
+                    Phase::Resuming
+                } else {
+                    Phase::Running
+                },
+                ..self.record
+            };
+            let dir = self.dir.clone();
+            let journal = tokio::task::spawn_blocking(move || dir.record(record));
+            let flush = storage::sync_files(self.images.clone());
+            let (journaled, flushed) = tokio::join!(journal, flush);
+            match journaled {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(e) => return Err(format!("journal task failed: {e}")),
+            }
+            flushed.map_err(|e| crate::error_chain(&e))?;
+            self.record = record;
+        } else {
+            // A restarted agent finishing a hand-over: the flush may not have happened.
             storage::sync_files(self.images.clone())
                 .await
                 .map_err(|e| crate::error_chain(&e))?;
-            // The point of no return on this host: from here the guest may run here.
-            let next = if self.record.resume {
-                Phase::Resuming
-            } else {
-                Phase::Running
-            };
-            self.journal(next)?;
         }
         crate::faults::hold("agent-resuming").await;
         let mut resumed_at_us = None;
         let dest = self.destination.as_ref().ok_or("no destination QEMU")?;
         if self.record.resume {
-            // A restarted agent finishing `Resuming` must not start a guest someone paused since
-            // it was started: `cont` only a guest that never left the incoming pause.
-            let running = dest.running().await.map_err(|e| crate::error_chain(&e))?;
-            if !running && self.record.phase == Phase::Resuming {
+            // This agent started the destination paused and never resumed it; a restarted one
+            // asks QEMU (a guest already running needs no `cont`).
+            let running = if self.may_have_run {
+                dest.running().await.map_err(|e| crate::error_chain(&e))?
+            } else {
+                false
+            };
+            if !running {
                 self.may_have_run = true;
                 resumed_at_us = dest.resume().await.map_err(|e| crate::error_chain(&e))?;
             }

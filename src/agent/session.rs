@@ -99,6 +99,7 @@ pub async fn serve(
     registry: &Arc<Registry>,
 ) -> Result<(), SessionError> {
     let local_ip = stream.local_addr().map_err(ProtocolError::from)?.ip();
+    let source_ip = stream.peer_addr().map_err(ProtocolError::from)?.ip();
     let (mut rd, mut wr) = stream.into_split();
     match request {
         Request::Resolve {
@@ -112,7 +113,7 @@ pub async fn serve(
             Ok(())
         }
         Request::Prepare(vm) => {
-            let received = match Received::prepare(&vm, config, local_ip).await {
+            let received = match Received::prepare(&vm, config, local_ip, source_ip).await {
                 Ok(received) => received,
                 Err(reason) => return Err(refuse(&mut wr, reason).await),
             };

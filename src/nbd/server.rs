@@ -50,6 +50,10 @@ pub struct ServerConfig {
     /// unguessable (the agent's), the name is the only thing between a client and a disk, and a
     /// list would hand it out. `ferry nbd-serve` turns it on (its operator picked the names).
     pub list_exports: bool,
+    /// The only address clients may connect from (the agent's: the source host's), or any.
+    /// Others are closed on accept, before the handshake: an export name is a secret, but it
+    /// should not be the only thing between a stranger and a disk.
+    pub allowed_peer: Option<std::net::IpAddr>,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +65,7 @@ impl Default for ServerConfig {
             max_buffered_bytes_per_connection: 2 * MAX_PAYLOAD as usize,
             shutdown_grace: Duration::from_secs(30),
             list_exports: false,
+            allowed_peer: None,
         }
     }
 }
@@ -275,6 +280,14 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        if shared
+            .config
+            .allowed_peer
+            .is_some_and(|ip| ip != peer.ip().to_canonical())
+        {
+            warn!(%peer, "a connection from an address this server does not serve; closed");
+            continue;
+        }
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             warn!(%peer, limit = shared.config.max_connections, "connection limit reached; closing new connection");
             continue;
