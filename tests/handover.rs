@@ -13,7 +13,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use ferry_testkit::qemu::qemu_7_2;
-use ferry_testkit::ImageFormat;
 use serde_json::Value;
 use support::handover::*;
 use support::*;
@@ -23,17 +22,12 @@ const TOKEN: &str = "handover-test-token-0123456789abcdef";
 /// Every fault after which the source must keep the VM, on one guest, then a migration that
 /// goes through. Run with the source on QEMU 10.0 and on 7.2.
 async fn source_keeps_the_vm(qemu: &Path) {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let token = token_file(tmp.path(), TOKEN);
-    let image = tmp.path().join("vda.raw");
-    raw_image(&image, 128 << 20, 16);
-    let mut guest = boot_with(
-        &tmp.path().join("src"),
-        vec![disk(&image, ImageFormat::Raw, "vda")],
-        50,
-        qemu,
-    )
-    .await;
+    let OneDisk {
+        tmp,
+        token,
+        mut guest,
+        ..
+    } = OneDisk::boot_with(TOKEN, 128 << 20, 16, 50, qemu).await;
     let storage = tmp.path().join("storage");
 
     // 1. The destination cannot load the device state: with the return path the source's
@@ -142,17 +136,12 @@ async fn source_keeps_the_vm_after_faults_before_the_hand_over_qemu_7_2() {
 /// on its own, the agent keeps the paused destination (its incoming migration completed), and
 /// `ferry recover` hands the VM over.
 async fn driver_killed_after_continue(qemu: &Path) {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let token = token_file(tmp.path(), TOKEN);
-    let image = tmp.path().join("vda.raw");
-    raw_image(&image, 128 << 20, 16);
-    let mut guest = boot_with(
-        &tmp.path().join("src"),
-        vec![disk(&image, ImageFormat::Raw, "vda")],
-        50,
-        qemu,
-    )
-    .await;
+    let OneDisk {
+        tmp,
+        token,
+        mut guest,
+        ..
+    } = OneDisk::boot_with(TOKEN, 128 << 20, 16, 50, qemu).await;
     let agent = spawn_agent_with(
         &tmp.path().join("storage"),
         &token,
@@ -194,16 +183,12 @@ async fn driver_killed_after_migrate_continue_is_recovered_on_the_destination_qe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_killed_during_the_hand_over_is_resumed_by_its_successor() {
     for point in ["agent-commit", "agent-resuming"] {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let token = token_file(tmp.path(), TOKEN);
-        let image = tmp.path().join("vda.raw");
-        raw_image(&image, 128 << 20, 16);
-        let mut guest = boot(
-            &tmp.path().join("src"),
-            vec![disk(&image, ImageFormat::Raw, "vda")],
-            50,
-        )
-        .await;
+        let OneDisk {
+            tmp,
+            token,
+            mut guest,
+            ..
+        } = OneDisk::boot(TOKEN, 128 << 20, 16, 50).await;
         let storage = tmp.path().join("storage");
         let mut agent = spawn_agent(&storage, &token, "127.0.0.1:0", &[("FERRY_HOLD_AT", point)]);
         let addr = agent.addr.clone();
@@ -235,16 +220,12 @@ async fn agent_killed_during_the_hand_over_is_resumed_by_its_successor() {
 /// migration in progress finishes, and then the agent exits by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_the_agent_without_dropping_a_migration() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let token = token_file(tmp.path(), TOKEN);
-    let image = tmp.path().join("vda.raw");
-    raw_image(&image, 128 << 20, 48);
-    let mut guest = boot(
-        &tmp.path().join("src"),
-        vec![disk(&image, ImageFormat::Raw, "vda")],
-        50,
-    )
-    .await;
+    let OneDisk {
+        tmp,
+        token,
+        mut guest,
+        ..
+    } = OneDisk::boot(TOKEN, 128 << 20, 48, 50).await;
     let mut agent = spawn_agent(&tmp.path().join("storage"), &token, "127.0.0.1:0", &[]);
     let out = tmp.path().join("migrate.out");
     let mut child = migrate_command(guest.qmp_socket(), &agent.addr, &token)

@@ -460,22 +460,14 @@ async fn a_real_source_with_a_tcp_chardev_is_refused_and_keeps_running() {
 /// source out: the oldest pending handshake gives way to a new connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_unauthenticated_connections_do_not_stop_a_real_migration() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let token = token_file(tmp.path(), TOKEN);
-    let image = tmp.path().join("vda.raw");
-    raw_image(&image, 64 << 20, 4);
-    let mut guest = boot(
-        &tmp.path().join("src"),
-        vec![disk(&image, ferry_testkit::ImageFormat::Raw, "vda")],
-        50,
-    )
-    .await;
-    let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
+    let mut setup = OneDisk::boot(TOKEN, 64 << 20, 4, 50).await;
+    let agent = setup.agent(&[]);
+    let (token, guest) = (setup.token.clone(), &mut setup.guest);
     let idle: Vec<std::net::TcpStream> = (0..80)
         .map(|_| std::net::TcpStream::connect(&agent.addr).expect("an idle connection"))
         .collect();
     let run = migrate(guest.qmp_socket(), &agent.addr, &token);
     assert_eq!(run.code, 0, "{:?}\n{}", run.events.last(), run.stderr);
     drop(idle);
-    support::handover::assert_on_destination(&mut guest, &token, &agent).await;
+    support::handover::assert_on_destination(guest, &token, &agent).await;
 }

@@ -80,16 +80,12 @@ async fn check_completed(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_disk_migrates_while_the_guest_writes() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let token = token_file(tmp.path(), TOKEN);
-    let image = tmp.path().join("vda.raw");
-    raw_image(&image, 256 << 20, 32);
-    let mut guest = boot(
-        &tmp.path().join("src"),
-        vec![disk(&image, ImageFormat::Raw, "vda")],
-        50,
-    )
-    .await;
+    let OneDisk {
+        tmp,
+        token,
+        image,
+        mut guest,
+    } = OneDisk::boot(TOKEN, 256 << 20, 32, 50).await;
     let mut agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
 
     let run = migrate(guest.qmp_socket(), &agent.addr, &token);
@@ -296,17 +292,13 @@ fn migrate_with_fault(qmp: &Path, to: &str, token: &Path, fault: impl FnOnce(u32
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_roll_back_and_a_later_migration_succeeds() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let token = token_file(tmp.path(), TOKEN);
-    let image = tmp.path().join("vda.raw");
     // Enough data that the mirror is still running when the fault hits.
-    raw_image(&image, 1 << 30, 384);
-    let mut guest = boot(
-        &tmp.path().join("src"),
-        vec![disk(&image, ImageFormat::Raw, "vda")],
-        50,
-    )
-    .await;
+    let OneDisk {
+        tmp,
+        token,
+        mut guest,
+        ..
+    } = OneDisk::boot(TOKEN, 1 << 30, 384, 50).await;
     let serial = guest.serial_log().to_path_buf();
     let storage = tmp.path().join("storage");
     let pre_switchover = ["mirror", "start-destination", "ram"];
@@ -413,23 +405,13 @@ async fn qemu_7_2_source_migrates_to_7_2_and_to_10_0() {
             ],
         ),
     ] {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let token = token_file(tmp.path(), TOKEN);
-        let image = tmp.path().join("vda.raw");
-        raw_image(&image, 128 << 20, 16);
-        let mut guest = boot_with(
-            &tmp.path().join("src"),
-            vec![disk(&image, ImageFormat::Raw, "vda")],
-            50,
-            &old,
-        )
-        .await;
+        let mut setup = OneDisk::boot_with(TOKEN, 128 << 20, 16, 50, &old).await;
         let args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
-        let agent = AgentProc::start(&tmp.path().join("storage"), &token, &args);
-        let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+        let agent = setup.agent(&args);
+        let run = migrate(setup.guest.qmp_socket(), &agent.addr, &setup.token);
+        let guest = &mut setup.guest;
         eprintln!("7.2 -> {label}: {}", run.last());
-        let _dest =
-            check_completed(&run, &mut guest, &agent.storage, &[("vda", "disk-vda.raw")]).await;
+        let _dest = check_completed(&run, guest, &agent.storage, &[("vda", "disk-vda.raw")]).await;
         let argv =
             std::fs::read_to_string(migration_dir(&agent.storage).join("argv")).expect("argv");
         assert!(
@@ -442,16 +424,9 @@ async fn qemu_7_2_source_migrates_to_7_2_and_to_10_0() {
 /// A paused VM arrives paused: ferry does not start a guest its operator stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_vm_arrives_paused() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let token = token_file(tmp.path(), TOKEN);
-    let image = tmp.path().join("vda.raw");
-    raw_image(&image, 64 << 20, 4);
-    let mut guest = boot(
-        &tmp.path().join("src"),
-        vec![disk(&image, ImageFormat::Raw, "vda")],
-        50,
-    )
-    .await;
+    let setup = OneDisk::boot(TOKEN, 64 << 20, 4, 50).await;
+    let (token, mut guest) = (setup.token.clone(), setup.guest);
+    let tmp = setup.tmp;
     {
         let q = qmp::Qmp::connect_unix(guest.qmp_socket())
             .await
@@ -484,16 +459,12 @@ async fn paused_vm_arrives_paused() {
 /// write-blocking, and the migration completes with every acknowledged write on the destination.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_outpacing_the_mirror_still_converges() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let token = token_file(tmp.path(), TOKEN);
-    let image = tmp.path().join("vda.raw");
-    raw_image(&image, 16 << 20, 0);
-    let mut guest = boot(
-        &tmp.path().join("src"),
-        vec![disk(&image, ImageFormat::Raw, "vda")],
-        0,
-    )
-    .await;
+    let OneDisk {
+        tmp,
+        token,
+        mut guest,
+        ..
+    } = OneDisk::boot(TOKEN, 16 << 20, 0, 0).await;
     let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
     let run = migrate_with(
         guest.qmp_socket(),

@@ -79,6 +79,9 @@ pub enum PolicyError {
     },
 }
 
+/// A binary as it was when checked: its path and modification time.
+type BinaryVersion = (PathBuf, Option<std::time::SystemTime>);
+
 /// The agent's choices, fixed at start-up.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
@@ -86,6 +89,10 @@ pub struct Policy {
     binaries: Vec<PathBuf>,
     /// Canonical directories host files may come from.
     allow_paths: Vec<PathBuf>,
+    /// Binaries (by path and modification time) that accepted the sandbox already: the check
+    /// runs QEMU, which costs tens of milliseconds a migration; an upgraded binary is checked
+    /// again.
+    sandboxed: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<BinaryVersion>>>,
 }
 
 impl Policy {
@@ -132,6 +139,7 @@ impl Policy {
         Ok(Policy {
             binaries: resolved,
             allow_paths: dirs,
+            sandboxed: Default::default(),
         })
     }
 
@@ -159,7 +167,17 @@ impl Policy {
                 allowed: self.allowed_binaries(),
             });
         };
-        check_sandbox(&binary).await?;
+        let key = (
+            binary.clone(),
+            std::fs::metadata(&binary).and_then(|m| m.modified()).ok(),
+        );
+        let known = |s: &Self| s.sandboxed.lock().is_ok_and(|set| set.contains(&key));
+        if !known(self) {
+            check_sandbox(&binary).await?;
+            if let Ok(mut set) = self.sandboxed.lock() {
+                set.insert(key);
+            }
+        }
         Ok(binary.display().to_string())
     }
 

@@ -71,7 +71,7 @@ use settle::{Outcome, Settle};
 use source::SourceQemu;
 
 use crate::protocol::AgentMessage;
-use crate::status::{MigrationInfo, MigrationStatus};
+use crate::status::{MigrationInfo, MigrationStatus, WaitError};
 
 /// What `ferry migrate` was asked to do.
 #[derive(Debug, Clone)]
@@ -152,7 +152,7 @@ impl std::fmt::Display for PhaseName {
 
 /// How often `query-migrate` is polled while the RAM streams, and during the switchover.
 const RAM_POLL: Duration = Duration::from_millis(250);
-const SWITCH_POLL: Duration = Duration::from_millis(5);
+const SWITCH_POLL: Duration = Duration::from_millis(20);
 const SWITCH_TIMEOUT: Duration = Duration::from_secs(120);
 /// The migration capabilities ferry needs on the source: `events` (the pause at
 /// pre-switchover is noticed at once), `pause-before-switchover` (the final disk sync happens
@@ -469,8 +469,7 @@ impl Migration {
             .map_err(|e| switch_fail(e.into()))?;
         crate::faults::hold("source-continued").await;
         let info = self
-            .qemu
-            .wait_migration(SWITCH_TIMEOUT, SWITCH_POLL, MigrationStatus::is_final)
+            .wait_final(&mut events)
             .await
             .map_err(|e| switch_fail(e.into()))?;
         self.phases.switchover = switch_start.elapsed().as_millis() as u64;
@@ -483,6 +482,27 @@ impl Migration {
         }
         crate::faults::hold("source-completed").await;
         Ok(())
+    }
+
+    /// Waits for the migration's final status after `migrate-continue`, the guest paused: woken
+    /// by QEMU's `MIGRATION` event, with a poll as the fallback.
+    async fn wait_final(&self, events: &mut qmp::Events) -> Result<MigrationInfo, WaitError> {
+        let deadline = Instant::now() + SWITCH_TIMEOUT;
+        loop {
+            let info = self.qemu.query_migrate().await.map_err(|e| e.source)?;
+            if info.status.is_final() {
+                return Ok(info);
+            }
+            if Instant::now() >= deadline {
+                return Err(WaitError::Timeout {
+                    last: info.status,
+                    secs: SWITCH_TIMEOUT.as_secs(),
+                });
+            }
+            let _ = events
+                .wait_for(|e| e.name == "MIGRATION", SWITCH_POLL)
+                .await;
+        }
     }
 
     async fn wait_pre_switchover(

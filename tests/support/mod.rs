@@ -164,6 +164,67 @@ pub fn token_file(dir: &Path, content: &str) -> PathBuf {
     path
 }
 
+/// The usual end-to-end setup: a temporary directory, a token file in it, a raw disk `vda` of
+/// `size` bytes with `data_mib` MiB of data, and the test guest booted on it writing `rate`
+/// records a second (0: as fast as it can).
+pub struct OneDisk {
+    pub tmp: tempfile::TempDir,
+    pub token: PathBuf,
+    pub image: PathBuf,
+    pub guest: RunningGuest,
+}
+
+impl OneDisk {
+    /// Boots on the system's QEMU.
+    pub async fn boot(token: &str, size: u64, data_mib: u64, rate: u32) -> OneDisk {
+        OneDisk::boot_with(
+            token,
+            size,
+            data_mib,
+            rate,
+            Path::new(ferry_testkit::DEFAULT_QEMU),
+        )
+        .await
+    }
+
+    /// Boots on `qemu`.
+    pub async fn boot_with(
+        token: &str,
+        size: u64,
+        data_mib: u64,
+        rate: u32,
+        qemu: &Path,
+    ) -> OneDisk {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let token = token_file(tmp.path(), token);
+        let image = tmp.path().join("vda.raw");
+        raw_image(&image, size, data_mib);
+        let guest = boot_with(
+            &tmp.path().join("src"),
+            vec![disk(&image, ImageFormat::Raw, "vda")],
+            rate,
+            qemu,
+        )
+        .await;
+        OneDisk {
+            tmp,
+            token,
+            image,
+            guest,
+        }
+    }
+
+    /// Where the agent's storage goes.
+    pub fn storage(&self) -> PathBuf {
+        self.tmp.path().join("storage")
+    }
+
+    /// An agent on localhost with this setup's storage and token, plus `extra` flags.
+    pub fn agent(&self, extra: &[&str]) -> AgentProc {
+        AgentProc::start(&self.storage(), &self.token, extra)
+    }
+}
+
 /// A sparse raw image with `data_mib` MiB of pseudo-random data from the middle of the disk on
 /// (see [`ferry_testkit::disk::raw_image`]).
 pub fn raw_image(path: &Path, size: u64, data_mib: u64) {
