@@ -3,13 +3,16 @@
 //!
 //! ```text
 //!  destination QEMU (-incoming defer -S)        source QEMU
-//!  migrate-set-capabilities late-block-activate
+//!  migrate-set-capabilities late-block-activate,
+//!    return-path
 //!  nbd-server-start 127.0.0.1:P
 //!  block-export-add nbd vda writable
 //!  migrate-incoming tcp:127.0.0.1:0
 //!                                               blockdev-add nbd (discard/detect-zeroes unmap)
 //!                                               blockdev-mirror sync=full ... BLOCK_JOB_READY
-//!                                               migrate-set-capabilities events, pause-before-switchover
+//!                                               migrate-set-capabilities events, pause-before-switchover,
+//!                                                 return-path (libvirt sets it on every migration
+//!                                                 that is not tunnelled)
 //!                                               migrate tcp:... ... MIGRATION pre-switchover
 //!                                               block-job-cancel (final sync) ... BLOCK_JOB_COMPLETED
 //!                                               migrate-continue ... MIGRATION completed
@@ -101,8 +104,11 @@ async fn steps(
         json!({ "capabilities": list })
     };
 
-    dq.execute_raw("migrate-set-capabilities", caps(&["late-block-activate"]))
-        .await?;
+    dq.execute_raw(
+        "migrate-set-capabilities",
+        caps(&["late-block-activate", "return-path"]),
+    )
+    .await?;
     let nbd_port = free_port()?;
     dq.execute_raw(
         "nbd-server-start",
@@ -153,7 +159,7 @@ async fn steps(
     // RAM, paused before the switchover so the mirror can finish with the guest stopped.
     sq.execute_raw(
         "migrate-set-capabilities",
-        caps(&["events", "pause-before-switchover"]),
+        caps(&["events", "pause-before-switchover", "return-path"]),
     )
     .await?;
     sq.execute_raw(
