@@ -310,6 +310,11 @@ impl Received {
                 false
             };
             if !running {
+                // A QEMU that died before `cont` never ran the guest: the source may take it
+                // back. Past this check a failed `cont` may or may not have reached it.
+                if !dest.alive() {
+                    return Err("the destination QEMU is gone".into());
+                }
                 self.may_have_run = true;
                 resumed_at_us = dest.resume().await.map_err(|e| crate::error_chain(&e))?;
             }

@@ -112,11 +112,22 @@ impl Registry {
                         ),
                     };
                 }
-                AgentMessage::Running {
-                    pid: read_pid(&dir.path).unwrap_or(0),
-                    qmp: dir.path.join("qmp.sock").display().to_string(),
-                    resumed_at_us: None,
-                    allocated_bytes: super::storage::allocated_bytes(&dir.images()),
+                // Only a live destination lets the source quit its own copy.
+                match read_pid(&dir.path).filter(|pid| super::destination::is_ours(*pid, &dir.path))
+                {
+                    Some(pid) => AgentMessage::Running {
+                        pid,
+                        qmp: dir.path.join("qmp.sock").display().to_string(),
+                        resumed_at_us: None,
+                        allocated_bytes: super::storage::allocated_bytes(&dir.images()),
+                    },
+                    None => AgentMessage::Refused {
+                        reason: format!(
+                            "migration {id} was handed over here but its destination QEMU is gone; \
+                             its disks are kept in {}: decide by hand which copy to run",
+                            dir.path.display()
+                        ),
+                    },
                 }
             }
             _ => AgentMessage::Abandoned {
