@@ -11,20 +11,10 @@ use std::time::Duration;
 use ferry_testkit::qemu::qemu_7_2;
 use ferry_testkit::{verify_disk, Acks, ImageFormat};
 use serde_json::Value;
+use support::handover::migration_dir;
 use support::*;
 
 const TOKEN: &str = "e2e-test-token-0123456789abcdef";
-
-fn migration_dir(storage: &Path) -> PathBuf {
-    let dirs: Vec<PathBuf> = std::fs::read_dir(storage)
-        .expect("storage")
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
-    assert_eq!(dirs.len(), 1, "one migration directory in {dirs:?}");
-    dirs[0].clone()
-}
 
 /// Checks a completed migration: the source exited, the destination guest keeps acknowledging,
 /// and after stopping it every acknowledged record is on the destination images.
