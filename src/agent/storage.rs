@@ -193,7 +193,7 @@ impl MigrationDir {
     }
 
     fn journal_path(&self) -> PathBuf {
-        self.path.join("journal.json")
+        self.path.join(crate::vm::argv::JOURNAL_NAME)
     }
 
     /// The images of this migration, in name order (what a restarted agent flushes and reports).

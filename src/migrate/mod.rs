@@ -230,9 +230,9 @@ async fn run(
         failure.source_running = m.source_running().await;
         return Err(failure);
     };
-    let reason = match &forward {
-        Ok(()) => "completed".to_string(),
-        Err(f) => format!("{}: {}", f.phase, f.line()),
+    let (reason, known) = match &forward {
+        Ok(info) => ("completed".to_string(), Some(info.clone())),
+        Err(f) => (format!("{}: {}", f.phase, f.line()), None),
     };
     let switch_start = Instant::now();
     let outcome = Settle {
@@ -242,6 +242,7 @@ async fn run(
         link: m.link.take(),
         agent_wait: opts.agent_wait,
         reason,
+        known,
     }
     .run(record)
     .await;
@@ -288,7 +289,7 @@ async fn run(
             failure.source_running = m.source_running().await;
             Err(failure)
         }
-        (Ok(()), Outcome::Source { why }) => Err(Failure {
+        (Ok(_), Outcome::Source { why }) => Err(Failure {
             phase: PhaseName::Finish,
             error: MigrateError::NotTaken(why),
             source_running: m.source_running().await,
@@ -341,8 +342,8 @@ impl Migration {
             .unwrap_or(false)
     }
 
-    /// Drives the migration up to the source QEMU's `completed`. Whatever this returns, the
-    /// caller settles it.
+    /// Drives the migration up to the source QEMU's `completed` (its final `query-migrate`).
+    /// Whatever this returns, the caller settles it.
     async fn forward(
         &mut self,
         opts: &MigrateOptions,
@@ -351,7 +352,7 @@ impl Migration {
         reporter: &mut dyn Reporter,
         cancel: &CancellationToken,
         started: Instant,
-    ) -> Result<(), Failure> {
+    ) -> Result<MigrationInfo, Failure> {
         let negotiate = at::<ControlError>(PhaseName::Negotiate);
         let interrupted = |phase| Failure::new(phase, MigrateError::Cancelled);
         let link = tokio::select! {
@@ -481,7 +482,7 @@ impl Migration {
             }));
         }
         crate::faults::hold("source-completed").await;
-        Ok(())
+        Ok(info)
     }
 
     /// Waits for the migration's final status after `migrate-continue`, the guest paused: woken
@@ -622,6 +623,7 @@ pub async fn recover(opts: &MigrateOptions, to: Option<&str>) -> Result<Option<R
         link: None,
         agent_wait: opts.agent_wait,
         reason: "an interrupted migration was recovered".into(),
+        known: None,
     }
     .run(record)
     .await;

@@ -67,6 +67,9 @@ pub struct Settle<'a> {
     pub agent_wait: Duration,
     /// Why the migration is being settled (for the agent's log and the outcome).
     pub reason: String,
+    /// The source QEMU's final `query-migrate`, when the caller already read it: the guest is
+    /// paused until the agent hears `commit`, so it is not asked again.
+    pub known: Option<MigrationInfo>,
 }
 
 impl Settle<'_> {
@@ -143,6 +146,9 @@ impl Settle<'_> {
                 crate::error_chain(e)
             )
         };
+        if let Some(info) = self.known.as_ref().filter(|i| i.status.is_final()) {
+            return Ok(info.clone());
+        }
         let mut info = qemu.query_migrate().await.map_err(|e| qmp_err(&e))?;
         if info.status.is_final() || record.phase < SourcePhase::Ram {
             return Ok(info);

@@ -34,13 +34,19 @@ pub mod value;
 
 use options::Class;
 
+/// The agent's journal in the migration directory (see `agent::storage`), and the temporary
+/// file it is written through (`crate::journal`).
+pub const JOURNAL_NAME: &str = "journal.json";
+const JOURNAL_TMP_NAME: &str = "journal.json.tmp";
+
 /// File names inside the migration directory that belong to the agent: a relocated file never
-/// takes one of these, nor a disk image's name.
+/// takes one of these, nor a disk image's name. A chardev writing over the journal would corrupt
+/// the record of who owns the VM.
 const RESERVED_NAMES: &[&str] = &[
     "qmp.sock",
     "qemu.pid",
-    "phase",
-    "phase.tmp",
+    JOURNAL_NAME,
+    JOURNAL_TMP_NAME,
     "qemu.stderr",
     "argv",
 ];

@@ -501,3 +501,17 @@ fn pflash_drives_travel_as_disks() {
         "if=pflash,readonly=on,file=/st/m1/pflash0.raw,format=raw"
     );
 }
+
+/// A relocated file never takes the agent's journal (or its temporary file): QEMU would write
+/// over the record of who owns the VM.
+#[test]
+fn relocated_files_never_take_the_journal() {
+    let vm = vm("qemu -serial file:/x/journal.json -chardev file,id=c1,path=/y/journal.json.tmp");
+    let out = rewrite(&vm, &ctx(&[])).expect("rewrite");
+    for arg in &out.argv {
+        assert!(
+            !arg.ends_with("/m1/journal.json") && !arg.ends_with("/m1/journal.json.tmp"),
+            "{arg} takes the journal's name"
+        );
+    }
+}
