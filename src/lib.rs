@@ -11,6 +11,7 @@
 //! - [`status`]: typed views of QEMU's `query-migrate` and `query-block-jobs`, one wait helper.
 //! - [`faults`]: fault-injection points the hand-over tests stop processes at.
 //! - [`journal`]: crash-safe state files, the durable record of who owns a VM.
+//! - [`tls`]: TLS configurations, the agent's identity, per-migration certificates.
 //! - `demo` (with the `demo` feature): `ferry demo`, a whole migration of the test guest on
 //!   localhost, using the test scaffolding in the `ferry-testkit` crate.
 //! - [`cli`]: the command line, one file per subcommand, output formats and exit codes.
@@ -25,6 +26,7 @@ pub mod migrate;
 pub mod nbd;
 pub mod protocol;
 pub mod status;
+pub mod tls;
 pub mod vm;
 
 /// An error and its causes on one line, `outer: inner: root`, as the CLI prints them.
