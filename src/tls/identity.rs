@@ -113,16 +113,22 @@ mod tests {
 
     #[test]
     fn the_agent_identity_is_created_once_and_private() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let state = dir.path().join("state");
-        let (first, created) = Identity::load_or_create(&state).unwrap();
+        let (first, created) = Identity::load_or_create(&state).expect("test setup");
         assert!(created);
-        let (again, created) = Identity::load_or_create(&state).unwrap();
+        let (again, created) = Identity::load_or_create(&state).expect("test setup");
         assert!(!created);
         assert_eq!(first.fingerprint(), again.fingerprint());
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let mode = |p: &Path| {
+            std::fs::metadata(p)
+                .expect("test setup")
+                .permissions()
+                .mode()
+                & 0o777
+        };
         assert_eq!(mode(&state), 0o700);
         assert_eq!(mode(&state.join(AGENT_KEY)), 0o600);
-        super::super::server_config(&first, None).unwrap();
+        super::super::server_config(&first, None).expect("test setup");
     }
 }

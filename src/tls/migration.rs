@@ -223,18 +223,20 @@ mod tests {
 
     #[test]
     fn credentials_make_configs_and_private_qemu_dirs() {
-        let creds = MigrationCredentials::generate().unwrap();
-        creds.nbd_server_config().unwrap();
+        let creds = MigrationCredentials::generate().expect("test setup");
+        creds.nbd_server_config().expect("test setup");
         let bundle = creds.client_bundle();
-        let client = bundle.identity().unwrap();
-        let roots = super::super::roots(vec![creds.ca.clone()]).unwrap();
-        super::super::client_config(Some(roots), Some(&client)).unwrap();
+        let client = bundle.identity().expect("test setup");
+        let roots = super::super::roots(vec![creds.ca.clone()]).expect("test setup");
+        super::super::client_config(Some(roots), Some(&client)).expect("test setup");
         assert!(!format!("{bundle:?}").contains("PRIVATE"));
 
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let (server_dir, client_dir) = (dir.path().join("s"), dir.path().join("c"));
-        creds.write_qemu_server_dir(&server_dir).unwrap();
-        bundle.write_qemu_dir(&client_dir).unwrap();
+        creds
+            .write_qemu_server_dir(&server_dir)
+            .expect("test setup");
+        bundle.write_qemu_dir(&client_dir).expect("test setup");
         for (d, names) in [
             (
                 &server_dir,
@@ -245,11 +247,15 @@ mod tests {
                 [files::CA_CERT, files::CLIENT_CERT, files::CLIENT_KEY],
             ),
         ] {
-            let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
+            let mode = std::fs::metadata(d)
+                .expect("test setup")
+                .permissions()
+                .mode()
+                & 0o777;
             assert_eq!(mode, 0o700);
             for name in names {
                 let mode = std::fs::metadata(d.join(name))
-                    .unwrap()
+                    .expect("test setup")
                     .permissions()
                     .mode();
                 assert_eq!(mode & 0o777, 0o600, "{name}");
