@@ -58,6 +58,12 @@ async fn run_in(dir: &Path, qemu: &Path, cancel: &CancellationToken) -> anyhow::
         token: token.clone(),
         policy: Policy::new(&[qemu.to_path_buf()], &guest_dir)?,
         recover_window: std::time::Duration::from_secs(60),
+        // A throwaway identity: the demo's agent lives as long as the demo.
+        tls: crate::tls::server_config(
+            &crate::tls::Identity::load_or_create(&dir.join("agent-state"))?.0,
+            None,
+        )?,
+        require_tls: true,
     })
     .await?;
     let agent_addr = agent.local_addr()?;
@@ -92,7 +98,7 @@ async fn run_in(dir: &Path, qemu: &Path, cancel: &CancellationToken) -> anyhow::
     let opts = MigrateOptions::new(
         source.qmp_socket().to_path_buf(),
         agent_addr.to_string(),
-        token,
+        crate::migrate::control::AgentAuth::with_token(token),
     );
     let mut reporter = Tee {
         human: HumanReporter::default(),

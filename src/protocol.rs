@@ -1,23 +1,26 @@
 //! The control protocol between `ferry migrate` (the source) and `ferry agent` (the destination).
 //!
-//! One TCP connection carries one migration. Every message is a frame: a 4-byte big-endian length
-//! followed by that many bytes of JSON (one object, tagged by `"type"`). Frames over
-//! [`MAX_FRAME`] are refused before anything is allocated.
+//! One TCP connection carries one migration, inside TLS 1.3 (see [`crate::tls`]): the agent
+//! answers anything that does not start with a TLS record with a plaintext `Refused` saying the
+//! source is too old. Every message is a frame: a 4-byte big-endian length followed by that many
+//! bytes of JSON (one object, tagged by `"type"`). Frames over [`MAX_FRAME`] are refused before
+//! anything is allocated.
 //!
 //! ```text
 //!  source (ferry migrate)                               agent (ferry agent)
-//!    │ Hello{versions:[1], software}                        │
+//!    │ ═══════════════ TLS 1.3 handshake ══════════════════ │ both compute X = the session's
+//!    │ Hello{versions:[3], software}                        │ exporter value (RFC 8446 §7.5)
 //!    │─────────────────────────────────────────────────────►│ picks the highest common version
 //!    │            Challenge{version, nonce} | Refused{reason}│
 //!    │◄─────────────────────────────────────────────────────│
-//!    │ Auth{mac = HMAC(token, "source"‖nonce), nonce'}      │
+//!    │ Auth{mac = HMAC(token, "source"‖X‖nonce), nonce'}    │
 //!    │─────────────────────────────────────────────────────►│ constant-time compare
-//!    │      Authenticated{mac = HMAC(token,"agent"‖nonce')} │ (the source checks the agent, too)
+//!    │    Authenticated{mac = HMAC(token,"agent"‖X‖nonce')} │ (the source checks the agent, too)
 //!    │◄─────────────────────────────────────────────────────│
-//!    │ Prepare{vm: argv, disks}                             │ preflight: space, argv; images,
-//!    │─────────────────────────────────────────────────────►│ NBD server on an ephemeral port
-//!    │           Prepared{migration_id, nbd_port, exports}  │
-//!    │◄─────────────────────────────────────────────────────│
+//!    │ Prepare{vm: argv, disks, tls}                        │ preflight: space, argv; images,
+//!    │─────────────────────────────────────────────────────►│ per-migration CA (tls), NBD server
+//!    │      Prepared{migration_id, nbd_port, exports, tls}  │ on an ephemeral port; `tls`: the
+//!    │◄─────────────────────────────────────────────────────│ source's client certificate
 //!    │   ... source mirrors every disk into the exports,    │
 //!    │       waits for BLOCK_JOB_READY on each ...          │
 //!    │ StartDestination                                     │ destination QEMU -incoming defer -S,
@@ -51,17 +54,25 @@
 //! every crash point.
 //!
 //! Versioning: the source lists every version it speaks; the agent answers with the one it picked
-//! or refuses naming both lists. A new version may change any message after `Hello`.
+//! or refuses naming both lists. A new version may change any message after `Hello`. Version 3
+//! moved the link into TLS and bound the proofs to it; the plaintext version 2 is refused.
+//!
+//! Why the proofs cover the exporter value: the source may not be able to check the agent's
+//! certificate (a self-signed one, no `--tls-ca`), so TLS alone does not stop a man in the middle
+//! who terminates one TLS session towards the source and opens another towards the agent. Each
+//! of those sessions has its own exporter value, so a proof made on one leg fails on the other:
+//! without the token, nobody in the middle gets through the handshake.
 
 use hmac::{Hmac, Mac};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::tls::migration::ClientBundle;
 use crate::vm::VmDescription;
 
 /// The protocol versions this build speaks, oldest first.
-pub const SUPPORTED_VERSIONS: &[u32] = &[2];
+pub const SUPPORTED_VERSIONS: &[u32] = &[3];
 
 /// The largest frame either side accepts: a VM description with a long argv fits many times over.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -91,6 +102,9 @@ pub enum SourceMessage {
     Prepare {
         /// The VM's argv and disks, as read from the source QEMU.
         vm: VmDescription,
+        /// Whether the disks and the RAM travel encrypted (false: `ferry migrate --insecure`,
+        /// which an agent with `--require-tls` refuses).
+        tls: bool,
     },
     /// Every mirror is READY: start the destination QEMU and listen for the RAM.
     StartDestination,
@@ -137,6 +151,9 @@ pub enum AgentMessage {
         nbd_port: u16,
         /// One export per disk, in the order of the VM description's disks.
         exports: Vec<ExportInfo>,
+        /// This migration's client certificate, key and CA for the source QEMU (NBD and RAM
+        /// stream), when the source asked for TLS. Sent on the TLS control link only.
+        tls: Option<ClientBundle>,
     },
     /// The destination QEMU waits for the RAM on this port (same address as the agent).
     DestinationReady {
@@ -311,26 +328,32 @@ pub enum Signer {
     Agent,
 }
 
-/// HMAC-SHA256 of `label ‖ nonce` under the token, hex-encoded.
-pub fn sign(token: &[u8], signer: Signer, nonce: &str) -> String {
-    hex(&mac(token, signer, nonce).finalize().into_bytes())
+/// HMAC-SHA256 of `label ‖ binding ‖ nonce` under the token, hex-encoded. `binding` is the TLS
+/// exporter value of the session the proof travels in ([`crate::tls::exporter`]).
+pub fn sign(token: &[u8], signer: Signer, binding: &[u8], nonce: &str) -> String {
+    hex(&mac(token, signer, binding, nonce).finalize().into_bytes())
 }
 
 /// Checks a proof in constant time; a malformed hex string is simply wrong.
-pub fn verify(token: &[u8], signer: Signer, nonce: &str, proof: &str) -> bool {
+pub fn verify(token: &[u8], signer: Signer, binding: &[u8], nonce: &str, proof: &str) -> bool {
     match unhex(proof) {
-        Some(bytes) => mac(token, signer, nonce).verify_slice(&bytes).is_ok(),
+        Some(bytes) => mac(token, signer, binding, nonce)
+            .verify_slice(&bytes)
+            .is_ok(),
         None => false,
     }
 }
 
-fn mac(token: &[u8], signer: Signer, nonce: &str) -> Hmac<Sha256> {
+fn mac(token: &[u8], signer: Signer, binding: &[u8], nonce: &str) -> Hmac<Sha256> {
     let mut mac = Hmac::<Sha256>::new_from_slice(token).expect("HMAC accepts keys of any length");
     let label: &[u8] = match signer {
-        Signer::Source => b"ferry-v1-source:",
-        Signer::Agent => b"ferry-v1-agent:",
+        Signer::Source => b"ferry-v3-source:",
+        Signer::Agent => b"ferry-v3-agent:",
     };
     mac.update(label);
+    // Fixed length (the exporter's): no ambiguity with the nonce that follows.
+    mac.update(&(binding.len() as u32).to_be_bytes());
+    mac.update(binding);
     mac.update(nonce.as_bytes());
     mac
 }
@@ -420,23 +443,53 @@ mod tests {
     }
 
     #[test]
-    fn proofs_verify_only_with_the_right_token_and_direction() {
+    fn proofs_verify_only_with_the_right_token_direction_and_session() {
         let nonce = new_nonce();
-        let proof = sign(b"secret-token", Signer::Source, &nonce);
-        assert!(verify(b"secret-token", Signer::Source, &nonce, &proof));
-        assert!(!verify(b"other-token", Signer::Source, &nonce, &proof));
+        let session = [7u8; 32];
+        let proof = sign(b"secret-token", Signer::Source, &session, &nonce);
+        assert!(verify(
+            b"secret-token",
+            Signer::Source,
+            &session,
+            &nonce,
+            &proof
+        ));
+        assert!(!verify(
+            b"other-token",
+            Signer::Source,
+            &session,
+            &nonce,
+            &proof
+        ));
         assert!(
-            !verify(b"secret-token", Signer::Agent, &nonce, &proof),
+            !verify(b"secret-token", Signer::Agent, &session, &nonce, &proof),
             "reflection"
+        );
+        assert!(
+            !verify(b"secret-token", Signer::Source, &[8u8; 32], &nonce, &proof),
+            "a proof made in another TLS session (a relay) fails"
         );
         assert!(!verify(
             b"secret-token",
             Signer::Source,
+            &session,
             &new_nonce(),
             &proof
         ));
-        assert!(!verify(b"secret-token", Signer::Source, &nonce, "zz"));
-        assert!(!verify(b"secret-token", Signer::Source, &nonce, ""));
+        assert!(!verify(
+            b"secret-token",
+            Signer::Source,
+            &session,
+            &nonce,
+            "zz"
+        ));
+        assert!(!verify(
+            b"secret-token",
+            Signer::Source,
+            &session,
+            &nonce,
+            ""
+        ));
     }
 
     proptest::proptest! {

@@ -11,25 +11,26 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferry::migrate::control::{self, ClientStream};
 use ferry::protocol::{self, AgentMessage, Signer, SourceMessage};
 use ferry::vm::{DiskDescription, VmDescription};
 use support::*;
-use tokio::net::TcpStream;
 
 const TOKEN: &str = "hostile-test-token-0123456789abcdef";
 
 /// A connected, authenticated peer.
 struct Peer {
-    rd: tokio::net::tcp::OwnedReadHalf,
-    wr: tokio::net::tcp::OwnedWriteHalf,
+    rd: tokio::io::ReadHalf<ClientStream>,
+    wr: tokio::io::WriteHalf<ClientStream>,
 }
 
 impl Peer {
     async fn connect(addr: &str) -> Peer {
-        let stream = TcpStream::connect(addr)
+        let tls = ferry::tls::client_config(None, None).expect("TLS config");
+        let (stream, binding) = control::dial(addr, &tls)
             .await
             .expect("connect to the agent");
-        let (mut rd, mut wr) = stream.into_split();
+        let (mut rd, mut wr) = tokio::io::split(stream);
         let hello = SourceMessage::Hello {
             versions: protocol::SUPPORTED_VERSIONS.to_vec(),
             software: "hostile test peer".into(),
@@ -42,7 +43,7 @@ impl Peer {
             other => panic!("expected a challenge, got {other:?}"),
         };
         let auth = SourceMessage::Auth {
-            mac: protocol::sign(TOKEN.as_bytes(), Signer::Source, &nonce),
+            mac: protocol::sign(TOKEN.as_bytes(), Signer::Source, &binding, &nonce),
             nonce: protocol::new_nonce(),
         };
         protocol::write_message(&mut wr, &auth).await.expect("auth");
@@ -57,7 +58,7 @@ impl Peer {
     }
 
     async fn prepare(&mut self, vm: VmDescription) -> AgentMessage {
-        protocol::write_message(&mut self.wr, &SourceMessage::Prepare { vm })
+        protocol::write_message(&mut self.wr, &SourceMessage::Prepare { vm, tls: true })
             .await
             .expect("prepare");
         protocol::read_message(&mut self.rd)

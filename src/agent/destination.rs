@@ -53,6 +53,9 @@ fn qmp_err(what: impl Into<String>) -> impl FnOnce(qmp::Error) -> DestinationErr
 }
 
 /// A running destination QEMU.
+/// The destination QEMU's `tls-creds-x509` object for the incoming RAM stream.
+pub const INCOMING_TLS_OBJECT: &str = "ferry-tls-incoming";
+
 pub struct Destination {
     /// Its pid (from `-pidfile`).
     pub pid: u32,
@@ -149,7 +152,32 @@ impl Destination {
     /// Sets `late-block-activate` (images stay inactive until `cont`) and `return-path` (the
     /// source's migration completes only once this QEMU loaded the whole state, and fails if it
     /// could not), then listens for the RAM on an ephemeral port of `ip`; returns the port.
-    pub async fn listen(&self, ip: std::net::IpAddr) -> Result<u16, DestinationError> {
+    pub async fn listen(
+        &self,
+        ip: std::net::IpAddr,
+        tls_dir: Option<&std::path::Path>,
+    ) -> Result<u16, DestinationError> {
+        if let Some(dir) = tls_dir {
+            // Added over QMP, not on the command line: the argv stays the VM's own, so this VM
+            // can be migrated onwards by ferry (which refuses `-object tls-creds-x509`). QEMU
+            // reads the files now; the agent removes them once the migration is settled.
+            self.qmp
+                .execute_raw(
+                    "object-add",
+                    json!({"qom-type": "tls-creds-x509", "id": INCOMING_TLS_OBJECT,
+                           "dir": dir.display().to_string(), "endpoint": "server",
+                           "verify-peer": true}),
+                )
+                .await
+                .map_err(qmp_err("creating the RAM stream's TLS credentials"))?;
+            self.qmp
+                .execute_raw(
+                    "migrate-set-parameters",
+                    json!({"tls-creds": INCOMING_TLS_OBJECT}),
+                )
+                .await
+                .map_err(qmp_err("requiring TLS on the incoming migration"))?;
+        }
         self.qmp
             .execute_raw(
                 "migrate-set-capabilities",

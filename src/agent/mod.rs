@@ -48,6 +48,11 @@ pub struct AgentConfig {
     /// How long a destination whose control connection dropped is kept for the source to settle
     /// it (unless its incoming migration completed: then until the source settles it).
     pub recover_window: Duration,
+    /// The control link's TLS configuration: the agent's identity, and with `--tls-ca` the CA
+    /// sources' certificates must chain to.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Refuse migrations whose disks and RAM would travel in the clear (`--insecure` sources).
+    pub require_tls: bool,
 }
 
 /// A bound agent, ready to [`run`](Agent::run).
@@ -79,19 +84,25 @@ pub enum AgentError {
     },
 }
 
+/// Checks that the storage directory exists and is a directory.
+pub fn check_storage(storage: &std::path::Path) -> Result<(), AgentError> {
+    let meta = std::fs::metadata(storage).map_err(|source| AgentError::Storage {
+        path: storage.display().to_string(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(AgentError::Storage {
+            path: storage.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+        });
+    }
+    Ok(())
+}
+
 impl Agent {
     /// Checks the storage directory, cleans up leftovers of a previous agent, and binds.
     pub async fn bind(config: AgentConfig) -> Result<Agent, AgentError> {
-        let meta = std::fs::metadata(&config.storage).map_err(|source| AgentError::Storage {
-            path: config.storage.display().to_string(),
-            source,
-        })?;
-        if !meta.is_dir() {
-            return Err(AgentError::Storage {
-                path: config.storage.display().to_string(),
-                source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
-            });
-        }
+        check_storage(&config.storage)?;
         let registry = Arc::new(Registry::new(config.storage.clone(), config.recover_window));
         registry.resume_journals().await;
         let listener =
@@ -141,19 +152,16 @@ impl Agent {
             tasks.spawn(
                 async move {
                     info!("source connected");
-                    let mut stream = stream;
-                    let request = {
-                        let (mut rd, mut wr) = stream.split();
-                        tokio::select! {
-                            _ = place.evicted.cancelled() => {
-                                return warn!("closed before it authenticated, to make room for newer connections");
-                            }
-                            request = session::authenticate(&mut rd, &mut wr, &config.token) => request,
+                    let acceptor = tokio_rustls::TlsAcceptor::from(config.tls.clone());
+                    let accepted = tokio::select! {
+                        _ = place.evicted.cancelled() => {
+                            return warn!("closed before it authenticated, to make room for newer connections");
                         }
+                        accepted = session::accept(stream, &acceptor, &config.token) => accepted,
                     };
                     drop(place);
-                    let request = match request {
-                        Ok(request) => request,
+                    let (mut stream, request) = match accepted {
+                        Ok(accepted) => accepted,
                         Err(e) => return warn!(error = %e, "connection refused"),
                     };
                     let Ok(_permit) = sessions.try_acquire_owned() else {

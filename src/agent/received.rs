@@ -27,6 +27,7 @@ use super::AgentConfig;
 use crate::nbd::{Export, NbdServer, ServerConfig};
 use crate::protocol::{self, AgentMessage, ExportInfo};
 use crate::status::MigrationStatus;
+use crate::tls::migration::MigrationCredentials;
 use crate::vm::argv::{self, RewriteContext};
 use crate::vm::VmDescription;
 
@@ -46,6 +47,8 @@ pub struct Received {
     exports: Vec<String>,
     nbd: Option<NbdServer>,
     destination: Option<Destination>,
+    /// This migration's certificates, when its disks and RAM travel encrypted.
+    credentials: Option<MigrationCredentials>,
     record: Record,
     /// Whether this agent may have started the guest: `cont` sent, or a previous agent's
     /// `Resuming` it cannot see past. Until then a dead destination never ran.
@@ -56,6 +59,7 @@ impl Received {
     /// Preflight, then directory, images and NBD exports. Refusals leave nothing behind.
     pub async fn prepare(
         vm: &VmDescription,
+        tls: bool,
         config: &AgentConfig,
         ip: IpAddr,
         source: IpAddr,
@@ -75,6 +79,14 @@ impl Received {
             .check_host_files(vm)
             .map_err(|e| e.to_string())?;
 
+        let credentials = if tls {
+            let made = tokio::task::spawn_blocking(MigrationCredentials::generate)
+                .await
+                .map_err(|e| format!("certificate task failed: {e}"))?;
+            Some(made.map_err(|e| format!("cannot make this migration's certificates: {e}"))?)
+        } else {
+            None
+        };
         let dir = MigrationDir::create(&config.storage, vm.running).map_err(|e| e.to_string())?;
         let ctx = context(&binary, &dir.path, vm);
         let mut received = Received {
@@ -85,6 +97,7 @@ impl Received {
             exports: Vec::new(),
             nbd: None,
             destination: None,
+            credentials,
             record: Record {
                 phase: Phase::Receiving,
                 resume: vm.running,
@@ -117,6 +130,7 @@ impl Received {
             exports: Vec::new(),
             nbd: None,
             destination: Some(destination),
+            credentials: None,
             may_have_run: record.phase >= Phase::Resuming,
             record,
             dir,
@@ -146,6 +160,7 @@ impl Received {
                     export: export.clone(),
                 })
                 .collect(),
+            tls: self.credentials.as_ref().map(|c| c.client_bundle()),
         }
     }
 
@@ -166,8 +181,17 @@ impl Received {
         ip: IpAddr,
         source: IpAddr,
     ) -> Result<(), String> {
+        let tls = match &self.credentials {
+            Some(credentials) => Some(
+                credentials
+                    .nbd_server_config()
+                    .map_err(|e| format!("cannot set up TLS for the NBD server: {e}"))?,
+            ),
+            None => None,
+        };
         let config = ServerConfig {
             allowed_peer: Some(source.to_canonical()),
+            tls,
             ..ServerConfig::default()
         };
         let nbd = NbdServer::bind(SocketAddr::new(ip, 0), config)
@@ -211,7 +235,17 @@ impl Received {
             warn!(error = %e, "early flush of the images");
         }
         let dest = dest.map_err(|e| crate::error_chain(&e))?;
-        let port = dest.listen(ip).await;
+        let tls_dir = match &self.credentials {
+            Some(credentials) => {
+                let dir = self.dir.path.join(argv::TLS_DIR_NAME);
+                credentials
+                    .write_qemu_server_dir(&dir)
+                    .map_err(|e| format!("cannot write the RAM stream's certificates: {e}"))?;
+                Some(dir)
+            }
+            None => None,
+        };
+        let port = dest.listen(ip, tls_dir.as_deref()).await;
         self.destination = Some(dest);
         port.map_err(|e| crate::error_chain(&e))
     }
@@ -248,6 +282,7 @@ impl Received {
             Err(reason) => {
                 // Past `Resuming` the guest may have run here: never undone, never abandoned.
                 error!(migration = %self.dir.id, %reason, "hand-over failed after the guest was started here");
+                self.forget_credentials();
                 AgentMessage::Refused {
                     reason: format!(
                         "the VM was started on the destination but then failed ({reason}); \
@@ -335,6 +370,19 @@ impl Received {
             if let Err(e) = self.journal(Phase::Running) {
                 warn!(error = %e, "recording phase running");
             }
+        }
+        self.forget_credentials();
+    }
+
+    /// Removes this migration's keys from the disk (QEMU read them when it started listening):
+    /// once the hand-over is settled nothing may use them again.
+    pub fn forget_credentials(&mut self) {
+        self.credentials = None;
+        let dir = self.dir.path.join(argv::TLS_DIR_NAME);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(dir = %dir.display(), error = %e, "removing the migration's keys"),
         }
     }
 

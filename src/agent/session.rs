@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use super::received::Received;
@@ -19,6 +20,13 @@ use super::registry::{Registry, Slot};
 use super::storage::Phase;
 use super::AgentConfig;
 use crate::protocol::{self, AgentMessage, ProtocolError, Signer, SourceMessage};
+
+/// The agent's end of a control connection: TLS 1.3 over TCP.
+pub type ControlStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// The first byte of every TLS connection: the content type of a handshake record. A control
+/// frame of protocol version 2 and before (plaintext) starts with a length's high byte, 0.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// How long the handshake may take before the agent hangs up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,12 +48,15 @@ pub enum SessionError {
     /// A recovering source settled the migration through another connection.
     #[error("settled through another connection")]
     TakenOver,
+    /// The TLS handshake failed.
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
 }
 
 /// What an authenticated source asks for.
 pub enum Request {
-    /// A new migration of this VM.
-    Prepare(Box<crate::vm::VmDescription>),
+    /// A new migration of this VM; whether its disks and RAM travel encrypted.
+    Prepare(Box<crate::vm::VmDescription>, bool),
     /// A verdict on an earlier migration.
     Resolve {
         /// The migration.
@@ -55,27 +66,78 @@ pub enum Request {
     },
 }
 
-/// Runs the handshake and reads the source's request; errors are sent to the source as
-/// `Refused` where that makes sense.
-pub async fn authenticate<R, W>(
-    rd: &mut R,
-    wr: &mut W,
+/// Opens a control connection: TLS, then the token handshake bound to it, then the source's
+/// request, within [`HANDSHAKE_TIMEOUT`] (the request itself may take a little longer). A peer
+/// that speaks plaintext gets a plaintext `Refused` naming the side to upgrade.
+pub async fn accept(
+    stream: TcpStream,
+    acceptor: &TlsAcceptor,
     token: &[u8],
-) -> Result<Request, SessionError>
+) -> Result<(ControlStream, Request), SessionError> {
+    let opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let (mut stream, binding) = open(stream, acceptor).await?;
+        let (mut rd, mut wr) = tokio::io::split(&mut stream);
+        let version = handshake(&mut rd, &mut wr, token, &binding).await?;
+        Ok::<_, SessionError>((stream, version))
+    })
+    .await;
+    let (mut stream, version) = match opened {
+        Ok(result) => result?,
+        Err(_) => return Err(SessionError::Refused("handshake timed out".into())),
+    };
+    let (mut rd, mut wr) = tokio::io::split(&mut stream);
+    let request = authenticated(&mut rd, &mut wr, version).await?;
+    Ok((stream, request))
+}
+
+/// TLS over `stream`, and the session's exporter value the proofs are bound to.
+async fn open(
+    stream: TcpStream,
+    acceptor: &TlsAcceptor,
+) -> Result<(ControlStream, [u8; crate::tls::EXPORTER_LEN]), SessionError> {
+    let mut first = [0u8; 1];
+    let peeked = stream.peek(&mut first).await.map_err(ProtocolError::from)?;
+    if peeked == 0 {
+        return Err(ProtocolError::Io(std::io::ErrorKind::UnexpectedEof.into()).into());
+    }
+    if first[0] != TLS_HANDSHAKE_RECORD {
+        return Err(plaintext(stream).await);
+    }
+    let stream = acceptor
+        .accept(stream)
+        .await
+        .map_err(|e| SessionError::Tls(e.to_string()))?;
+    let binding =
+        crate::tls::exporter(stream.get_ref().1).map_err(|e| SessionError::Tls(e.to_string()))?;
+    Ok((stream, binding))
+}
+
+/// A peer that spoke plaintext: a source of protocol version 2 or before. It is told, in its
+/// own plaintext framing, which side is old.
+async fn plaintext(mut stream: TcpStream) -> SessionError {
+    let (mut rd, mut wr) = stream.split();
+    let reason = match protocol::read_message::<_, SourceMessage>(&mut rd).await {
+        Ok(SourceMessage::Hello { versions, software }) => format!(
+            "this agent speaks control protocol versions {:?}, over TLS only; the source ({software}) offered {versions:?} in plaintext: upgrade ferry on the source",
+            protocol::SUPPORTED_VERSIONS
+        ),
+        _ => "this agent speaks the control protocol over TLS only, and the peer sent plaintext: upgrade ferry on the source".to_string(),
+    };
+    refuse(&mut wr, reason).await
+}
+
+/// Reads an authenticated source's request.
+async fn authenticated<R, W>(rd: &mut R, wr: &mut W, version: u32) -> Result<Request, SessionError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let version = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(rd, wr, token)).await {
-        Ok(result) => result?,
-        Err(_) => return Err(SessionError::Refused("handshake timed out".into())),
-    };
     info!(version, "source authenticated");
     let request = tokio::time::timeout(REQUEST_TIMEOUT, protocol::read_message(rd)).await;
     match request {
         Err(_) => Err(refuse(wr, "no request within 30 s of the handshake".into()).await),
         Ok(Err(e)) => Err(e.into()),
-        Ok(Ok(SourceMessage::Prepare { vm })) => Ok(Request::Prepare(Box::new(vm))),
+        Ok(Ok(SourceMessage::Prepare { vm, tls })) => Ok(Request::Prepare(Box::new(vm), tls)),
         Ok(Ok(SourceMessage::Resolve {
             migration_id,
             commit,
@@ -93,14 +155,15 @@ where
 
 /// Serves an authenticated source's request to its end.
 pub async fn serve(
-    stream: TcpStream,
+    stream: ControlStream,
     request: Request,
     config: &AgentConfig,
     registry: &Arc<Registry>,
 ) -> Result<(), SessionError> {
-    let local_ip = stream.local_addr().map_err(ProtocolError::from)?.ip();
-    let source_ip = stream.peer_addr().map_err(ProtocolError::from)?.ip();
-    let (mut rd, mut wr) = stream.into_split();
+    let tcp = stream.get_ref().0;
+    let local_ip = tcp.local_addr().map_err(ProtocolError::from)?.ip();
+    let source_ip = tcp.peer_addr().map_err(ProtocolError::from)?.ip();
+    let (mut rd, mut wr) = tokio::io::split(stream);
     match request {
         Request::Resolve {
             migration_id,
@@ -112,8 +175,12 @@ pub async fn serve(
             protocol::write_message(&mut wr, &reply).await?;
             Ok(())
         }
-        Request::Prepare(vm) => {
-            let received = match Received::prepare(&vm, config, local_ip, source_ip).await {
+        Request::Prepare(vm, tls) => {
+            if !tls && config.require_tls {
+                let reason = "this agent accepts encrypted migrations only (--require-tls): run ferry migrate without --insecure".to_string();
+                return Err(refuse(&mut wr, reason).await);
+            }
+            let received = match Received::prepare(&vm, tls, config, local_ip, source_ip).await {
                 Ok(received) => received,
                 Err(reason) => return Err(refuse(&mut wr, reason).await),
             };
@@ -166,7 +233,12 @@ async fn settle_failed<W: AsyncWrite + Unpin>(
     }
 }
 
-async fn handshake<R, W>(rd: &mut R, wr: &mut W, token: &[u8]) -> Result<u32, SessionError>
+async fn handshake<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    token: &[u8],
+    binding: &[u8],
+) -> Result<u32, SessionError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -195,15 +267,15 @@ where
         SourceMessage::Auth { mac, nonce } => (mac, nonce),
         other => return Err(refuse(wr, format!("expected Auth, got {}", other.kind())).await),
     };
-    if !protocol::verify(token, Signer::Source, &nonce, &mac) {
+    if !protocol::verify(token, Signer::Source, binding, &nonce, &mac) {
         return Err(refuse(
             wr,
-            "authentication failed: the source's token does not match this agent's --token-file"
+            "authentication failed: the source's token does not match this agent's --token-file, or something between the two relays the connection"
                 .into(),
         )
         .await);
     }
-    let mac = protocol::sign(token, Signer::Agent, &source_nonce);
+    let mac = protocol::sign(token, Signer::Agent, binding, &source_nonce);
     protocol::write_message(wr, &AgentMessage::Authenticated { mac }).await?;
     Ok(version)
 }

@@ -1,5 +1,6 @@
 //! `ferry agent --listen ADDR --storage DIR --token-file FILE [--qemu-binary PATH]...
-//! [--allow-path DIR]...`.
+//! [--allow-path DIR]... [--state-dir DIR] [--tls-cert FILE --tls-key FILE] [--tls-ca FILE]
+//! [--require-tls]`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +37,55 @@ pub struct AgentArgs {
     /// until the source settles it).
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     recover_window: u64,
+    /// Where the agent keeps its TLS key and self-signed certificate (created on first start,
+    /// kept afterwards so that its fingerprint does not change).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/ferry")]
+    state_dir: PathBuf,
+    /// The agent's certificate (PEM, chain leaf first) instead of the generated one; needs
+    /// --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require sources to show a certificate signed by this CA (PEM), on top of the token.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Refuse migrations whose disks and RAM would travel in the clear (`ferry migrate
+    /// --insecure`).
+    #[arg(long)]
+    require_tls: bool,
+}
+
+/// The control link's TLS: the operator's certificate, or the agent's own from `state_dir`;
+/// and the line to print once the agent listens.
+fn control_tls(args: &AgentArgs) -> Result<(std::sync::Arc<rustls::ServerConfig>, String), String> {
+    use crate::tls::Identity;
+    let identity = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Identity::load(cert, key).map_err(|e| e.to_string())?,
+        _ => {
+            let (identity, created) = Identity::load_or_create(&args.state_dir).map_err(|e| {
+                format!(
+                    "{e}: create the state directory or point --state-dir elsewhere (or pass --tls-cert/--tls-key)"
+                )
+            })?;
+            if created {
+                tracing::info!(dir = %args.state_dir.display(), "created this agent's TLS key and certificate");
+            }
+            identity
+        }
+    };
+    let line = format!(
+        "ferry: agent TLS certificate SHA-256 {}",
+        identity.fingerprint()
+    );
+    let roots = match &args.tls_ca {
+        Some(path) => Some(crate::tls::read_roots(path).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let config = crate::tls::server_config(&identity, roots)
+        .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
+    Ok((config, line))
 }
 
 /// Runs the agent until SIGINT/SIGTERM. Prints `listening on ADDR` once ready.
@@ -48,7 +98,17 @@ pub async fn run(args: AgentArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return super::fail(super::EXIT_USAGE, crate::error_chain(&e)),
     };
+    // Bad input changes nothing: the storage is checked before an identity is created.
+    if let Err(e) = crate::agent::check_storage(&args.storage) {
+        return super::fail(super::EXIT_USAGE, crate::error_chain(&e));
+    }
+    let (tls, fingerprint) = match control_tls(&args) {
+        Ok(tls) => tls,
+        Err(e) => return super::fail(super::EXIT_USAGE, e),
+    };
     let config = AgentConfig {
+        tls,
+        require_tls: args.require_tls,
         listen: args.listen,
         storage: args.storage,
         token,
@@ -60,7 +120,10 @@ pub async fn run(args: AgentArgs) -> ExitCode {
         Err(e) => return super::fail(super::EXIT_USAGE, crate::error_chain(&e)),
     };
     match agent.local_addr() {
-        Ok(addr) => println!("ferry agent listening on {addr}"),
+        Ok(addr) => {
+            eprintln!("{fingerprint}");
+            println!("ferry agent listening on {addr}");
+        }
         Err(e) => return super::fail(super::EXIT_FAILED, e),
     }
     let shutdown = CancellationToken::new();

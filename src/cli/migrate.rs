@@ -1,4 +1,5 @@
-//! `ferry migrate --qmp SOCKET --to HOST:PORT --token-file FILE [--json]`.
+//! `ferry migrate --qmp SOCKET --to HOST:PORT --token-file FILE [--json] [--insecure]
+//! [--tls-ca FILE [--tls-cert FILE --tls-key FILE]]`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +47,12 @@ pub struct MigrateArgs {
     /// agent can confirm the hand-over (the VM stays paused meanwhile).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     agent_wait: u64,
+    /// Send the disks and the RAM in the clear (the control link stays encrypted). For trusted
+    /// networks and benchmarks; an agent started with --require-tls refuses it.
+    #[arg(long)]
+    insecure: bool,
+    #[command(flatten)]
+    tls: super::tls::SourceTlsArgs,
 }
 
 /// Runs one migration. Exit 0 when the VM runs on the destination, 1 when it failed (and was
@@ -55,13 +62,18 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return super::fail(super::EXIT_USAGE, e),
     };
+    let auth = match args.tls.auth(token) {
+        Ok(auth) => auth,
+        Err(e) => return super::fail(super::EXIT_USAGE, e),
+    };
     if !args.qmp.exists() {
         return super::fail(
             super::EXIT_USAGE,
             format!("no QMP socket at {}", args.qmp.display()),
         );
     }
-    let mut opts = MigrateOptions::new(args.qmp, args.to, token);
+    let mut opts = MigrateOptions::new(args.qmp, args.to, auth);
+    opts.tls = !args.insecure;
     opts.sync_writes = args.sync_writes;
     opts.mirror_timeout = Duration::from_secs(args.mirror_timeout);
     opts.mirror_speed = args.bandwidth.map(|mib| mib.saturating_mul(1 << 20));

@@ -15,6 +15,7 @@ mod migrate;
 mod nbd_serve;
 mod qmp;
 mod recover;
+mod tls;
 
 /// Exit code for "the operation ran and failed".
 pub const EXIT_FAILED: u8 = 1;

@@ -30,6 +30,8 @@ pub struct RecoverArgs {
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    tls: super::tls::SourceTlsArgs,
 }
 
 /// Exit 0 when the migration is settled (or there was none), 1 when it could not be decided
@@ -39,7 +41,11 @@ pub async fn run(args: RecoverArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return super::fail(super::EXIT_USAGE, e),
     };
-    let mut opts = MigrateOptions::new(args.qmp.clone(), String::new(), token);
+    let auth = match args.tls.auth(token) {
+        Ok(auth) => auth,
+        Err(e) => return super::fail(super::EXIT_USAGE, e),
+    };
+    let mut opts = MigrateOptions::new(args.qmp.clone(), String::new(), auth);
     opts.state_dir = args.state_dir;
     opts.agent_wait = Duration::from_secs(args.agent_wait);
     match recover(&opts, args.to.as_deref()).await {

@@ -4,9 +4,11 @@
 //! so the driver can wait for "the agent said something or hung up" alongside QMP events and
 //! Ctrl-C without cancelling a half-read frame.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::tcp::OwnedWriteHalf;
+use rustls::pki_types::ServerName;
+use tokio::io::WriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -15,6 +17,36 @@ use crate::vm::VmDescription;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The source's end of a control connection: TLS 1.3 over TCP.
+pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// What the source needs to reach an agent: the shared token and the control link's TLS
+/// configuration (see [`crate::tls::client_config`]).
+#[derive(Clone)]
+pub struct AgentAuth {
+    /// The shared secret (never sent over the wire).
+    pub token: Vec<u8>,
+    /// TLS for the control link.
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for AgentAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentAuth { .. }")
+    }
+}
+
+impl AgentAuth {
+    /// The token, with TLS that authenticates the agent by the token alone (no `--tls-ca`).
+    pub fn with_token(token: Vec<u8>) -> AgentAuth {
+        AgentAuth {
+            token,
+            tls: crate::tls::client_config(None, None)
+                .expect("the default TLS client configuration is valid"),
+        }
+    }
+}
 
 /// A control-connection failure, worded for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +58,14 @@ pub enum ControlError {
         to: String,
         /// Why.
         source: std::io::Error,
+    },
+    /// The TLS handshake with the agent failed.
+    #[error("TLS with the agent at {to} failed: {detail}; if its ferry is older than this one (plaintext control protocol), upgrade it")]
+    Tls {
+        /// `HOST:PORT`.
+        to: String,
+        /// What rustls said.
+        detail: String,
     },
     /// The agent said no (its words).
     #[error("agent refused: {0}")]
@@ -51,7 +91,7 @@ impl From<ProtocolError> for ControlError {
 
 /// An authenticated control connection.
 pub struct AgentLink {
-    writer: OwnedWriteHalf,
+    writer: WriteHalf<ClientStream>,
     incoming: mpsc::Receiver<Result<AgentMessage, String>>,
     reader: tokio::task::JoinHandle<()>,
     /// The agent's host as given by the operator (NBD and RAM connect there too).
@@ -66,28 +106,11 @@ impl Drop for AgentLink {
 
 impl AgentLink {
     /// Connects to `to` (`HOST:PORT`) and authenticates both ways.
-    pub async fn connect(to: &str, token: &[u8]) -> Result<AgentLink, ControlError> {
-        let connect = TcpStream::connect(to);
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
-                return Err(ControlError::Connect {
-                    to: to.to_string(),
-                    source,
-                })
-            }
-            Err(_) => {
-                let source =
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s");
-                return Err(ControlError::Connect {
-                    to: to.to_string(),
-                    source,
-                });
-            }
-        };
-        crate::protocol::tune_socket(&stream);
+    pub async fn connect(to: &str, auth: &AgentAuth) -> Result<AgentLink, ControlError> {
+        let token = &auth.token[..];
+        let (stream, binding) = dial(to, &auth.tls).await?;
         let host = host_of(to);
-        let (mut rd, mut writer) = stream.into_split();
+        let (mut rd, mut writer) = tokio::io::split(stream);
 
         let hello = SourceMessage::Hello {
             versions: protocol::SUPPORTED_VERSIONS.to_vec(),
@@ -100,13 +123,13 @@ impl AgentLink {
         };
         let my_nonce = protocol::new_nonce();
         let auth = SourceMessage::Auth {
-            mac: protocol::sign(token, Signer::Source, &nonce),
+            mac: protocol::sign(token, Signer::Source, &binding, &nonce),
             nonce: my_nonce.clone(),
         };
         protocol::write_message(&mut writer, &auth).await?;
         match read_timeout(&mut rd).await? {
             AgentMessage::Authenticated { mac }
-                if protocol::verify(token, Signer::Agent, &my_nonce, &mac) => {}
+                if protocol::verify(token, Signer::Agent, &binding, &my_nonce, &mac) => {}
             AgentMessage::Authenticated { .. } => {
                 return Err(ControlError::AgentNotAuthentic(to.to_string()))
             }
@@ -164,19 +187,37 @@ impl AgentLink {
         }
     }
 
-    /// Sends the VM; returns `(migration_id, nbd_port, exports)`.
+    /// Sends the VM, asking for encrypted disks and RAM when `tls`; returns what the agent
+    /// prepared. An agent that ignores the request for TLS is an error, never a silent downgrade.
     pub async fn prepare(
         &mut self,
         vm: &VmDescription,
-    ) -> Result<(String, u16, Vec<protocol::ExportInfo>), ControlError> {
-        self.send(&SourceMessage::Prepare { vm: vm.clone() })
-            .await?;
+        tls: bool,
+    ) -> Result<Prepared, ControlError> {
+        self.send(&SourceMessage::Prepare {
+            vm: vm.clone(),
+            tls,
+        })
+        .await?;
         match self.recv_timeout(REPLY_TIMEOUT).await? {
             AgentMessage::Prepared {
                 migration_id,
                 nbd_port,
                 exports,
-            } => Ok((migration_id, nbd_port, exports)),
+                tls: bundle,
+            } => {
+                if tls && bundle.is_none() {
+                    return Err(ControlError::Unexpected(
+                        "Prepared without the certificates for an encrypted migration".into(),
+                    ));
+                }
+                Ok(Prepared {
+                    migration_id,
+                    nbd_port,
+                    exports,
+                    tls: bundle.filter(|_| tls),
+                })
+            }
             other => Err(unexpected(other)),
         }
     }
@@ -212,15 +253,71 @@ impl AgentLink {
     }
 }
 
+/// What the agent prepared for a migration.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The agent's name for the migration.
+    pub migration_id: String,
+    /// Its NBD server's port.
+    pub nbd_port: u16,
+    /// One export per disk.
+    pub exports: Vec<protocol::ExportInfo>,
+    /// The source QEMU's certificates, when the migration is encrypted.
+    pub tls: Option<crate::tls::migration::ClientBundle>,
+}
+
+/// TCP, then TLS, to `to`; returns the stream and the session's exporter value.
+pub async fn dial(
+    to: &str,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<(ClientStream, [u8; crate::tls::EXPORTER_LEN]), ControlError> {
+    let connect = TcpStream::connect(to);
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => {
+            return Err(ControlError::Connect {
+                to: to.to_string(),
+                source,
+            })
+        }
+        Err(_) => {
+            let source = std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s");
+            return Err(ControlError::Connect {
+                to: to.to_string(),
+                source,
+            });
+        }
+    };
+    crate::protocol::tune_socket(&stream);
+    let host = host_of(to);
+    let name = ServerName::try_from(host.clone()).map_err(|e| ControlError::Tls {
+        to: to.to_string(),
+        detail: format!("{host:?} is not a host name or address: {e}"),
+    })?;
+    let tls_failed = |detail: String| ControlError::Tls {
+        to: to.to_string(),
+        detail,
+    };
+    let handshake = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, stream);
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(tls_failed(e.to_string())),
+        Err(_) => return Err(tls_failed("no TLS answer within 10 s".into())),
+    };
+    let binding =
+        crate::tls::exporter(stream.get_ref().1).map_err(|e| tls_failed(e.to_string()))?;
+    Ok((stream, binding))
+}
+
 /// A recovering source's verdict on migration `migration_id`, on a fresh connection: `commit`
 /// when the source QEMU completed it. Returns the agent's `Running` or `Abandoned`.
 pub async fn resolve(
     to: &str,
-    token: &[u8],
+    auth: &AgentAuth,
     migration_id: &str,
     commit: bool,
 ) -> Result<AgentMessage, ControlError> {
-    let mut link = AgentLink::connect(to, token).await?;
+    let mut link = AgentLink::connect(to, auth).await?;
     link.send(&SourceMessage::Resolve {
         migration_id: migration_id.to_string(),
         commit,

@@ -21,6 +21,9 @@ pub enum MigrateError {
     /// The control connection or the agent failed, or the agent refused.
     #[error(transparent)]
     Agent(#[from] ControlError),
+    /// The agent's certificates could not be written for the source QEMU.
+    #[error("cannot hand the migration's certificates to the source QEMU")]
+    Tls(#[source] crate::tls::TlsError),
     /// The source QEMU's event stream broke.
     #[error("source QEMU")]
     SourceEvents(#[source] qmp::Error),

@@ -47,6 +47,9 @@ pub struct SourceRecord {
     pub resume: bool,
     /// The source QEMU's pid, to tell a dead QEMU from a busy socket.
     pub qemu_pid: Option<u32>,
+    /// The TLS object and files of an encrypted migration.
+    #[serde(default)]
+    pub tls: Option<super::tls::SourceTls>,
 }
 
 /// The journal file of one VM.
@@ -120,6 +123,7 @@ mod tests {
             capabilities: vec!["events".into()],
             resume: true,
             qemu_pid: Some(1),
+            tls: None,
         };
         a.write(&record).expect("write");
         assert_eq!(a.read().expect("read"), Some(record));

@@ -54,6 +54,7 @@ pub mod mirror;
 pub mod report;
 pub mod settle;
 pub mod source;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -80,8 +81,10 @@ pub struct MigrateOptions {
     pub qmp_socket: PathBuf,
     /// The agent, `HOST:PORT`.
     pub to: String,
-    /// The shared token.
-    pub token: Vec<u8>,
+    /// The shared token and the control link's TLS.
+    pub auth: control::AgentAuth,
+    /// Whether the disks and RAM travel encrypted (false: `--insecure`).
+    pub tls: bool,
     /// How long the disks may take to reach sync.
     pub mirror_timeout: Duration,
     /// How long the RAM may take to reach the switchover.
@@ -101,11 +104,12 @@ pub struct MigrateOptions {
 
 impl MigrateOptions {
     /// Defaults for everything but the three required values.
-    pub fn new(qmp_socket: PathBuf, to: String, token: Vec<u8>) -> Self {
+    pub fn new(qmp_socket: PathBuf, to: String, auth: control::AgentAuth) -> Self {
         MigrateOptions {
             qmp_socket,
             to,
-            token,
+            auth,
+            tls: true,
             mirror_timeout: Duration::from_secs(3600),
             ram_timeout: Duration::from_secs(1800),
             sync_writes: false,
@@ -219,6 +223,7 @@ async fn run(
         link: None,
         phases: PhaseTimes::default(),
         disk_bytes: 0,
+        encrypted: false,
     };
     let forward = m.forward(opts, &vm, &tag, reporter, cancel, started).await;
     let Some(record) = m.record.take() else {
@@ -238,7 +243,7 @@ async fn run(
     let outcome = Settle {
         qemu: Some(&m.qemu),
         journal: &m.journal,
-        token: &opts.token,
+        auth: &opts.auth,
         link: m.link.take(),
         agent_wait: opts.agent_wait,
         reason,
@@ -283,6 +288,7 @@ async fn run(
                 ram_bytes: info.ram_transferred,
                 destination_allocated_bytes: allocated_bytes,
                 destination: DestinationInfo { pid, qmp },
+                encrypted: m.encrypted,
             })
         }
         (Err(mut failure), Outcome::Source { .. }) => {
@@ -316,6 +322,8 @@ struct Migration {
     stops: qmp::Events,
     phases: PhaseTimes,
     disk_bytes: u64,
+    /// Whether the disks and RAM travel encrypted (known once the agent prepared).
+    encrypted: bool,
 }
 
 impl Migration {
@@ -357,12 +365,17 @@ impl Migration {
         let interrupted = |phase| Failure::new(phase, MigrateError::Cancelled);
         let link = tokio::select! {
             _ = cancel.cancelled() => return Err(interrupted(PhaseName::Negotiate)),
-            link = AgentLink::connect(&opts.to, &opts.token) => link.map_err(&negotiate)?,
+            link = AgentLink::connect(&opts.to, &opts.auth) => link.map_err(&negotiate)?,
         };
         let link = self.link.insert(link);
-        let (migration_id, nbd_port, exports) = tokio::select! {
+        let control::Prepared {
+            migration_id,
+            nbd_port,
+            exports,
+            tls: bundle,
+        } = tokio::select! {
             _ = cancel.cancelled() => return Err(interrupted(PhaseName::Negotiate)),
-            prepared = link.prepare(vm) => prepared.map_err(&negotiate)?,
+            prepared = link.prepare(vm, opts.tls) => prepared.map_err(&negotiate)?,
         };
         let host = link.host.clone();
         info!(%migration_id, nbd_port, "agent prepared storage");
@@ -391,8 +404,20 @@ impl Migration {
             capabilities: Vec::new(),
             resume: vm.running,
             qemu_pid: self.qemu.pid(),
+            tls: bundle.as_ref().map(|b| {
+                tls::SourceTls::plan(&opts.state_dir, self.journal.path(), tag, &b.hostname)
+            }),
         };
         self.journal(record.clone(), PhaseName::Mirror)?;
+        self.encrypted = record.tls.is_some();
+        if let (Some(tls), Some(bundle)) = (&record.tls, &bundle) {
+            tls.write(bundle)
+                .map_err(|e| fail_mirror(MigrateError::Tls(e)))?;
+            self.qemu
+                .add_tls_creds(tls)
+                .await
+                .map_err(|e| fail_mirror(e.into()))?;
+        }
         let mut events = self.qemu.events();
         for job in &jobs {
             let no_export = || {
@@ -405,7 +430,13 @@ impl Migration {
                 .find(|x| x.disk == job.disk)
                 .ok_or_else(no_export)?;
             self.qemu
-                .add_nbd_target(&job.node, &host, nbd_port, &export.export)
+                .add_nbd_target(
+                    &job.node,
+                    &host,
+                    nbd_port,
+                    &export.export,
+                    record.tls.as_ref(),
+                )
                 .await
                 .map_err(|e| fail_mirror(e.into()))?;
             let disk = vm
@@ -453,6 +484,10 @@ impl Migration {
                 .await
                 .map_err(&ram_fail)?;
         }
+        self.qemu
+            .set_migration_tls(record.tls.as_ref())
+            .await
+            .map_err(&ram_fail)?;
         self.qemu.migrate(&host, port).await.map_err(&ram_fail)?;
         self.wait_pre_switchover(opts, &mut events, reporter, cancel)
             .await?;
@@ -605,7 +640,7 @@ pub async fn recover(opts: &MigrateOptions, to: Option<&str>) -> Result<Option<R
     if restarted {
         // The QEMU behind the socket is not the one that migrated: whatever the old one did, this
         // one owns its VM now. The destination must not start.
-        let _ = control::resolve(&record.to, &opts.token, &record.migration_id, false).await;
+        let _ = control::resolve(&record.to, &opts.auth, &record.migration_id, false).await;
         journal.remove().map_err(|e| e.to_string())?;
         return Ok(Some(Recovered {
             migration_id: record.migration_id,
@@ -619,7 +654,7 @@ pub async fn recover(opts: &MigrateOptions, to: Option<&str>) -> Result<Option<R
     let outcome = Settle {
         qemu: qemu.as_ref(),
         journal: &journal,
-        token: &opts.token,
+        auth: &opts.auth,
         link: None,
         agent_wait: opts.agent_wait,
         reason: "an interrupted migration was recovered".into(),

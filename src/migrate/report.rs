@@ -92,6 +92,8 @@ pub struct Summary {
     pub destination_allocated_bytes: u64,
     /// The destination QEMU.
     pub destination: DestinationInfo,
+    /// Whether the disks and the RAM travelled encrypted (TLS); the control link always is.
+    pub encrypted: bool,
 }
 
 /// Milliseconds spent in each phase.
@@ -213,14 +215,19 @@ impl HumanReporter {
             }
             Progress::Switchover => Some("  switching over (guest paused)".to_string()),
             Progress::Completed(s) => Some(format!(
-                "migration completed in {:.1} s; downtime {} ms (QEMU){}; disks {} + ram {} sent; \
-                 destination allocates {}; VM runs as pid {} (QMP {})",
+                "migration completed in {:.1} s; downtime {} ms (QEMU){}; disks {} + ram {} sent \
+                 {}; destination allocates {}; VM runs as pid {} (QMP {})",
                 s.total_ms as f64 / 1000.0,
                 s.downtime_ms.map_or("?".to_string(), |d| d.to_string()),
                 s.stop_to_resume_ms
                     .map_or(String::new(), |d| format!(", {d:.1} ms STOP to RESUME")),
                 human_bytes(s.disk_bytes),
                 human_bytes(s.ram_bytes),
+                if s.encrypted {
+                    "encrypted (TLS)"
+                } else {
+                    "IN THE CLEAR (--insecure)"
+                },
                 human_bytes(s.destination_allocated_bytes),
                 s.destination.pid,
                 s.destination.qmp

@@ -59,8 +59,8 @@ pub struct Settle<'a> {
     pub qemu: Option<&'a SourceQemu>,
     /// The journal to update and finally remove.
     pub journal: &'a Journal,
-    /// The shared token, to reach the agent again.
-    pub token: &'a [u8],
+    /// The token and TLS configuration, to reach the agent again.
+    pub auth: &'a control::AgentAuth,
     /// The control connection, if the driver still has one.
     pub link: Option<AgentLink>,
     /// How long to keep trying to reach the agent when its answer decides the outcome.
@@ -100,7 +100,7 @@ impl Settle<'_> {
                         warn!(error = %crate::error_chain(&e), "source QEMU did not quit");
                     }
                 }
-                self.forget();
+                self.forget(&record);
                 Outcome::Destination {
                     running,
                     info: status,
@@ -191,7 +191,7 @@ impl Settle<'_> {
         self.link = None;
         let deadline = Instant::now() + self.agent_wait;
         loop {
-            match control::resolve(&record.to, self.token, &record.migration_id, true).await {
+            match control::resolve(&record.to, self.auth, &record.migration_id, true).await {
                 Err(e @ (ControlError::Lost(_) | ControlError::Connect { .. }))
                     if Instant::now() + RETRY_EVERY < deadline =>
                 {
@@ -212,7 +212,7 @@ impl Settle<'_> {
             if tell_agent {
                 self.tell_agent_abort(record).await;
             }
-            self.forget();
+            self.forget(record);
             return Outcome::Undecided {
                 why: format!(
                     "the source QEMU is gone and the destination never received the whole VM \
@@ -228,6 +228,9 @@ impl Settle<'_> {
                 warn!(%capability, error = %crate::error_chain(&e), "cannot turn a migration capability back off");
                 left.push(format!("capability {capability}"));
             }
+        }
+        if let Some(tls) = &record.tls {
+            left.extend(tls.remove(qemu).await);
         }
         if tell_agent {
             self.tell_agent_abort(record).await;
@@ -249,7 +252,7 @@ impl Settle<'_> {
             }
         }
         if left.is_empty() {
-            self.forget();
+            self.forget(record);
         } else {
             // The journal stays so that `ferry recover` can finish the clean-up later.
             why = format!(
@@ -266,7 +269,7 @@ impl Settle<'_> {
         match self.link.take() {
             Some(link) => link.abort(&self.reason).await,
             None => {
-                let tell = control::resolve(&record.to, self.token, &record.migration_id, false);
+                let tell = control::resolve(&record.to, self.auth, &record.migration_id, false);
                 if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(10), tell).await {
                     info!(error = %e, "could not tell the agent to roll back; it will on its own");
                 }
@@ -274,7 +277,11 @@ impl Settle<'_> {
         }
     }
 
-    fn forget(&self) {
+    /// The migration is settled: its journal and its key files go.
+    fn forget(&self, record: &SourceRecord) {
+        if let Some(tls) = &record.tls {
+            tls.remove_files();
+        }
         if let Err(e) = self.journal.remove() {
             warn!(path = %self.journal.path().display(), error = %e, "cannot remove the journal");
         }

@@ -7,6 +7,8 @@
 
 use std::path::PathBuf;
 
+use crate::migrate::tls::SourceTls;
+
 use qmp::qapi::qmp as q;
 use serde_json::{json, Value};
 
@@ -127,8 +129,9 @@ impl SourceQemu {
         host: &str,
         port: u16,
         export: &str,
+        tls: Option<&SourceTls>,
     ) -> Result<(), SourceError> {
-        let args = json!({
+        let mut args = json!({
             "driver": "nbd",
             "node-name": node,
             "server": {"type": "inet", "host": host, "port": port.to_string()},
@@ -136,6 +139,10 @@ impl SourceQemu {
             "discard": "unmap",
             "detect-zeroes": "unmap",
         });
+        if let Some(tls) = tls {
+            args["tls-creds"] = json!(tls.object);
+            args["tls-hostname"] = json!(tls.hostname);
+        }
         self.qmp
             .execute_raw("blockdev-add", args)
             .await
@@ -263,6 +270,51 @@ impl SourceQemu {
     }
 
     /// Starts the RAM migration to `host:port`.
+    /// Creates the `tls-creds-x509` client object of an encrypted migration from the files in
+    /// `tls.dir` (QEMU reads them now). One object serves the NBD nodes and the RAM stream.
+    pub async fn add_tls_creds(&self, tls: &SourceTls) -> Result<(), SourceError> {
+        self.qmp
+            .execute_raw(
+                "object-add",
+                json!({"qom-type": "tls-creds-x509", "id": tls.object,
+                       "dir": tls.dir.display().to_string(), "endpoint": "client",
+                       "verify-peer": true}),
+            )
+            .await
+            .map_err(ctx(
+                "creating the migration's TLS credentials (object-add tls-creds-x509)",
+            ))?;
+        Ok(())
+    }
+
+    /// Removes the object [`add_tls_creds`](Self::add_tls_creds) made; one already gone is fine.
+    pub async fn del_tls_creds(&self, object: &str) -> Result<(), SourceError> {
+        match self
+            .qmp
+            .execute_raw("object-del", json!({"id": object}))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(qmp::Error::Qmp { desc, .. }) if desc.contains("not found") => Ok(()),
+            Err(e) => Err(ctx(format!("removing TLS credentials {object}"))(e)),
+        }
+    }
+
+    /// Sets the RAM stream's TLS parameters: the client object and the name the destination's
+    /// certificate must carry, or both empty (plaintext). Always set, never left as found: a
+    /// VM that arrived here encrypted carries its own incoming object's name.
+    pub async fn set_migration_tls(&self, tls: Option<&SourceTls>) -> Result<(), SourceError> {
+        let (creds, hostname) = tls.map_or(("", ""), |t| (t.object.as_str(), t.hostname.as_str()));
+        self.qmp
+            .execute_raw(
+                "migrate-set-parameters",
+                json!({"tls-creds": creds, "tls-hostname": hostname}),
+            )
+            .await
+            .map_err(ctx("setting the RAM stream's TLS parameters"))?;
+        Ok(())
+    }
+
     pub async fn migrate(&self, host: &str, port: u16) -> Result<(), SourceError> {
         let host = crate::protocol::uri_host(host);
         self.qmp

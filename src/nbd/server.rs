@@ -54,6 +54,8 @@ pub struct ServerConfig {
     /// Others are closed on accept, before the handshake: an export name is a secret, but it
     /// should not be the only thing between a stranger and a disk.
     pub allowed_peer: Option<std::net::IpAddr>,
+    /// TLS, required when set (placeholder until STARTTLS lands).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +68,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             list_exports: false,
             allowed_peer: None,
+            tls: None,
         }
     }
 }

@@ -59,6 +59,26 @@ impl Identity {
                 path: state_dir.to_path_buf(),
                 source,
             })?;
+        // Two agents starting at once on a fresh host: one creates, the other waits and reads.
+        let lock_path = state_dir.join(".identity.lock");
+        let lock_file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|source| TlsError::Write {
+                path: lock_path.clone(),
+                source,
+            })?;
+        let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| TlsError::Write {
+                path: lock_path,
+                source: errno.into(),
+            })?;
+        if key.exists() || cert.exists() {
+            return Ok((Identity::load(&cert, &key)?, false));
+        }
         let key_pair = rcgen::KeyPair::generate()?;
         let host = nix::unistd::gethostname()
             .ok()

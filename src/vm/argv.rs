@@ -38,6 +38,9 @@ use options::Class;
 /// file it is written through (`crate::journal`).
 pub const JOURNAL_NAME: &str = "journal.json";
 const JOURNAL_TMP_NAME: &str = "journal.json.tmp";
+/// The directory of a migration's certificates and keys for the destination QEMU (removed once
+/// the hand-over is settled).
+pub const TLS_DIR_NAME: &str = "tls";
 
 /// File names inside the migration directory that belong to the agent: a relocated file never
 /// takes one of these, nor a disk image's name. A chardev writing over the journal would corrupt
@@ -47,6 +50,7 @@ const RESERVED_NAMES: &[&str] = &[
     "qemu.pid",
     JOURNAL_NAME,
     JOURNAL_TMP_NAME,
+    TLS_DIR_NAME,
     "qemu.stderr",
     "argv",
 ];

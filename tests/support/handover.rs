@@ -58,6 +58,8 @@ pub fn spawn_agent_in(
         .arg(storage)
         .arg("--token-file")
         .arg(token)
+        .arg("--state-dir")
+        .arg(agent_state_dir(storage))
         .args(["--recover-window", "20"])
         .arg("--allow-path")
         .arg(
@@ -351,7 +353,8 @@ pub fn kill9(pid: u32) {
 pub struct Netns {
     /// The namespace's name.
     pub name: String,
-    host_if: String,
+    /// This side's end of the veth pair (where a capture listens).
+    pub host_if: String,
     /// This side's address.
     pub host_ip: String,
     /// The namespace's address.

@@ -41,6 +41,8 @@ impl AgentProc {
             .arg(storage)
             .arg("--token-file")
             .arg(token_file)
+            .arg("--state-dir")
+            .arg(agent_state_dir(storage))
             .args(extra)
             .env("FERRY_LOG", "ferry=info")
             .stdout(Stdio::piped())
@@ -113,6 +115,11 @@ impl MigrateRun {
 }
 
 /// The source state directory of a test: beside its token file, so each test has its own.
+/// The agent's own state directory (its TLS identity) beside its storage.
+pub fn agent_state_dir(storage: &Path) -> PathBuf {
+    storage.with_extension("agent-state")
+}
+
 pub fn state_dir(token_file: &Path) -> PathBuf {
     token_file.parent().expect("token dir").join("source-state")
 }
