@@ -58,7 +58,11 @@ impl Peer {
     }
 
     async fn prepare(&mut self, vm: VmDescription) -> AgentMessage {
-        protocol::write_message(&mut self.wr, &SourceMessage::Prepare { vm, tls: true })
+        self.prepare_with(vm, true).await
+    }
+
+    async fn prepare_with(&mut self, vm: VmDescription, tls: bool) -> AgentMessage {
+        protocol::write_message(&mut self.wr, &SourceMessage::Prepare { vm, tls })
             .await
             .expect("prepare");
         protocol::read_message(&mut self.rd)
@@ -393,6 +397,111 @@ async fn nbdinfo_list_on_the_agents_nbd_port_shows_nothing() {
         left = setup.agent.leftovers();
     }
     assert_eq!(left, Vec::<String>::new());
+}
+
+/// The agent's NBD server serves the source QEMU, which holds this migration's client
+/// certificate, and nobody else: plaintext clients and clients without the certificate are
+/// refused, the one with it reads the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_clients_without_the_migrations_certificate_are_refused() {
+    let setup = agent();
+    let mut peer = Peer::connect(&setup.agent.addr).await;
+    let (port, exports, bundle) = match peer.prepare(vm("qemu-system-x86_64", &[])).await {
+        AgentMessage::Prepared {
+            nbd_port,
+            exports,
+            tls,
+            ..
+        } => (
+            nbd_port,
+            exports,
+            tls.expect("a TLS migration gets certificates"),
+        ),
+        other => panic!("expected prepared, got {other:?}"),
+    };
+    let export = &exports[0].export;
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().expect("run the NBD client");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    // Plaintext: the server insists on TLS.
+    let (ok, text) =
+        run(std::process::Command::new("nbdinfo").arg(format!("nbd://127.0.0.1:{port}/{export}")));
+    assert!(!ok, "plaintext nbdinfo got in: {text}");
+    assert!(text.to_lowercase().contains("tls"), "{text}");
+    let (ok, text) = run(std::process::Command::new("qemu-img")
+        .args(["info", &format!("nbd://127.0.0.1:{port}/{export}")]));
+    assert!(!ok, "plaintext qemu-img got in: {text}");
+    // TLS with a certificate of another CA (the agent's server certificate is checked, but
+    // the client's is not this migration's): refused.
+    let stranger = ferry::tls::migration::MigrationCredentials::generate().expect("creds");
+    let mut other = stranger.client_bundle();
+    other.ca_cert = bundle.ca_cert.clone();
+    let qemu_img_with = |dir: &Path| {
+        let mut cmd = std::process::Command::new("qemu-img");
+        cmd.args(["info", "--object"])
+            .arg(format!(
+                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+                dir.display()
+            ))
+            .args(["--image-opts"])
+            .arg(format!(
+                "driver=nbd,host=127.0.0.1,port={port},export={export},tls-creds=tls0,tls-hostname={}",
+                bundle.hostname
+            ));
+        cmd
+    };
+    let other_dir = setup.root.join("other-creds");
+    other.write_qemu_dir(&other_dir).expect("write creds");
+    let (ok, text) = run(&mut qemu_img_with(&other_dir));
+    assert!(!ok, "a certificate of another CA got in: {text}");
+    // With this migration's certificate: the disk is there (1 MiB).
+    let own_dir = setup.root.join("own-creds");
+    bundle.write_qemu_dir(&own_dir).expect("write creds");
+    let (ok, text) = run(&mut qemu_img_with(&own_dir));
+    assert!(
+        ok && text.contains("1 MiB"),
+        "the source's certificate must work: {text}"
+    );
+}
+
+/// `--require-tls`: a source asking for plaintext disks and RAM is refused with the fix, and
+/// nothing is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_requires_tls_refuses_an_insecure_source() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = token_file(tmp.path(), TOKEN);
+    let storage = tmp.path().join("storage");
+    let agent = AgentProc::start_bare(&storage, &token, &["--require-tls".as_ref()]);
+    let mut peer = Peer::connect(&agent.addr).await;
+    match peer
+        .prepare_with(vm("qemu-system-x86_64", &[]), false)
+        .await
+    {
+        AgentMessage::Refused { reason } => assert!(
+            reason.contains("--require-tls") && reason.contains("without --insecure"),
+            "{reason}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        std::fs::read_dir(&storage).expect("storage").count(),
+        0,
+        "nothing may be created"
+    );
+    // The same agent takes an encrypted migration.
+    let mut peer = Peer::connect(&agent.addr).await;
+    match peer.prepare(vm("qemu-system-x86_64", &[])).await {
+        AgentMessage::Prepared { tls: Some(_), .. } => {}
+        other => panic!("expected prepared with certificates, got {other:?}"),
+    }
 }
 
 #[test]

@@ -233,13 +233,19 @@ async fn run_all(
             continue;
         }
         for round in 0..plan.migration_repeats {
-            for flow in ["ferry", "native"] {
+            for flow in ["ferry", "ferry --insecure", "native"] {
                 note(&format!(
                     "{section}: {flow} flow (round {} of {})",
                     round + 1,
                     plan.migration_repeats
                 ));
-                let run = migrate(flow, ferry, &dir.join(format!("{section}-{flow}")), setup).await;
+                let run = migrate(
+                    flow,
+                    ferry,
+                    &dir.join(format!("{section}-{}", flow.replace(' ', ""))),
+                    setup,
+                )
+                .await;
                 report.migration(section, flow, run);
             }
         }
@@ -253,10 +259,10 @@ async fn migrate(
     dir: &Path,
     setup: &Setup,
 ) -> Result<migration::MigrationRun> {
-    let run = if flow == "ferry" {
-        migration::ferry(ferry, dir, setup).await
-    } else {
-        native::run(dir, setup).await
+    let run = match flow {
+        "ferry" => migration::ferry(ferry, dir, setup, false).await,
+        "ferry --insecure" => migration::ferry(ferry, dir, setup, true).await,
+        _ => native::run(dir, setup).await,
     };
     let _ = std::fs::remove_dir_all(dir);
     run

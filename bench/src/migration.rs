@@ -113,10 +113,21 @@ pub async fn quit(qmp: &Path) {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
-/// ferry end to end: `ferry agent` on 127.0.0.1 and `ferry migrate --json`.
-pub async fn ferry(ferry_bin: &Path, dir: &Path, setup: &Setup) -> Result<MigrationRun> {
+/// ferry end to end: `ferry agent` on 127.0.0.1 and `ferry migrate --json`; encrypted (the
+/// default) or with `--insecure`.
+pub async fn ferry(
+    ferry_bin: &Path,
+    dir: &Path,
+    setup: &Setup,
+    insecure: bool,
+) -> Result<MigrationRun> {
     let mut run = MigrationRun {
-        flow: "ferry".into(),
+        flow: if insecure {
+            "ferry --insecure"
+        } else {
+            "ferry"
+        }
+        .into(),
         ..Default::default()
     };
     let source = boot_source(dir, setup).await?;
@@ -134,6 +145,8 @@ pub async fn ferry(ferry_bin: &Path, dir: &Path, setup: &Setup) -> Result<Migrat
         .arg(&token)
         .arg("--allow-path")
         .arg(kernel.parent().unwrap_or(Path::new("/")))
+        .arg("--state-dir")
+        .arg(dir.join("agent-state"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -156,6 +169,8 @@ pub async fn ferry(ferry_bin: &Path, dir: &Path, setup: &Setup) -> Result<Migrat
             "--mirror-timeout",
             &setup.mirror_timeout.as_secs().to_string(),
         ])
+        .args(insecure.then_some("--insecure"))
+        .env("FERRY_STATE_DIR", dir.join("source-state"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
