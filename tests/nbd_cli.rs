@@ -6,6 +6,7 @@ mod nbd_support;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
+use nbd_support::pki::*;
 use nbd_support::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -137,4 +138,147 @@ fn bad_input_exits_2_naming_the_problem() {
         .expect("run ferry");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("NAME=PATH"));
+}
+
+#[test]
+fn tls_serves_nbds_urls_to_clients_with_a_certificate_only() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let creds = Creds::local(dir.path(), "cli");
+    let image = dir.path().join("disk.raw");
+    sparse_file(&image, 8 * MIB);
+    let export = format!("disk={}", image.display());
+    let file = |name: &str| creds.server_dir.join(name).display().to_string();
+    let (cert, key, ca) = (
+        file("server-cert.pem"),
+        file("server-key.pem"),
+        file("ca-cert.pem"),
+    );
+    let s = serve(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--export",
+            &export,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-ca",
+            &ca,
+        ],
+        1,
+    );
+    let url = &s.urls[0];
+    assert!(
+        url.starts_with("nbds://127.0.0.1:") && url.ends_with("/disk"),
+        "{url}"
+    );
+    let with_cert = format!("{url}?tls-certificates={}", creds.client_dir.display());
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, vec![0x5au8; 2 * MIB as usize]).expect("source");
+    run("nbdcopy", &[src.to_str().expect("utf-8"), &with_cert]);
+    let info = run("nbdinfo", &[&with_cert]);
+    assert!(info.contains("with TLS"), "{info}");
+
+    let plain = url.replacen("nbds://", "nbd://", 1);
+    let refused = run_fails("nbdinfo", &[&plain]);
+    assert!(refused.contains("without TLS"), "{refused}");
+    let status = stop(s, Signal::SIGTERM);
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    let bytes = std::fs::read(&image).expect("image");
+    assert!(bytes[..2 * MIB as usize].iter().all(|&b| b == 0x5a));
+    assert!(bytes[2 * MIB as usize..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn tls_bad_files_exit_2_naming_the_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let creds = Creds::local(dir.path(), "bad");
+    let image = dir.path().join("disk.raw");
+    sparse_file(&image, MIB);
+    let export = format!("disk={}", image.display());
+    let server = |name: &str| creds.server_dir.join(name).display().to_string();
+    let client = |name: &str| creds.client_dir.join(name).display().to_string();
+    let missing = dir.path().join("missing.pem").display().to_string();
+    let not_pem = image.display().to_string();
+    let refused = |tls: &[&str]| {
+        let out = Command::new(FERRY)
+            .args(["nbd-serve", "--listen", "127.0.0.1:0", "--export", &export])
+            .args(tls)
+            .output()
+            .expect("run ferry");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{tls:?}: {err}");
+        assert!(out.stdout.is_empty(), "nothing served: {tls:?}");
+        err
+    };
+    for (args, names) in [
+        (
+            vec![
+                "--tls-cert",
+                &missing,
+                "--tls-key",
+                &server("server-key.pem"),
+            ],
+            vec![missing.as_str(), "No such file"],
+        ),
+        (
+            vec![
+                "--tls-cert",
+                &server("server-cert.pem"),
+                "--tls-key",
+                &missing,
+            ],
+            vec![missing.as_str()],
+        ),
+        (
+            vec![
+                "--tls-cert",
+                &not_pem,
+                "--tls-key",
+                &server("server-key.pem"),
+            ],
+            vec![not_pem.as_str(), "no certificate"],
+        ),
+        (
+            vec![
+                "--tls-cert",
+                &server("server-cert.pem"),
+                "--tls-key",
+                &client("client-key.pem"),
+            ],
+            vec!["--tls-key", "client-key.pem"],
+        ),
+        (
+            vec![
+                "--tls-cert",
+                &server("server-cert.pem"),
+                "--tls-key",
+                &server("server-key.pem"),
+                "--tls-ca",
+                &missing,
+            ],
+            vec!["--tls-ca", missing.as_str()],
+        ),
+    ] {
+        let err = refused(&args);
+        assert!(err.starts_with("ferry: "), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+        for name in names {
+            assert!(err.contains(name), "{args:?}: {name:?} missing from {err}");
+        }
+    }
+    // Half a pair, or a CA without a certificate to serve with: refused by the parser.
+    for args in [
+        vec!["--tls-cert", &server("server-cert.pem")],
+        vec!["--tls-key", &server("server-key.pem")],
+        vec!["--tls-ca", &server("ca-cert.pem")],
+    ] {
+        let err = refused(&args);
+        assert!(err.contains("--tls-"), "{err}");
+    }
+    assert!(std::fs::read(&image)
+        .expect("image")
+        .iter()
+        .all(|&b| b == 0));
 }

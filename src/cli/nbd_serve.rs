@@ -1,20 +1,33 @@
-//! `ferry nbd-serve --listen ADDR --export NAME=PATH ... [--read-only]`: serves existing raw
-//! files or block devices over NBD until SIGINT/SIGTERM, then stops gracefully (in-flight
-//! requests finish, files are flushed).
+//! `ferry nbd-serve --listen ADDR --export NAME=PATH ... [--read-only] [--tls-cert FILE
+//! --tls-key FILE [--tls-ca FILE]]`: serves existing raw files or block devices over NBD until
+//! SIGINT/SIGTERM, then stops gracefully (in-flight requests finish, files are flushed).
 //!
-//! Once serving, stdout gets one line per export, `nbd://HOST:PORT/NAME`, with the port actually
-//! bound (so `--listen 127.0.0.1:0` is usable from scripts).
+//! Once serving, stdout gets one line per export, `nbd://HOST:PORT/NAME` (`nbds://` with TLS,
+//! the scheme libnbd reads as "TLS required"), with the port actually bound (so `--listen
+//! 127.0.0.1:0` is usable from scripts).
+//!
+//! TLS files are read before anything is bound or opened: a bad one is a usage error that
+//! changes nothing.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::nbd::{Export, NbdError, NbdServer, ServerConfig};
+use crate::tls::{self, Identity, TlsError};
 
 /// Arguments of `ferry nbd-serve`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = "\
+With --tls-cert and --tls-key every client must use TLS (NBD_OPT_STARTTLS); --tls-ca also \
+makes every client present a certificate that CA signed. QEMU connects with a \
+tls-creds-x509 object (endpoint=client, its directory holding ca-cert.pem, client-cert.pem, \
+client-key.pem) and tls-creds=ID on its nbd node; libnbd tools with \
+nbds://HOST:PORT/NAME?tls-certificates=DIR. The server certificate must name the host \
+clients dial (or their tls-hostname).")]
 pub struct NbdServeArgs {
     /// Address to listen on, e.g. 0.0.0.0:10809 or [::1]:0 (port 0: the system picks one).
     #[arg(long, value_name = "ADDR")]
@@ -25,6 +38,57 @@ pub struct NbdServeArgs {
     /// Serve every export read-only.
     #[arg(long)]
     read_only: bool,
+    /// Require TLS: the server's certificate (PEM, leaf first, chain after).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM); needs --tls-cert and --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
+}
+
+/// Why the TLS options cannot be used; the cause names the file to fix.
+#[derive(Debug, thiserror::Error)]
+enum TlsSetupError {
+    #[error("cannot use --tls-cert/--tls-key")]
+    Identity(#[source] TlsError),
+    #[error("cannot use --tls-ca")]
+    Ca(#[source] TlsError),
+    #[error("--tls-key {key} and --tls-cert {cert} do not make a usable pair (is it the certificate's key?)")]
+    Pair {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: TlsError,
+    },
+}
+
+/// The TLS configuration the options ask for, if any.
+fn tls_config(args: &NbdServeArgs) -> Result<Option<Arc<rustls::ServerConfig>>, TlsSetupError> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let identity = Identity::load(cert, key).map_err(TlsSetupError::Identity)?;
+    let roots = args
+        .tls_ca
+        .as_deref()
+        .map(tls::read_roots)
+        .transpose()
+        .map_err(TlsSetupError::Ca)?;
+    let pair = |source| TlsSetupError::Pair {
+        cert: cert.clone(),
+        key: key.clone(),
+        source,
+    };
+    tls::server_config(&identity, roots).map(Some).map_err(pair)
+}
+
+/// `nbd://` or, with TLS, `nbds://` for `name` on `addr`.
+fn url(addr: SocketAddr, name: &str, tls: bool) -> String {
+    let scheme = if tls { "nbds" } else { "nbd" };
+    format!("{scheme}://{addr}/{name}")
 }
 
 fn parse_export(spec: &str) -> Result<(String, PathBuf), String> {
@@ -49,9 +113,15 @@ pub async fn run(args: NbdServeArgs) -> ExitCode {
             )
         }
     };
+    let tls = match tls_config(&args) {
+        Ok(tls) => tls,
+        Err(e) => return super::fail(super::EXIT_USAGE, crate::error_chain(&e)),
+    };
+    let tls_on = tls.is_some();
     // The operator chose these names; listing them is a convenience, not a leak.
     let config = ServerConfig {
         list_exports: true,
+        tls,
         ..ServerConfig::default()
     };
     let server = match NbdServer::bind(args.listen, config).await {
@@ -78,7 +148,7 @@ pub async fn run(args: NbdServeArgs) -> ExitCode {
     }
     let addr = server.local_addr();
     for name in &names {
-        println!("nbd://{addr}/{name}");
+        println!("{}", url(addr, name, tls_on));
     }
     tokio::select! {
         _ = interrupt.recv() => {}

@@ -16,6 +16,9 @@
 //! Permits travel with the reply and are released once it is on the wire, so a client that
 //! stops reading replies stops being read from.
 //!
+//! Over TLS the same loop reads the session's decrypting half, and the sink queues replies to
+//! the one task that may write the session; the plain TCP path is untouched by it.
+//!
 //! The connection ends on `NBD_CMD_DISC`, end of stream, a framing error, or the export's stop
 //! signal (removal or server shutdown). In every case requests already read are completed (the
 //! disk work always runs to the end) and their replies are sent, within a grace period for
@@ -25,8 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BufMut;
-use tokio::io::{AsyncReadExt, BufReader};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
@@ -36,6 +38,7 @@ use super::handshake::Session;
 use super::job::{self, Job};
 use super::request::{self, Op, Rejection};
 use super::sink::{Reply, Sink};
+use super::transport::Transport;
 use super::wire::{self, ReplyStyle, Request, MAX_PAYLOAD};
 
 /// Socket read buffer: headers and small writes are parsed from it; large payloads bypass it.
@@ -80,17 +83,42 @@ enum ReadError {
     MissingPayload,
 }
 
-/// Serves `session` on `stream` until the client leaves or the export is told to stop.
-pub(crate) async fn serve(stream: TcpStream, session: Session, bounds: Bounds) {
+/// Serves `session` on `transport` until the client leaves or the export is told to stop.
+///
+/// Plain TCP keeps the fast path: the socket's halves are split without a lock, and replies are
+/// written by the threads that complete them. A TLS session can only be written by one task at
+/// a time, so its replies are queued to a writer task (see `sink`); its reader is the same
+/// code over the decrypting half.
+pub(crate) async fn serve(transport: Transport<TcpStream>, session: Session, bounds: Bounds) {
+    let (answered, drain) = match transport {
+        Transport::Plain(stream) => {
+            let (rd, wr) = stream.into_split();
+            let (sink, drain) = Sink::socket(wr);
+            let rd = BufReader::with_capacity(READ_BUFFER, rd);
+            (run(rd, sink, session, bounds).await, drain)
+        }
+        Transport::Tls(stream) => {
+            let (rd, wr) = tokio::io::split(*stream);
+            let (sink, drain) = Sink::queue(wr);
+            let rd = BufReader::with_capacity(READ_BUFFER, rd);
+            (run(rd, sink, session, bounds).await, drain)
+        }
+    };
+    drain.close(answered, bounds.grace).await;
+}
+
+/// The transmission loop. Returns whether every reply was handed to the client within the
+/// grace period.
+async fn run<R>(mut rd: BufReader<R>, sink: Arc<Sink>, session: Session, bounds: Bounds) -> bool
+where
+    R: AsyncRead + Unpin,
+{
     let Session {
         export,
         style,
         base_allocation,
         ..
     } = session;
-    let (rd, wr) = stream.into_split();
-    let mut rd = BufReader::with_capacity(READ_BUFFER, rd);
-    let (sink, drainer) = Sink::start(wr);
     let max_requests = u32::try_from(bounds.max_requests.clamp(1, 1 << 16)).unwrap_or(1 << 16);
     let slots = Arc::new(Semaphore::new(max_requests as usize));
     let budget = Arc::new(Semaphore::new(bounds.max_bytes.max(MAX_PAYLOAD as usize)));
@@ -179,18 +207,19 @@ pub(crate) async fn serve(stream: TcpStream, session: Session, bounds: Bounds) {
     drop(lane);
     // Every reply holds a slot until it is on the wire: all slots back means all answered.
     let answered = slots.acquire_many(max_requests);
-    if tokio::time::timeout(bounds.grace, answered).await.is_err() {
+    let answered = tokio::time::timeout(bounds.grace, answered).await.is_ok();
+    if !answered {
         warn!(
             "client did not take its last replies in {:?}; closing",
             bounds.grace
         );
     }
-    drainer.abort();
+    answered
 }
 
 /// Reads one request (header and payload) and checks it.
-async fn receive(
-    rd: &mut BufReader<OwnedReadHalf>,
+async fn receive<R: AsyncRead + Unpin>(
+    rd: &mut BufReader<R>,
     limits: &request::Limits,
     budget: &Arc<Semaphore>,
     buffers: &Buffers,
@@ -253,7 +282,7 @@ async fn reserve(budget: &Arc<Semaphore>, len: u32) -> Option<OwnedSemaphorePerm
     budget.clone().acquire_many_owned(len).await.ok()
 }
 
-async fn discard(rd: &mut BufReader<OwnedReadHalf>, len: u64) -> Result<(), ReadError> {
+async fn discard<R: AsyncRead + Unpin>(rd: &mut BufReader<R>, len: u64) -> Result<(), ReadError> {
     if len == 0 {
         return Ok(());
     }

@@ -1,10 +1,17 @@
 //! The handshake phase: fixed newstyle negotiation, from the greeting to `NBD_OPT_GO` (or
-//! `NBD_OPT_EXPORT_NAME`), on any byte stream.
+//! `NBD_OPT_EXPORT_NAME`), on any byte stream, upgraded to TLS on the way when the server
+//! requires it.
 //!
 //! ```text
 //!  client                                   server
 //!    │ ◄──────── NBDMAGIC IHAVEOPT flags ───── │  FIXED_NEWSTYLE | NO_ZEROES
 //!    │ ── client flags ──────────────────────► │  unknown bits: hard disconnect
+//!    ┊                                         ┊  with TLS configured (FORCEDTLS, tls.rs):
+//!    ┊ ── any option but STARTTLS, ABORT ────► ┊  ERR_TLS_REQD (EXPORT_NAME: disconnect)
+//!    ┊ ── STARTTLS ──────────────────────────► ┊
+//!    ┊ ◄──────── ACK ───────────────────────── ┊
+//!    ┊ ◄═══════ TLS handshake ═══════════════► ┊  everything below is encrypted; nothing
+//!    ┊                                         ┊  negotiated before it survives it
 //!    │ ── IHAVEOPT opt len data ─────────────► │  len > 64 KiB: data skipped unread
 //!    │ ◄──────── reply(opt, type, data)* ───── │  unknown option: ERR_UNSUP, go on
 //!    │              ... more options ...       │
@@ -15,19 +22,25 @@
 //! State carried between options: whether structured replies and/or extended headers were
 //! negotiated (extended headers take precedence) and which export `base:allocation` was
 //! selected for. Anything that breaks the framing (bad magic, unknown client flags, an
-//! unknown `NBD_OPT_EXPORT_NAME`) ends this connection only; the caller bounds the whole
-//! phase with a timeout.
+//! unknown `NBD_OPT_EXPORT_NAME`, a failed TLS handshake) ends this connection only; the caller
+//! bounds the whole phase, TLS handshake included, with a timeout.
+
+#[cfg(test)]
+mod test_support;
+mod tls;
 
 use std::io;
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::TlsAcceptor;
 
 use super::export::{ExportState, Registry};
+use super::transport::{self, Transport};
 use super::wire::{
-    self, hflag, info, opt, rep, ClientOption, InfoRequest, InvalidOption, MetaRequest, ReplyStyle,
-    WireError, BASE_ALLOCATION, MAX_PAYLOAD,
+    self, hflag, info, opt, rep, ClientFlags, ClientOption, InfoRequest, InvalidOption,
+    MetaRequest, OptionHeader, ReplyStyle, WireError, BASE_ALLOCATION, MAX_PAYLOAD,
 };
 
 /// Handshake flags this server offers.
@@ -42,6 +55,18 @@ pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 const MIN_BLOCK: u32 = 1;
 const PREFERRED_BLOCK: u32 = 4096;
 
+/// What a client may do during the handshake.
+#[derive(Clone, Copy)]
+pub(crate) struct Policy<'a> {
+    pub(crate) registry: &'a Registry,
+    /// Whether `NBD_OPT_LIST` names the exports (otherwise it is answered
+    /// `NBD_REP_ERR_POLICY`).
+    pub(crate) list_exports: bool,
+    /// With an acceptor, TLS is required: nothing but `NBD_OPT_STARTTLS` (or `NBD_OPT_ABORT`)
+    /// is answered before it.
+    pub(crate) tls: Option<&'a TlsAcceptor>,
+}
+
 /// What the handshake agreed on.
 #[derive(Debug)]
 pub(crate) struct Session {
@@ -54,8 +79,9 @@ pub(crate) struct Session {
 
 /// How the handshake ended without an error.
 #[derive(Debug)]
-pub(crate) enum Outcome {
-    Transmission(Session),
+pub(crate) enum Outcome<S> {
+    /// On to the transmission phase, on this transport.
+    Transmission(Session, Transport<S>),
     /// The client sent `NBD_OPT_ABORT`.
     Aborted,
 }
@@ -75,6 +101,25 @@ pub(crate) enum HandshakeError {
     ExportNameTooLong(u32),
     #[error("NBD_OPT_EXPORT_NAME after extended headers were negotiated")]
     ExportNameWithExtendedHeaders,
+    #[error("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS, and this server requires TLS")]
+    ExportNameBeforeTls,
+    #[error("TLS handshake failed")]
+    Tls(#[source] io::Error),
+}
+
+/// How option haggling on one channel ended.
+enum Haggled {
+    Transmission(Session),
+    Aborted,
+}
+
+/// The channel options travel on, which decides what `NBD_OPT_STARTTLS` gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Channel {
+    /// No TLS configured: STARTTLS is refused by policy.
+    Plain,
+    /// Already upgraded: a second STARTTLS is invalid.
+    Encrypted,
 }
 
 /// Negotiation state carried from option to option.
@@ -108,39 +153,68 @@ fn lookup(registry: &Registry, name: &str) -> Option<Arc<ExportState>> {
     registry.get(name).filter(|e| !e.stop.is_cancelled())
 }
 
-/// Runs the handshake on `stream` against the exports in `registry`. `list_exports`: whether
-/// `NBD_OPT_LIST` names them (otherwise it is answered `NBD_REP_ERR_POLICY`).
+/// Runs the handshake on `stream` under `policy`; on success the transmission phase continues
+/// on the returned transport (the stream itself, or a TLS session over it).
 pub(crate) async fn negotiate<S>(
-    stream: &mut S,
-    registry: &Registry,
-    list_exports: bool,
-) -> Result<Outcome, HandshakeError>
+    mut stream: S,
+    policy: &Policy<'_>,
+) -> Result<Outcome<S>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut out = BytesMut::with_capacity(512);
+    let mut out = BytesMut::with_capacity(32);
     wire::put_greeting(&mut out, HANDSHAKE_FLAGS);
-    send(stream, &mut out).await?;
+    send(&mut stream, &mut out).await?;
     let mut flags = [0u8; 4];
     stream.read_exact(&mut flags).await?;
     let client = wire::parse_client_flags(flags, HANDSHAKE_FLAGS)?;
+    let Some(acceptor) = policy.tls else {
+        return Ok(
+            match haggle(&mut stream, policy, client, Channel::Plain).await? {
+                Haggled::Transmission(session) => {
+                    Outcome::Transmission(session, Transport::Plain(stream))
+                }
+                Haggled::Aborted => Outcome::Aborted,
+            },
+        );
+    };
+    if tls::await_starttls(&mut stream).await? == tls::BeforeTls::Aborted {
+        return Ok(Outcome::Aborted);
+    }
+    let mut stream = transport::accept_tls(acceptor, stream)
+        .await
+        .map_err(HandshakeError::Tls)?;
+    // No second greeting: haggling starts over on the encrypted channel with a fresh state.
+    Ok(
+        match haggle(&mut stream, policy, client, Channel::Encrypted).await? {
+            Haggled::Transmission(session) => {
+                Outcome::Transmission(session, Transport::Tls(Box::new(stream)))
+            }
+            Haggled::Aborted => Outcome::Aborted,
+        },
+    )
+}
+
+/// Option haggling from a fresh state until the transmission phase or an abort.
+async fn haggle<S>(
+    stream: &mut S,
+    policy: &Policy<'_>,
+    client: ClientFlags,
+    channel: Channel,
+) -> Result<Haggled, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let registry = policy.registry;
+    let mut out = BytesMut::with_capacity(512);
     let mut state = State::default();
     loop {
-        let mut header = [0u8; 16];
-        stream.read_exact(&mut header).await?;
-        let header = wire::parse_option_header(&header)?;
+        let header = read_option_header(stream).await?;
         if header.length > MAX_OPTION_DATA {
             if header.code == opt::EXPORT_NAME {
                 return Err(HandshakeError::ExportNameTooLong(header.length));
             }
-            let skipped = tokio::io::copy(
-                &mut (&mut *stream).take(u64::from(header.length)),
-                &mut tokio::io::sink(),
-            )
-            .await?;
-            if skipped < u64::from(header.length) {
-                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
-            }
+            skip(stream, header.length).await?;
             let reply = if is_known(header.code) {
                 rep::ERR_TOO_BIG
             } else {
@@ -181,15 +255,15 @@ where
                     client.no_zeroes,
                 );
                 send(stream, &mut out).await?;
-                return Ok(Outcome::Transmission(session(&state, export, &name, flags)));
+                return Ok(Haggled::Transmission(session(&state, export, &name, flags)));
             }
             ClientOption::Abort => {
                 wire::put_option_reply(&mut out, code, rep::ACK, &[]);
                 // The client may already be gone; it was leaving anyway.
                 let _ = send(stream, &mut out).await;
-                return Ok(Outcome::Aborted);
+                return Ok(Haggled::Aborted);
             }
-            ClientOption::List if !list_exports => {
+            ClientOption::List if !policy.list_exports => {
                 let message = "listing exports is disabled on this server";
                 wire::put_option_error(&mut out, code, rep::ERR_POLICY, message);
             }
@@ -200,7 +274,13 @@ where
                 wire::put_option_reply(&mut out, code, rep::ACK, &[]);
             }
             ClientOption::StartTls => {
-                wire::put_option_error(&mut out, code, rep::ERR_UNSUP, "TLS is not supported");
+                // The spec's answers: POLICY where TLS is known but not offered, INVALID once
+                // TLS is running (there is no TLS inside TLS).
+                let (reply, message) = match channel {
+                    Channel::Plain => (rep::ERR_POLICY, "TLS is not enabled on this server"),
+                    Channel::Encrypted => (rep::ERR_INVALID, "TLS is already negotiated"),
+                };
+                wire::put_option_error(&mut out, code, reply, message);
             }
             ClientOption::Info(request) => {
                 info_reply(&mut out, code, &state, registry, &request);
@@ -209,7 +289,7 @@ where
                 if let Some(export) = info_reply(&mut out, code, &state, registry, &request) {
                     send(stream, &mut out).await?;
                     let flags = export.transmission_flags(state.style().chunked());
-                    return Ok(Outcome::Transmission(session(
+                    return Ok(Haggled::Transmission(session(
                         &state,
                         export,
                         &request.name,
@@ -246,6 +326,28 @@ where
         }
         send(stream, &mut out).await?;
     }
+}
+
+async fn read_option_header<S>(stream: &mut S) -> Result<OptionHeader, HandshakeError>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut header = [0u8; 16];
+    stream.read_exact(&mut header).await?;
+    Ok(wire::parse_option_header(&header)?)
+}
+
+/// Reads and drops `len` bytes of option data without holding them.
+async fn skip<S>(stream: &mut S, len: u32) -> Result<(), HandshakeError>
+where
+    S: AsyncRead + Unpin,
+{
+    let len = u64::from(len);
+    let skipped = tokio::io::copy(&mut (&mut *stream).take(len), &mut tokio::io::sink()).await?;
+    if skipped < len {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    }
+    Ok(())
 }
 
 fn is_known(code: u32) -> bool {
@@ -351,80 +453,15 @@ async fn send<S: AsyncWrite + Unpin>(stream: &mut S, out: &mut BytesMut) -> io::
 
 #[cfg(test)]
 mod tests {
+    use super::test_support::*;
     use super::*;
-    use crate::nbd::backend::Backend;
-    use crate::nbd::wire::{tflag, IHAVEOPT, OPTION_REPLY_MAGIC};
+    use crate::nbd::wire::tflag;
     use bytes::BufMut;
-    use tokio::io::DuplexStream;
-    use tokio_util::sync::CancellationToken;
-    use tokio_util::task::TaskTracker;
-
-    fn registry_with(
-        name: &str,
-        size: u64,
-        read_only: bool,
-    ) -> (Registry, tempfile::NamedTempFile) {
-        let f = tempfile::NamedTempFile::new().expect("temp file");
-        f.as_file().set_len(size).expect("set_len");
-        let registry = Registry::default();
-        let export = ExportState {
-            name: name.into(),
-            path: f.path().into(),
-            read_only,
-            backend: Backend::open(f.path(), read_only).expect("open"),
-            stop: CancellationToken::new(),
-            work: TaskTracker::new(),
-        };
-        registry.insert(Arc::new(export)).expect("unique name");
-        (registry, f)
-    }
-
-    async fn start(client: &mut DuplexStream, flags: u32) {
-        let mut greeting = [0u8; 18];
-        client.read_exact(&mut greeting).await.expect("greeting");
-        assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
-        client.write_all(&flags.to_be_bytes()).await.expect("flags");
-    }
-
-    async fn option(client: &mut DuplexStream, code: u32, data: &[u8]) {
-        let mut b = Vec::new();
-        b.put_u64(IHAVEOPT);
-        b.put_u32(code);
-        b.put_u32(data.len() as u32);
-        b.put_slice(data);
-        client.write_all(&b).await.expect("option");
-    }
-
-    /// Reads one option reply: (option, type, data).
-    async fn reply(client: &mut DuplexStream) -> (u32, u32, Vec<u8>) {
-        let mut h = [0u8; 20];
-        client.read_exact(&mut h).await.expect("reply header");
-        assert_eq!(
-            u64::from_be_bytes(h[0..8].try_into().expect("8")),
-            OPTION_REPLY_MAGIC
-        );
-        let len = u32::from_be_bytes(h[16..20].try_into().expect("4"));
-        let mut data = vec![0u8; len as usize];
-        client.read_exact(&mut data).await.expect("reply data");
-        (
-            u32::from_be_bytes(h[8..12].try_into().expect("4")),
-            u32::from_be_bytes(h[12..16].try_into().expect("4")),
-            data,
-        )
-    }
-
-    fn name_data(name: &str) -> Vec<u8> {
-        let mut d = Vec::new();
-        d.put_u32(name.len() as u32);
-        d.put_slice(name.as_bytes());
-        d
-    }
 
     #[tokio::test]
     async fn go_with_extended_headers_and_base_allocation() {
         let (registry, _f) = registry_with("disk", 1 << 20, false);
-        let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let server = tokio::spawn(async move { negotiate(&mut server, &registry, true).await });
+        let (mut client, server) = serve(registry, true, None);
         start(&mut client, 3).await;
 
         option(&mut client, 0x1234, b"junk").await;
@@ -467,7 +504,7 @@ mod tests {
         assert_eq!(&data[10..14], &MAX_PAYLOAD.to_be_bytes());
         assert_eq!(reply(&mut client).await.1, rep::ACK);
 
-        let Ok(Ok(Outcome::Transmission(s))) = server.await else {
+        let Ok(Ok(Outcome::Transmission(s, Transport::Plain(_)))) = server.await else {
             panic!("expected the transmission phase");
         };
         assert_eq!(s.style, ReplyStyle::Extended);
@@ -477,8 +514,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_export_list_and_oversized_option() {
         let (registry, _f) = registry_with("a", 4096, true);
-        let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let server = tokio::spawn(async move { negotiate(&mut server, &registry, true).await });
+        let (mut client, server) = serve(registry, true, None);
         start(&mut client, 1).await;
 
         let mut go = name_data("missing");
@@ -516,10 +552,7 @@ mod tests {
     #[tokio::test]
     async fn export_name_with_no_zeroes_and_garbage() {
         let (registry, _f) = registry_with("x", 8192, true);
-        let registry = Arc::new(registry);
-        let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let r = registry.clone();
-        let server = tokio::spawn(async move { negotiate(&mut server, &r, true).await });
+        let (mut client, server) = serve(registry.clone(), true, None);
         start(&mut client, 3).await;
         option(&mut client, opt::EXPORT_NAME, b"x").await;
         let mut answer = [0u8; 10];
@@ -531,16 +564,14 @@ mod tests {
         let flags = u16::from_be_bytes(answer[8..].try_into().expect("2"));
         assert_ne!(flags & tflag::READ_ONLY, 0);
         assert_eq!(flags & tflag::SEND_TRIM, 0);
-        let Ok(Ok(Outcome::Transmission(s))) = server.await else {
+        let Ok(Ok(Outcome::Transmission(s, Transport::Plain(_)))) = server.await else {
             panic!("expected the transmission phase");
         };
         assert_eq!(s.style, ReplyStyle::Simple);
         assert_eq!(s.base_allocation, None);
 
         // Garbage instead of an option: the handshake fails, nothing panics.
-        let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let r = registry.clone();
-        let server = tokio::spawn(async move { negotiate(&mut server, &r, true).await });
+        let (mut client, server) = serve(registry.clone(), true, None);
         start(&mut client, 1).await;
         client
             .write_all(b"GET / HTTP/1.1\r\n\r\n")
@@ -552,8 +583,7 @@ mod tests {
         ));
 
         // Unknown client flags: refused.
-        let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let server = tokio::spawn(async move { negotiate(&mut server, &registry, true).await });
+        let (mut client, server) = serve(registry, true, None);
         start(&mut client, 0x80).await;
         assert!(matches!(server.await, Ok(Err(HandshakeError::Wire(_)))));
     }
@@ -562,8 +592,7 @@ mod tests {
     async fn closed_doors_list_refused_and_a_stopping_export_looks_unknown() {
         let (registry, _f) = registry_with("secret-name", 4096, false);
         let stopping = registry.get("secret-name").expect("export");
-        let (mut client, mut server) = tokio::io::duplex(1 << 16);
-        let server = tokio::spawn(async move { negotiate(&mut server, &registry, false).await });
+        let (mut client, server) = serve(registry, false, None);
         start(&mut client, 1).await;
 
         option(&mut client, opt::LIST, &[]).await;

@@ -5,6 +5,7 @@
 //! ```text
 //!  client                                                 server
 //!    │ ◄─────────────── greeting (NBDMAGIC IHAVEOPT) ──────── │  handshake phase
+//!    ┊ ── STARTTLS ─► ◄─ ACK ─ ◄═ TLS handshake ═►            ┊  (ServerConfig::tls: required)
 //!    │ ── options: EXTENDED_HEADERS | STRUCTURED_REPLY, ────► │  (handshake.rs, bounded by
 //!    │    SET_META_CONTEXT base:allocation, LIST, INFO       │   ServerConfig::handshake_timeout)
 //!    │ ── GO(name, BLOCK_SIZE) ─────────────────────────────► │
@@ -18,11 +19,13 @@
 //!
 //! Modules, each with one job:
 //! - [`wire`]: constants, parsers and encoders; pure, fuzzed (`fuzz/`).
-//! - `handshake`: option negotiation on any byte stream.
+//! - `handshake`: option negotiation on any byte stream, STARTTLS when TLS is required.
+//! - `transport`: the stream a connection runs on: plain TCP, or TLS over it.
 //! - `request`: checks a request against the session and the export (pure).
 //! - `connection`: the transmission loop: reader, write lane, blocking pool.
 //! - `job`: runs one request against the backend and encodes its reply.
-//! - `sink`: replies written by the thread that completes them, backlog when the socket is full.
+//! - `sink`: replies written by the thread that completes them, backlog when the socket is full;
+//!   over TLS, queued to the one task that writes the session.
 //! - `backend`: pread/pwrite, fdatasync, hole punching, SEEK_DATA/SEEK_HOLE (all blocking).
 //! - `export`: exports' lifecycle and the name registry.
 //! - `server`: listener, connection bound, add/remove exports, graceful shutdown.
@@ -39,6 +42,7 @@ mod job;
 mod request;
 mod server;
 mod sink;
+mod transport;
 pub mod wire;
 
 pub use server::{Export, NbdError, NbdServer, ServerConfig};

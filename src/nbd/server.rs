@@ -2,8 +2,8 @@
 //! time, and a graceful stop.
 //!
 //! Lifecycle of a connection: accepted (refused at once when `max_connections` are open) →
-//! handshake, bounded by `handshake_timeout` → transmission until the client leaves or its
-//! export is stopped. Stopping an export (removal) or the server (shutdown) cancels a token:
+//! handshake (with `tls` configured: STARTTLS and the TLS handshake first), bounded by
+//! `handshake_timeout` → transmission until the client leaves or its export is stopped. Stopping an export (removal) or the server (shutdown) cancels a token:
 //! handshakes are dropped, transmissions stop reading and finish what they already read. Only
 //! then is the file flushed.
 
@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -22,7 +23,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::backend::Backend;
 use super::connection::{self, Bounds};
 use super::export::{ExportState, Registry};
-use super::handshake::{self, Outcome};
+use super::handshake::{self, Outcome, Policy};
 use super::wire::{MAX_PAYLOAD, MAX_STRING};
 
 /// An export to serve: an existing raw file or block device under a name.
@@ -54,7 +55,11 @@ pub struct ServerConfig {
     /// Others are closed on accept, before the handshake: an export name is a secret, but it
     /// should not be the only thing between a stranger and a disk.
     pub allowed_peer: Option<std::net::IpAddr>,
-    /// TLS, required when set (placeholder until STARTTLS lands).
+    /// TLS, required of every client when set: before `NBD_OPT_STARTTLS` every option is
+    /// refused (`NBD_REP_ERR_TLS_REQD`) and `NBD_OPT_EXPORT_NAME` closes the connection. A
+    /// configuration with a client verifier (the agent's, from
+    /// `tls::migration::MigrationCredentials::nbd_server_config`) also requires a client
+    /// certificate that its CA signed.
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
@@ -152,7 +157,7 @@ impl NbdServer {
             connections: TaskTracker::new(),
         });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
-        info!(%local_addr, "NBD server listening");
+        info!(%local_addr, tls = shared.config.tls.is_some(), "NBD server listening");
         Ok(NbdServer {
             handle: Arc::new(Handle {
                 shared,
@@ -307,33 +312,39 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn serve_connection(mut socket: TcpStream, shared: &Shared) {
+async fn serve_connection(socket: TcpStream, shared: &Shared) {
     // Replies are small and latency-bound; never let Nagle hold them back.
     if let Err(e) = socket.set_nodelay(true) {
         debug!(error = %e, "cannot set TCP_NODELAY");
     }
+    let acceptor = shared.config.tls.clone().map(TlsAcceptor::from);
+    let policy = Policy {
+        registry: &shared.registry,
+        list_exports: shared.config.list_exports,
+        tls: acceptor.as_ref(),
+    };
     let negotiated = tokio::select! {
         biased;
         () = shared.stop.cancelled() => return,
         n = tokio::time::timeout(
             shared.config.handshake_timeout,
-            handshake::negotiate(&mut socket, &shared.registry, shared.config.list_exports),
+            handshake::negotiate(socket, &policy),
         ) => n,
     };
-    let session = match negotiated {
+    let (session, transport) = match negotiated {
         Err(_) => {
             info!(timeout = ?shared.config.handshake_timeout, "handshake not finished in time; closing");
             return;
         }
         Ok(Err(e)) => {
-            info!(error = %e, "handshake failed; closing");
+            info!(error = %crate::error_chain(&e), "handshake failed; closing");
             return;
         }
         Ok(Ok(Outcome::Aborted)) => {
             debug!("client aborted the handshake");
             return;
         }
-        Ok(Ok(Outcome::Transmission(session))) => session,
+        Ok(Ok(Outcome::Transmission(session, transport))) => (session, transport),
     };
     let export = session.export.clone();
     let _token = export.work.token();
@@ -348,5 +359,5 @@ async fn serve_connection(mut socket: TcpStream, shared: &Shared) {
         max_bytes: config.max_buffered_bytes_per_connection,
         grace: config.shutdown_grace,
     };
-    connection::serve(socket, session, bounds).await;
+    connection::serve(transport, session, bounds).await;
 }

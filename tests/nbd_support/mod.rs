@@ -6,6 +6,8 @@
 
 #![allow(dead_code)] // each test file uses a different part of it
 
+pub mod pki;
+
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -127,6 +129,24 @@ pub fn run(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a tool that must fail; returns what it printed (stdout and stderr).
+pub fn run_fails(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (scripts/setup installs it): {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "{program} {args:?} succeeded but must fail:\n{text}"
+    );
+    text
 }
 
 /// Files equal byte for byte, by `cmp`.
