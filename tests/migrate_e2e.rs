@@ -44,6 +44,13 @@ async fn check_completed(
     );
 
     let dir = migration_dir(storage);
+    // Encrypted by default, and the per-migration keys are gone from the destination once
+    // the VM runs there.
+    assert_eq!(done["encrypted"], true, "{done}");
+    assert!(
+        !dir.join("tls").exists(),
+        "the destination's key files must be removed"
+    );
     let dest_serial = dir.join("serial.log");
     for (disk, _) in disks {
         still_acking(&dest_serial, disk, 5).await;

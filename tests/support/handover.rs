@@ -199,12 +199,39 @@ pub async fn source_leftovers(qmp_path: &Path) -> Vec<String> {
             left.push(format!("capability {name}"));
         }
     }
+    // The migration's TLS: its client object and the RAM stream's parameters.
+    let objects = q
+        .execute_raw("qom-list", serde_json::json!({"path": "/objects"}))
+        .await
+        .expect("objects");
+    for o in objects.as_array().into_iter().flatten() {
+        let name = o["name"].as_str().unwrap_or("");
+        if name.starts_with("ferry-tls") {
+            left.push(format!("object {name}"));
+        }
+    }
+    let params = q
+        .execute_raw("query-migrate-parameters", Value::Null)
+        .await
+        .expect("parameters");
+    if params["tls-creds"].as_str().is_some_and(|c| !c.is_empty()) {
+        left.push(format!("tls-creds {}", params["tls-creds"]));
+    }
     left
 }
 
 /// Journals left on the source.
 pub fn journals(token: &Path) -> Vec<String> {
-    std::fs::read_dir(state_dir(token).join("source"))
+    names_in(&state_dir(token).join("source"))
+}
+
+/// Key directories of encrypted migrations left on the source.
+pub fn source_keys(token: &Path) -> Vec<String> {
+    names_in(&state_dir(token).join("tls"))
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -229,6 +256,11 @@ pub async fn assert_on_source(guest: &mut RunningGuest, token: &Path, agent: &Ag
         journals(token),
         Vec::<String>::new(),
         "source journal removed"
+    );
+    assert_eq!(
+        source_keys(token),
+        Vec::<String>::new(),
+        "source key files removed"
     );
     wait_until(
         "the agent's storage empties",
@@ -286,8 +318,17 @@ pub async fn assert_on_destination(guest: &mut RunningGuest, token: &Path, agent
         Vec::<String>::new(),
         "source journal removed"
     );
+    assert_eq!(
+        source_keys(token),
+        Vec::<String>::new(),
+        "source key files removed"
+    );
     let journal = std::fs::read_to_string(dir.join("journal.json")).expect("agent journal");
     assert!(journal.contains("\"running\""), "{journal}");
+    assert!(
+        !dir.join("tls").exists(),
+        "the destination's key files must be removed once it runs"
+    );
     quit(&dir.join("qmp.sock")).await;
     wait_until(
         "the destination QEMU exits",
