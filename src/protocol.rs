@@ -153,7 +153,7 @@ pub enum AgentMessage {
         exports: Vec<ExportInfo>,
         /// This migration's client certificate, key and CA for the source QEMU (NBD and RAM
         /// stream), when the source asked for TLS. Sent on the TLS control link only.
-        tls: Option<ClientBundle>,
+        tls: Option<Box<ClientBundle>>,
     },
     /// The destination QEMU waits for the RAM on this port (same address as the agent).
     DestinationReady {

@@ -160,7 +160,10 @@ impl Received {
                     export: export.clone(),
                 })
                 .collect(),
-            tls: self.credentials.as_ref().map(|c| c.client_bundle()),
+            tls: self
+                .credentials
+                .as_ref()
+                .map(|c| Box::new(c.client_bundle())),
         }
     }
 

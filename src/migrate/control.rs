@@ -263,7 +263,7 @@ pub struct Prepared {
     /// One export per disk.
     pub exports: Vec<protocol::ExportInfo>,
     /// The source QEMU's certificates, when the migration is encrypted.
-    pub tls: Option<crate::tls::migration::ClientBundle>,
+    pub tls: Option<Box<crate::tls::migration::ClientBundle>>,
 }
 
 /// TCP, then TLS, to `to`; returns the stream and the session's exporter value.
