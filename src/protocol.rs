@@ -23,7 +23,7 @@
 //!    │◄─────────────────────────────────────────────────────│ source's client certificate
 //!    │   ... source mirrors every disk into the exports,    │
 //!    │       waits for BLOCK_JOB_READY on each ...          │
-//!    │ StartDestination                                     │ destination QEMU -incoming defer -S,
+//!    │ StartDestination{parallel}                           │ destination QEMU -incoming defer -S,
 //!    │─────────────────────────────────────────────────────►│ late-block-activate,
 //!    │                     DestinationReady{migration_port} │ migrate-incoming tcp:IP:0
 //!    │◄─────────────────────────────────────────────────────│
@@ -77,6 +77,10 @@ pub const SUPPORTED_VERSIONS: &[u32] = &[3];
 /// The largest frame either side accepts: a VM description with a long argv fits many times over.
 pub const MAX_FRAME: usize = 1 << 20;
 
+/// The most RAM stream connections a source may ask for (QEMU allows 255; each is a thread and
+/// a socket on both hosts).
+pub const MAX_PARALLEL: u32 = 16;
+
 /// Length of the random challenge nonces, in bytes.
 pub const NONCE_LEN: usize = 32;
 
@@ -107,7 +111,11 @@ pub enum SourceMessage {
         tls: bool,
     },
     /// Every mirror is READY: start the destination QEMU and listen for the RAM.
-    StartDestination,
+    StartDestination {
+        /// RAM stream connections (QEMU's multifd channels); 1: one plain stream, no multifd.
+        /// Both QEMUs must agree, so the source says it here. At most [`MAX_PARALLEL`].
+        parallel: u32,
+    },
     /// The source QEMU's migration completed (with the return path on: the destination loaded
     /// the whole state). The VM belongs to the destination now: start it there.
     Commit,
@@ -190,7 +198,7 @@ impl SourceMessage {
             SourceMessage::Hello { .. } => "Hello",
             SourceMessage::Auth { .. } => "Auth",
             SourceMessage::Prepare { .. } => "Prepare",
-            SourceMessage::StartDestination => "StartDestination",
+            SourceMessage::StartDestination { .. } => "StartDestination",
             SourceMessage::Commit => "Commit",
             SourceMessage::Resolve { .. } => "Resolve",
             SourceMessage::Abort { .. } => "Abort",

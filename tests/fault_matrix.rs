@@ -171,18 +171,6 @@ fn spawn_migrate(rig: &Rig, qmp: &Path, to: &str, hold: Option<String>, args: &[
     cmd.spawn().expect("spawn ferry migrate")
 }
 
-/// Sets the source QEMU's RAM bandwidth cap (bytes/s), so that a fault can strike while the RAM
-/// streams.
-async fn set_ram_bandwidth(qmp_path: &Path, bytes_per_sec: u64) {
-    let q = qmp::Qmp::connect_unix(qmp_path).await.expect("source QMP");
-    q.execute_raw(
-        "migrate-set-parameters",
-        serde_json::json!({"max-bandwidth": bytes_per_sec}),
-    )
-    .await
-    .expect("max-bandwidth");
-}
-
 fn destination_pid(storage: &Path) -> Option<u32> {
     let dirs: Vec<PathBuf> = std::fs::read_dir(storage)
         .ok()?
@@ -217,12 +205,6 @@ async fn run_case(rig: &mut Rig, phase: Phase, fault: Fault) -> Row {
     });
 
     let qmp_path = rig.guest().await.qmp_socket().to_path_buf();
-    let ram_cap = if phase == Phase::Ram {
-        2 << 20
-    } else {
-        1 << 30
-    };
-    set_ram_bandwidth(&qmp_path, ram_cap).await;
 
     let listen = format!("{}:0", rig.ns.dest_ip);
     let mut agent_args = vec!["--qemu-binary".to_string()];
@@ -258,7 +240,8 @@ async fn run_case(rig: &mut Rig, phase: Phase, fault: Fault) -> Row {
     };
     let (hold, args): (Option<String>, &[&str]) = match phase {
         Phase::Mirror => (None, &["--bandwidth", "8"]),
-        Phase::Ram => (None, &[]),
+        // A slow RAM stream, so that the fault strikes while it flows.
+        Phase::Ram => (None, &["--ram-bandwidth", "2"]),
         Phase::PreSwitchover => (hold("source-pre-switchover"), &[]),
         Phase::DeviceSent => (hold("source-continued"), &[]),
         Phase::DestinationCont => (None, &[]),

@@ -156,7 +156,26 @@ impl Destination {
         &self,
         ip: std::net::IpAddr,
         tls_dir: Option<&std::path::Path>,
+        parallel: u32,
     ) -> Result<u16, DestinationError> {
+        if parallel > 1 {
+            // The destination must expect the same number of RAM connections as the source
+            // opens; both are set before the stream starts.
+            self.qmp
+                .execute_raw(
+                    "migrate-set-capabilities",
+                    json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+                )
+                .await
+                .map_err(qmp_err("turning on multifd"))?;
+            self.qmp
+                .execute_raw(
+                    "migrate-set-parameters",
+                    json!({"multifd-channels": parallel}),
+                )
+                .await
+                .map_err(qmp_err("setting multifd-channels"))?;
+        }
         if let Some(dir) = tls_dir {
             // Added over QMP, not on the command line: the argv stays the VM's own, so this VM
             // can be migrated onwards by ferry (which refuses `-object tls-creds-x509`). QEMU

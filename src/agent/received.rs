@@ -225,7 +225,7 @@ impl Received {
 
     /// Starts the destination QEMU paused, waiting for the RAM; returns the port it listens on.
     /// Journaled `Started` first, so that a restarted agent looks for that QEMU.
-    pub async fn start_destination(&mut self, ip: IpAddr) -> Result<u16, String> {
+    pub async fn start_destination(&mut self, ip: IpAddr, parallel: u32) -> Result<u16, String> {
         self.journal(Phase::Started)?;
         let _ = std::fs::write(self.dir.path.join("argv"), self.argv.join("\n"));
         // Flush the bulk of the mirrored data now, while QEMU starts: the flush at the switchover
@@ -248,7 +248,7 @@ impl Received {
             }
             None => None,
         };
-        let port = dest.listen(ip, tls_dir.as_deref()).await;
+        let port = dest.listen(ip, tls_dir.as_deref(), parallel).await;
         self.destination = Some(dest);
         port.map_err(|e| crate::error_chain(&e))
     }

@@ -319,12 +319,27 @@ where
 {
     protocol::write_message(wr, &prepared).await?;
     // The mirror may take hours: no timeout on this read; TCP keepalive notices a dead peer.
-    expect(rd, "StartDestination").await?;
+    let parallel = match protocol::read_message(rd).await? {
+        SourceMessage::StartDestination { parallel } => parallel,
+        SourceMessage::Abort { reason } => return Err(SessionError::Aborted(reason)),
+        other => {
+            return Err(SessionError::Refused(format!(
+                "expected StartDestination, got {}",
+                other.kind()
+            )))
+        }
+    };
+    if !(1..=protocol::MAX_PARALLEL).contains(&parallel) {
+        return Err(SessionError::Refused(format!(
+            "{parallel} RAM stream connections asked for; 1 to {} are allowed",
+            protocol::MAX_PARALLEL
+        )));
+    }
     let migration_port = {
         let mut guard = slot.lock().await;
         let received = guard.as_mut().ok_or(SessionError::TakenOver)?;
         received
-            .start_destination(ip)
+            .start_destination(ip, parallel)
             .await
             .map_err(SessionError::Refused)?
     };

@@ -30,9 +30,20 @@ pub struct MigrateArgs {
     /// disks are guaranteed to converge however fast the guest writes.
     #[arg(long)]
     sync_writes: bool,
-    /// Cap each disk's background copy at this many MiB/s (leave room for other traffic).
+    /// Cap each disk's background copy and the RAM stream at this many MiB/s (leave room for
+    /// other traffic). Default: as fast as the link goes.
     #[arg(long, value_name = "MIB_PER_SEC")]
     bandwidth: Option<u64>,
+    /// Cap the RAM stream alone at this many MiB/s. Default: --bandwidth, if given.
+    #[arg(long, value_name = "MIB_PER_SEC")]
+    ram_bandwidth: Option<u64>,
+    /// The longest the guest may be paused at the switchover, in milliseconds (QEMU's
+    /// `downtime-limit`; its default is 300).
+    #[arg(long, value_name = "MS")]
+    max_downtime: Option<u64>,
+    /// RAM stream connections (QEMU multifd channels), 1 to 16; 1 is one plain stream.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    parallel: u32,
     /// Switch a disk's mirror to write-blocking after its remaining work has not shrunk for this
     /// many seconds (needs QEMU 9.1 or later on the source).
     #[arg(long, value_name = "SECS", default_value_t = 10)]
@@ -77,7 +88,13 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
     opts.sync_writes = args.sync_writes;
     opts.mirror_timeout = Duration::from_secs(args.mirror_timeout);
     opts.mirror_speed = args.bandwidth.map(|mib| mib.saturating_mul(1 << 20));
+    opts.ram_speed = args
+        .ram_bandwidth
+        .or(args.bandwidth)
+        .map(|mib| mib.saturating_mul(1 << 20));
     opts.converge_after = Duration::from_secs(args.converge_after);
+    opts.max_downtime = args.max_downtime.map(Duration::from_millis);
+    opts.parallel = args.parallel;
     opts.state_dir = args.state_dir;
     opts.agent_wait = Duration::from_secs(args.agent_wait);
     // An interrupted migration of the same VM is settled first; if it left the VM on the

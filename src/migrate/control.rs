@@ -222,9 +222,11 @@ impl AgentLink {
         }
     }
 
-    /// Asks for the destination QEMU; returns the port it listens on for the RAM.
-    pub async fn start_destination(&mut self) -> Result<u16, ControlError> {
-        self.send(&SourceMessage::StartDestination).await?;
+    /// Asks for the destination QEMU, expecting `parallel` RAM connections; returns the port it
+    /// listens on for the RAM.
+    pub async fn start_destination(&mut self, parallel: u32) -> Result<u16, ControlError> {
+        self.send(&SourceMessage::StartDestination { parallel })
+            .await?;
         match self.recv_timeout(REPLY_TIMEOUT).await? {
             AgentMessage::DestinationReady { migration_port } => Ok(migration_port),
             other => Err(unexpected(other)),

@@ -47,6 +47,10 @@ pub struct SourceRecord {
     pub resume: bool,
     /// The source QEMU's pid, to tell a dead QEMU from a busy socket.
     pub qemu_pid: Option<u32>,
+    /// The migration parameters ferry changed, with the values they had before (restored if
+    /// the VM stays).
+    #[serde(default)]
+    pub parameters: Option<serde_json::Value>,
     /// The TLS object and files of an encrypted migration.
     #[serde(default)]
     pub tls: Option<super::tls::SourceTls>,
@@ -124,6 +128,7 @@ mod tests {
             resume: true,
             qemu_pid: Some(1),
             tls: None,
+            parameters: None,
         };
         a.write(&record).expect("write");
         assert_eq!(a.read().expect("read"), Some(record));

@@ -93,6 +93,13 @@ pub struct MigrateOptions {
     pub sync_writes: bool,
     /// Cap on each mirror's background copy, bytes per second (None: as fast as it goes).
     pub mirror_speed: Option<u64>,
+    /// Cap on the RAM stream, bytes per second (None: as fast as the link goes; QEMU's own
+    /// default would hold it at 128 MiB/s, and a big guest's RAM would take minutes).
+    pub ram_speed: Option<u64>,
+    /// The RAM stream's `downtime-limit` (None: QEMU's, 300 ms).
+    pub max_downtime: Option<Duration>,
+    /// RAM stream connections (multifd channels); 1: one stream, no multifd.
+    pub parallel: u32,
     /// How long a mirror's remaining work may fail to shrink before it goes write-blocking.
     pub converge_after: Duration,
     /// Where the source journal lives.
@@ -114,6 +121,9 @@ impl MigrateOptions {
             ram_timeout: Duration::from_secs(1800),
             sync_writes: false,
             mirror_speed: None,
+            ram_speed: None,
+            max_downtime: None,
+            parallel: 1,
             converge_after: Duration::from_secs(10),
             state_dir: PathBuf::from(journal::DEFAULT_STATE_DIR),
             agent_wait: Duration::from_secs(60),
@@ -163,6 +173,20 @@ const SWITCH_TIMEOUT: Duration = Duration::from_secs(120);
 /// with the guest stopped) and `return-path` (the migration completes only once the destination
 /// loaded the whole state, and fails, resuming the source, if it could not).
 const CAPABILITIES: [&str; 3] = ["events", "pause-before-switchover", "return-path"];
+
+/// The RAM stream's parameters: no bandwidth cap unless the operator set one (QEMU's default
+/// of 128 MiB/s would make a big guest's RAM take minutes on a fast link), the downtime limit
+/// if given, the multifd channels if more than one.
+fn ram_parameters(opts: &MigrateOptions) -> serde_json::Value {
+    let mut params = serde_json::json!({"max-bandwidth": opts.ram_speed.unwrap_or(0)});
+    if let Some(limit) = opts.max_downtime {
+        params["downtime-limit"] = serde_json::json!(limit.as_millis() as u64);
+    }
+    if opts.parallel > 1 {
+        params["multifd-channels"] = serde_json::json!(opts.parallel);
+    }
+    params
+}
 
 /// Runs a whole migration. On failure the rollback has already happened when this returns; the
 /// last event reported is `Completed` or `Failed`.
@@ -404,6 +428,7 @@ impl Migration {
             capabilities: Vec::new(),
             resume: vm.running,
             qemu_pid: self.qemu.pid(),
+            parameters: None,
             tls: bundle.as_ref().map(|b| {
                 tls::SourceTls::plan(&opts.state_dir, self.journal.path(), tag, &b.hostname)
             }),
@@ -468,14 +493,29 @@ impl Migration {
         let ram_start = Instant::now();
         let port = tokio::select! {
             _ = cancel.cancelled() => return Err(interrupted(PhaseName::StartDestination)),
-            port = link.start_destination() => port.map_err(at::<ControlError>(PhaseName::StartDestination))?,
+            port = link.start_destination(opts.parallel) => port.map_err(at::<ControlError>(PhaseName::StartDestination))?,
         };
         let ram_fail = at::<source::SourceError>(PhaseName::Ram);
+        let mut capabilities = CAPABILITIES.to_vec();
+        if opts.parallel > 1 {
+            capabilities.push("multifd");
+        }
         record.capabilities = self
             .qemu
-            .capabilities_off(&CAPABILITIES)
+            .capabilities_off(&capabilities)
             .await
             .map_err(&ram_fail)?;
+        let parameters = ram_parameters(opts);
+        let names: Vec<&str> = parameters
+            .as_object()
+            .map(|o| o.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        record.parameters = Some(
+            self.qemu
+                .migration_parameters(&names)
+                .await
+                .map_err(&ram_fail)?,
+        );
         record.phase = SourcePhase::Ram;
         self.journal(record.clone(), PhaseName::Ram)?;
         for capability in &record.capabilities {
@@ -484,6 +524,10 @@ impl Migration {
                 .await
                 .map_err(&ram_fail)?;
         }
+        self.qemu
+            .set_migration_parameters(&parameters)
+            .await
+            .map_err(&ram_fail)?;
         self.qemu
             .set_migration_tls(record.tls.as_ref())
             .await

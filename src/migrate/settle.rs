@@ -5,8 +5,8 @@
 //!
 //! The rule (see `docs/protocol.md` for every crash point):
 //! - The source QEMU's migration is not `completed` (failed, cancelled, never started, or still
-//!   running and then cancelled here): the source owns the VM. Its mirror jobs, NBD nodes and the
-//!   capabilities ferry set are removed, the guest is resumed if it ran before, and the agent is
+//!   running and then cancelled here): the source owns the VM. Its mirror jobs, NBD nodes, TLS
+//!   object and files are removed, the capabilities and parameters ferry set are put back, the guest is resumed if it ran before, and the agent is
 //!   told to roll back (or does so by itself when its destination's stream breaks).
 //! - It is `completed` (the destination loaded the whole state, thanks to the return path): the
 //!   agent decides. `Running`: the source QEMU quits. `Abandoned` (the destination is gone and
@@ -227,6 +227,12 @@ impl Settle<'_> {
             if let Err(e) = qemu.set_capability(capability, false).await {
                 warn!(%capability, error = %crate::error_chain(&e), "cannot turn a migration capability back off");
                 left.push(format!("capability {capability}"));
+            }
+        }
+        if let Some(parameters) = &record.parameters {
+            if let Err(e) = qemu.set_migration_parameters(parameters).await {
+                warn!(error = %crate::error_chain(&e), "cannot restore the migration parameters");
+                left.push(format!("migration parameters {parameters}"));
             }
         }
         if let Some(tls) = &record.tls {

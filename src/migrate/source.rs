@@ -257,6 +257,30 @@ impl SourceQemu {
             .collect())
     }
 
+    /// The current values of the named migration parameters (as `query-migrate-parameters`
+    /// reports them), to put back if the VM stays.
+    pub async fn migration_parameters(&self, names: &[&str]) -> Result<Value, SourceError> {
+        let all = self
+            .qmp
+            .execute_raw("query-migrate-parameters", Value::Null)
+            .await
+            .map_err(ctx("query-migrate-parameters"))?;
+        let picked: serde_json::Map<String, Value> = names
+            .iter()
+            .filter_map(|n| all.get(*n).map(|v| (n.to_string(), v.clone())))
+            .collect();
+        Ok(Value::Object(picked))
+    }
+
+    /// Sets migration parameters (an object of `migrate-set-parameters` arguments).
+    pub async fn set_migration_parameters(&self, params: &Value) -> Result<(), SourceError> {
+        self.qmp
+            .execute_raw("migrate-set-parameters", params.clone())
+            .await
+            .map_err(ctx(format!("setting migration parameters {params}")))?;
+        Ok(())
+    }
+
     /// Sets one migration capability.
     pub async fn set_capability(&self, name: &str, state: bool) -> Result<(), SourceError> {
         self.qmp

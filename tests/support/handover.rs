@@ -194,7 +194,13 @@ pub async fn source_leftovers(qmp_path: &Path) -> Vec<String> {
     for c in caps.as_array().into_iter().flatten() {
         let name = c["capability"].as_str().unwrap_or("");
         if c["state"] == Value::Bool(true)
-            && ["events", "pause-before-switchover", "return-path"].contains(&name)
+            && [
+                "events",
+                "pause-before-switchover",
+                "return-path",
+                "multifd",
+            ]
+            .contains(&name)
         {
             left.push(format!("capability {name}"));
         }
@@ -214,6 +220,11 @@ pub async fn source_leftovers(qmp_path: &Path) -> Vec<String> {
         .execute_raw("query-migrate-parameters", Value::Null)
         .await
         .expect("parameters");
+    // ferry lifts the RAM bandwidth cap for the migration; a VM that stays gets QEMU's default
+    // (128 MiB/s, which the test guests never change) back.
+    if params["max-bandwidth"] != serde_json::json!(128u64 << 20) {
+        left.push(format!("max-bandwidth {}", params["max-bandwidth"]));
+    }
     if params["tls-creds"].as_str().is_some_and(|c| !c.is_empty()) {
         left.push(format!("tls-creds {}", params["tls-creds"]));
     }
