@@ -21,12 +21,15 @@
 //!    │─────────────────────────────────────────────────────►│ per-migration CA (tls), NBD server
 //!    │      Prepared{migration_id, nbd_port, exports, tls}  │ on an ephemeral port; `tls`: the
 //!    │◄─────────────────────────────────────────────────────│ source's client certificate
-//!    │   ... source mirrors every disk into the exports,    │
-//!    │       waits for BLOCK_JOB_READY on each ...          │
 //!    │ StartDestination{parallel}                           │ destination QEMU -incoming defer -S,
 //!    │─────────────────────────────────────────────────────►│ late-block-activate,
-//!    │                     DestinationReady{migration_port} │ migrate-incoming tcp:IP:0
+//!    │   ... source mirrors every disk into the exports     │ migrate-incoming tcp:IP:0
+//!    │       while the destination QEMU starts ...          │
+//!    │                     DestinationReady{migration_port} │
 //!    │◄─────────────────────────────────────────────────────│
+//!    │   ... BLOCK_JOB_READY on every disk ...              │
+//!    │ Synced                                               │ background fdatasync of the images
+//!    │─────────────────────────────────────────────────────►│
 //!    │   ... RAM streams (return path on); at              │
 //!    │       pre-switchover the source cancels the READY    │
 //!    │       mirrors (final sync), migrate-continue, and    │
@@ -110,12 +113,17 @@ pub enum SourceMessage {
         /// which an agent with `--require-tls` refuses).
         tls: bool,
     },
-    /// Every mirror is READY: start the destination QEMU and listen for the RAM.
+    /// Start the destination QEMU and listen for the RAM. Sent right after `Prepared`, so that
+    /// the QEMU starts while the disks copy (paused, `-incoming defer`, images inactive: it does
+    /// not touch them until the hand-over).
     StartDestination {
         /// RAM stream connections (QEMU's multifd channels); 1: one plain stream, no multifd.
         /// Both QEMUs must agree, so the source says it here. At most [`MAX_PARALLEL`].
         parallel: u32,
     },
+    /// Every mirror is READY: the bulk of the disks is in, and the agent may flush it to stable
+    /// storage in the background (the flush at the switchover then has little left to do).
+    Synced,
     /// The source QEMU's migration completed (with the return path on: the destination loaded
     /// the whole state). The VM belongs to the destination now: start it there.
     Commit,
@@ -199,6 +207,7 @@ impl SourceMessage {
             SourceMessage::Auth { .. } => "Auth",
             SourceMessage::Prepare { .. } => "Prepare",
             SourceMessage::StartDestination { .. } => "StartDestination",
+            SourceMessage::Synced => "Synced",
             SourceMessage::Commit => "Commit",
             SourceMessage::Resolve { .. } => "Resolve",
             SourceMessage::Abort { .. } => "Abort",

@@ -239,7 +239,7 @@ async fn run_case(rig: &mut Rig, phase: Phase, fault: Fault) -> Row {
         })
     };
     let (hold, args): (Option<String>, &[&str]) = match phase {
-        Phase::Mirror => (None, &["--bandwidth", "8"]),
+        Phase::Mirror => (None, &["--bandwidth", "8", "--ram-bandwidth", "0"]),
         // A slow RAM stream, so that the fault strikes while it flows.
         Phase::Ram => (None, &["--ram-bandwidth", "2"]),
         Phase::PreSwitchover => (hold("source-pre-switchover"), &[]),

@@ -229,7 +229,7 @@ async fn sigterm_drains_the_agent_without_dropping_a_migration() {
     let mut agent = spawn_agent(&tmp.path().join("storage"), &token, "127.0.0.1:0", &[]);
     let out = tmp.path().join("migrate.out");
     let mut child = migrate_command(guest.qmp_socket(), &agent.addr, &token)
-        .args(["--bandwidth", "8"])
+        .args(["--bandwidth", "8", "--ram-bandwidth", "0"])
         .stdout(std::fs::File::create(&out).expect("out"))
         .spawn()
         .expect("migrate");

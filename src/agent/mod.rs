@@ -179,6 +179,8 @@ impl Agent {
                 .instrument(span),
             );
         }
+        // Draining: no new connection is even queued.
+        drop(self.listener);
         if !tasks.is_empty() {
             info!(
                 connections = tasks.len(),

@@ -224,20 +224,15 @@ impl Received {
     }
 
     /// Starts the destination QEMU paused, waiting for the RAM; returns the port it listens on.
-    /// Journaled `Started` first, so that a restarted agent looks for that QEMU.
+    /// Journaled `Started` first, so that a restarted agent looks for that QEMU. Runs while the
+    /// disks copy: QEMU opens the images inactive and does not touch them before the hand-over.
     pub async fn start_destination(&mut self, ip: IpAddr, parallel: u32) -> Result<u16, String> {
         self.journal(Phase::Started)?;
         let _ = std::fs::write(self.dir.path.join("argv"), self.argv.join("\n"));
-        // Flush the bulk of the mirrored data now, while QEMU starts: the flush at the switchover
-        // (guest paused) then has only the last few blocks to write.
-        let preflush = storage::sync_files(self.images.clone());
         let (pidfile, qmp_socket) = (self.ctx.pidfile(), self.ctx.qmp_socket());
-        let start = Destination::start(&self.argv, &self.dir.path, &pidfile, &qmp_socket);
-        let (flushed, dest) = tokio::join!(preflush, start);
-        if let Err(e) = flushed {
-            warn!(error = %e, "early flush of the images");
-        }
-        let dest = dest.map_err(|e| crate::error_chain(&e))?;
+        let dest = Destination::start(&self.argv, &self.dir.path, &pidfile, &qmp_socket)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
         let tls_dir = match &self.credentials {
             Some(credentials) => {
                 let dir = self.dir.path.join(argv::TLS_DIR_NAME);
@@ -253,9 +248,32 @@ impl Received {
         port.map_err(|e| crate::error_chain(&e))
     }
 
+    /// The mirrors are in sync: flush the bulk of the data now, in the background, so that the
+    /// flush at the switchover (guest paused) has only the last few blocks to write.
+    pub fn flush_in_background(&self) {
+        let images = self.images.clone();
+        tokio::spawn(async move {
+            if let Err(e) = storage::sync_files(images).await {
+                warn!(error = %e, "early flush of the images");
+            }
+        });
+    }
+
     /// Whether the destination QEMU still exists (false before it was started).
     pub fn destination_alive(&self) -> bool {
         self.destination.as_ref().is_some_and(Destination::alive)
+    }
+
+    /// Whether the destination QEMU has not seen the RAM stream yet (incoming `none`/`setup`).
+    /// Such a destination can be rolled back when its source is lost: without it the source
+    /// QEMU cannot complete, and a source whose driver lost the link before the RAM phase gives
+    /// up. The destination starts while the disks copy, so a link lost during the mirror ends
+    /// here instead of in the recover window.
+    pub async fn no_ram_yet(&self) -> bool {
+        matches!(
+            self.incoming_status().await,
+            Ok(MigrationStatus::None | MigrationStatus::Setup)
+        )
     }
 
     /// The destination's incoming migration status.

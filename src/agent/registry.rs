@@ -196,6 +196,13 @@ impl Registry {
                 Phase::Receiving => {}
                 Phase::Started | Phase::Resuming => {
                     if let Some(mut received) = Received::reattach(dir.clone(), record).await {
+                        if record.phase == Phase::Started && received.no_ram_yet().await {
+                            // Started while the disks copied; its source lost this agent
+                            // before any RAM flowed, and gave up.
+                            info!(migration = %name, "destination never received RAM; rolling it back");
+                            received.rollback().await;
+                            continue;
+                        }
                         if record.phase == Phase::Started {
                             info!(migration = %name, "destination waiting for the source's verdict; watching it again");
                             let slot = self.insert(received);

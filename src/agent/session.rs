@@ -212,16 +212,17 @@ async fn settle_failed<W: AsyncWrite + Unpin>(
     let Some(received) = guard.as_mut() else {
         return;
     };
-    if matches!(err, SessionError::Protocol(_)) && received.phase() == Phase::Started {
+    if matches!(err, SessionError::Protocol(_))
+        && received.phase() == Phase::Started
+        && !received.no_ram_yet().await
+    {
         warn!(migration = %id, "control connection lost after the destination started; keeping it paused for the source to settle");
         drop(guard);
         registry.watch(id.to_string(), slot.clone());
         return;
     }
-    if let Some(mut received) = guard.take() {
-        received.rollback().await;
-    }
-    registry.remove(id);
+    // The reason goes out first: the source hears why before its NBD connections drop with the
+    // rollback (which it would otherwise report as a failed mirror).
     if let SessionError::Refused(reason) = err {
         let _ = protocol::write_message(
             wr,
@@ -231,6 +232,10 @@ async fn settle_failed<W: AsyncWrite + Unpin>(
         )
         .await;
     }
+    if let Some(mut received) = guard.take() {
+        received.rollback().await;
+    }
+    registry.remove(id);
 }
 
 async fn handshake<R, W>(
@@ -318,7 +323,8 @@ where
     W: AsyncWrite + Unpin,
 {
     protocol::write_message(wr, &prepared).await?;
-    // The mirror may take hours: no timeout on this read; TCP keepalive notices a dead peer.
+    // Sent right after `Prepared`; no timeout on the reads from here (a mirror may take hours),
+    // TCP keepalive notices a dead peer.
     let parallel = match protocol::read_message(rd).await? {
         SourceMessage::StartDestination { parallel } => parallel,
         SourceMessage::Abort { reason } => return Err(SessionError::Aborted(reason)),
@@ -344,6 +350,14 @@ where
             .map_err(SessionError::Refused)?
     };
     protocol::write_message(wr, &AgentMessage::DestinationReady { migration_port }).await?;
+
+    // The mirror may take hours: no timeout on this read either.
+    expect(rd, "Synced").await?;
+    {
+        let guard = slot.lock().await;
+        let received = guard.as_ref().ok_or(SessionError::TakenOver)?;
+        received.flush_in_background();
+    }
 
     expect(rd, "Commit").await?;
     // Committed under the slot's lock, taken out only once done: a recovering source that asks

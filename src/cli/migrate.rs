@@ -32,9 +32,10 @@ pub struct MigrateArgs {
     sync_writes: bool,
     /// Cap each disk's background copy and the RAM stream at this many MiB/s (leave room for
     /// other traffic). Default: as fast as the link goes.
-    #[arg(long, value_name = "MIB_PER_SEC")]
-    bandwidth: Option<u64>,
-    /// Cap the RAM stream alone at this many MiB/s. Default: --bandwidth, if given.
+    #[arg(long, value_name = "MIB_PER_SEC", value_parser = positive_rate)]
+    bandwidth: Option<f64>,
+    /// Cap the RAM stream alone at this many MiB/s; 0: no cap. Default: --bandwidth, if given,
+    /// else no cap.
     #[arg(long, value_name = "MIB_PER_SEC")]
     ram_bandwidth: Option<u64>,
     /// The longest the guest may be paused at the switchover, in milliseconds (QEMU's
@@ -87,11 +88,13 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
     opts.tls = !args.insecure;
     opts.sync_writes = args.sync_writes;
     opts.mirror_timeout = Duration::from_secs(args.mirror_timeout);
-    opts.mirror_speed = args.bandwidth.map(|mib| mib.saturating_mul(1 << 20));
-    opts.ram_speed = args
-        .ram_bandwidth
-        .or(args.bandwidth)
-        .map(|mib| mib.saturating_mul(1 << 20));
+    let bytes = |mib: f64| (mib * f64::from(1u32 << 20)) as u64;
+    opts.mirror_speed = args.bandwidth.map(bytes);
+    opts.ram_speed = match args.ram_bandwidth {
+        Some(0) => None,
+        Some(mib) => Some(mib.saturating_mul(1 << 20)),
+        None => args.bandwidth.map(bytes),
+    };
     opts.converge_after = Duration::from_secs(args.converge_after);
     opts.max_downtime = args.max_downtime.map(Duration::from_millis);
     opts.parallel = args.parallel;
@@ -125,5 +128,13 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
         Ok(_) => ExitCode::SUCCESS,
         // The reporter has printed the failure (stderr, or the `failed` JSON event).
         Err(_) => ExitCode::from(super::EXIT_FAILED),
+    }
+}
+
+/// A rate in MiB/s: a positive number, fractions allowed (0.25 is 256 KiB/s).
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!("{text:?} is not a positive number of MiB/s")),
     }
 }

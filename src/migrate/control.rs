@@ -96,6 +96,10 @@ pub struct AgentLink {
     reader: tokio::task::JoinHandle<()>,
     /// The agent's host as given by the operator (NBD and RAM connect there too).
     pub host: String,
+    /// The destination's RAM port, when `DestinationReady` came during the mirror.
+    ready_port: Option<u16>,
+    /// Whether `StartDestination` was sent.
+    destination_asked: bool,
 }
 
 impl Drop for AgentLink {
@@ -156,6 +160,8 @@ impl AgentLink {
             incoming,
             reader,
             host,
+            ready_port: None,
+            destination_asked: false,
         })
     }
 
@@ -222,14 +228,39 @@ impl AgentLink {
         }
     }
 
-    /// Asks for the destination QEMU, expecting `parallel` RAM connections; returns the port it
-    /// listens on for the RAM.
-    pub async fn start_destination(&mut self, parallel: u32) -> Result<u16, ControlError> {
+    /// Asks for the destination QEMU, expecting `parallel` RAM connections. The answer,
+    /// `DestinationReady`, comes while the disks copy (see [`destination_ready`]).
+    ///
+    /// [`destination_ready`]: Self::destination_ready
+    pub async fn start_destination(&mut self, parallel: u32) -> Result<(), ControlError> {
+        self.destination_asked = true;
         self.send(&SourceMessage::StartDestination { parallel })
-            .await?;
-        match self.recv_timeout(REPLY_TIMEOUT).await? {
-            AgentMessage::DestinationReady { migration_port } => Ok(migration_port),
-            other => Err(unexpected(other)),
+            .await
+    }
+
+    /// The answer to [`start_destination`](Self::start_destination): the port the destination
+    /// QEMU listens on for the RAM (kept by [`watch`](Self::watch), or waited for).
+    pub async fn destination_ready(&mut self) -> Result<u16, ControlError> {
+        match self.ready_port.take() {
+            Some(port) => Ok(port),
+            None => destination_port(self.recv_timeout(REPLY_TIMEOUT).await?),
+        }
+    }
+
+    /// Whether `StartDestination` was sent and its answer has not come yet.
+    pub fn awaiting_destination(&self) -> bool {
+        self.destination_asked && self.ready_port.is_none()
+    }
+
+    /// Watches the link while the disks copy: keeps `DestinationReady` and goes on; returns
+    /// only on anything else (out of turn) or a hang-up. Cancel-safe.
+    pub async fn watch(&mut self) -> ControlError {
+        loop {
+            match self.recv().await.and_then(destination_port) {
+                Ok(port) if self.ready_port.is_none() => self.ready_port = Some(port),
+                Ok(_) => return ControlError::Unexpected("a second DestinationReady".into()),
+                Err(error) => return error,
+            }
         }
     }
 
@@ -326,6 +357,14 @@ pub async fn resolve(
     })
     .await?;
     verdict(link.recv_timeout(REPLY_TIMEOUT).await?)
+}
+
+/// The RAM port out of `DestinationReady`; anything else is out of turn.
+pub fn destination_port(msg: AgentMessage) -> Result<u16, ControlError> {
+    match msg {
+        AgentMessage::DestinationReady { migration_port } => Ok(migration_port),
+        other => Err(unexpected(other)),
+    }
 }
 
 fn verdict(msg: AgentMessage) -> Result<AgentMessage, ControlError> {

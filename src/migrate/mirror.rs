@@ -17,8 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::control::AgentLink;
-use super::control::ControlError;
+use super::control::{AgentLink, ControlError};
 use super::error::{Failure, MigrateError};
 use super::report::{Progress, Reporter};
 use super::source::SourceQemu;
@@ -61,8 +60,9 @@ struct Tracker {
     write_blocking: bool,
 }
 
-/// Waits for every job to be READY, reporting progress. Fails on a job error, a cancelled
-/// token, the timeout, or a message/hang-up from the agent.
+/// Waits for every job to be READY, reporting progress (the agent's `DestinationReady` may
+/// arrive meanwhile: the link keeps it). Fails on a job error, a cancelled token, the timeout,
+/// or any other message or a hang-up from the agent.
 pub async fn wait_ready(
     qemu: &SourceQemu,
     jobs: &[MirrorJob],
@@ -105,9 +105,15 @@ pub async fn wait_ready(
         }
         tokio::select! {
             _ = cancel.cancelled() => return Err(fail(MigrateError::Cancelled)),
-            msg = agent.recv() => {
-                let error = msg.err().unwrap_or_else(|| ControlError::Unexpected("message out of turn".into()));
-                return Err(fail(error.into()));
+            error = agent.watch() => {
+                // The agent refusing before its DestinationReady: the destination QEMU did not
+                // start, which is what the operator must hear.
+                let phase = if agent.awaiting_destination() && matches!(error, ControlError::Refused(_)) {
+                    PhaseName::StartDestination
+                } else {
+                    PhaseName::Mirror
+                };
+                return Err(Failure::new(phase, MigrateError::from(error)));
             }
             _ = tokio::time::sleep_until(deadline) => {
                 let waiting: Vec<&str> = jobs.iter().filter(|j| !ready[&j.job]).map(|j| j.disk.as_str()).collect();

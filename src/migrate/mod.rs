@@ -5,17 +5,19 @@
 //!  phase            source QEMU (QMP)                 agent                    destination QEMU
 //!  discover         query-status, query-block,
 //!                   qom-get /machine, /proc/PID/cmdline
-//!  negotiate        ─────────── Hello/Challenge/Auth/Prepare ──►  preflight, images, NBD
+//!  negotiate        ─────── TLS, Hello/Challenge/Auth/Prepare ─►  preflight, images, NBD (TLS),
+//!                                                             per-migration certificates
 //!                   [journal: mirror]                        [journal: receiving]
-//!  mirror           blockdev-add nbd (discard: unmap)
-//!                   blockdev-mirror sync=full ═══ NBD writes ═══►  images
-//!                   ... BLOCK_JOB_READY on every disk
-//!  start-destination ──────────── StartDestination ──────────►  [journal: started]
-//!                                                             spawn -incoming defer -S ─► late-block-activate,
-//!                                                                                         return-path,
-//!                                                                                         migrate-incoming tcp:IP:0
+//!                   tls-creds-x509 object (client certificate from Prepared)
+//!                   ──────────── StartDestination ──────────►  [journal: started]
+//!  mirror           blockdev-add nbd (discard: unmap,         spawn -incoming defer -S ─► late-block-activate,
+//!                    tls-creds)                                 (while the disks copy)   return-path, tls-creds,
+//!                   blockdev-mirror sync=full ═══ NBD writes ═══►  images                   migrate-incoming tcp:IP:0
+//!                   ... BLOCK_JOB_READY on every disk   ◄── DestinationReady
+//!                   ────────────────── Synced ──────────────►  background fdatasync
 //!  ram              [journal: ram] events, return-path,
-//!                   pause-before-switchover, migrate ═══ RAM ═════════════════════════════►
+//!                   pause-before-switchover, max-bandwidth,
+//!                   tls-creds, multifd; migrate ═══ RAM (TLS) ════════════════════════════►
 //!                   ... status pre-switchover (guest stopped)
 //!  switchover       block-job-cancel (final sync) ═══ last dirty blocks ═══► images
 //!                   migrate-continue ... completed ◄─ return path ─ (incoming completed)
@@ -71,7 +73,7 @@ use report::{DestinationInfo, DiskSize, PhaseTimes, Progress, Reporter, Summary}
 use settle::{Outcome, Settle};
 use source::SourceQemu;
 
-use crate::protocol::AgentMessage;
+use crate::protocol::{self, AgentMessage};
 use crate::status::{MigrationInfo, MigrationStatus, WaitError};
 
 /// What `ferry migrate` was asked to do.
@@ -484,6 +486,12 @@ impl Migration {
             .link
             .as_mut()
             .ok_or_else(|| fail_mirror(ControlError::Lost("no connection".into()).into()))?;
+        // The destination QEMU starts while the disks copy: off the critical path. (Asked once
+        // the mirrors run, so that a destination that cannot start is reported as such, not
+        // as the NBD connections its rollback closes.)
+        link.start_destination(opts.parallel)
+            .await
+            .map_err(at::<ControlError>(PhaseName::StartDestination))?;
         self.disk_bytes =
             mirror::wait_ready(&self.qemu, &jobs, &mut events, reporter, cancel, link, opts)
                 .await?;
@@ -491,9 +499,12 @@ impl Migration {
 
         // Destination QEMU and the RAM.
         let ram_start = Instant::now();
+        link.send(&protocol::SourceMessage::Synced)
+            .await
+            .map_err(at::<ControlError>(PhaseName::StartDestination))?;
         let port = tokio::select! {
             _ = cancel.cancelled() => return Err(interrupted(PhaseName::StartDestination)),
-            port = link.start_destination(opts.parallel) => port.map_err(at::<ControlError>(PhaseName::StartDestination))?,
+            port = link.destination_ready() => port.map_err(at::<ControlError>(PhaseName::StartDestination))?,
         };
         let ram_fail = at::<source::SourceError>(PhaseName::Ram);
         let mut capabilities = CAPABILITIES.to_vec();
