@@ -25,6 +25,9 @@ pub struct MirrorRun {
     pub durable_s: f64,
     /// Server CPU seconds over the mirror up to READY.
     pub cpu_s: f64,
+    /// The source QEMU's CPU seconds over the same time: its one main-loop thread reads,
+    /// sends and (with TLS) encrypts everything, so this is often what bounds the mirror.
+    pub source_cpu_s: f64,
     /// Bytes the destination allocates after the server stopped.
     pub allocated: u64,
     /// Whether source and destination hold the same bytes.
@@ -68,7 +71,7 @@ pub async fn run(
     if let Some(tls) = tls {
         qemu.arg("-object").arg(tls.qemu_object("client")?);
     }
-    let _qemu = Qemu(
+    let qemu = Qemu(
         qemu.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -88,6 +91,7 @@ pub async fn run(
         .context("blockdev-add nbd")?;
     let mut events = qmp.events();
     let cpu0 = srv.cpu_seconds()?;
+    let source_cpu0 = servers::cpu_seconds(qemu.0.id())?;
     let t0 = Instant::now();
     qmp.execute_raw(
         "blockdev-mirror",
@@ -98,6 +102,7 @@ pub async fn run(
     wait_job(&mut events, "BLOCK_JOB_READY", Duration::from_secs(900)).await?;
     let ready_s = t0.elapsed().as_secs_f64();
     let cpu_s = srv.cpu_seconds()? - cpu0;
+    let source_cpu_s = servers::cpu_seconds(qemu.0.id())? - source_cpu0;
     let t1 = Instant::now();
     qmp.execute_raw("block-job-cancel", json!({"device": "m"}))
         .await?;
@@ -124,6 +129,7 @@ pub async fn run(
         flush_s,
         durable_s,
         cpu_s,
+        source_cpu_s,
         allocated,
         identical,
     })
