@@ -3,7 +3,8 @@
 //!
 //! 1. machine limits: disk write, sparse local copy, TCP loopback ([`physical`]);
 //! 2. mirror throughput into ferry, qemu-nbd (page cache and direct), nbdkit and QEMU's built-in
-//!    server ([`mirror`]);
+//!    server ([`mirror`]), each in plaintext and with TLS (per-migration-style x509 credentials,
+//!    client certificate required);
 //! 3. a sparse giant (20 GiB, 256 MiB of data) into each;
 //! 4. a whole migration of the test guest, ferry vs QEMU alone the libvirt way ([`migration`],
 //!    [`native`]);
@@ -29,7 +30,7 @@ use clap::Parser;
 
 use migration::Setup;
 use report::Report;
-use servers::Server;
+use servers::{Target, TlsDirs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,9 +53,14 @@ struct Args {
     /// last run's profile; ferry's CPU column is not valid then).
     #[arg(long, value_name = "FILE")]
     perf: Option<PathBuf>,
-    /// Sections to skip: physical (the machine limits, measured within mirror), mirror, giant, migration, convergence (repeatable).
+    /// Sections to skip: physical (the machine limits, measured within mirror), mirror, tls (the
+    /// mirror section's TLS rows), giant, migration, convergence (repeatable).
     #[arg(long, value_name = "SECTION")]
     skip: Vec<String>,
+    /// Only these mirror rows (repeatable), e.g. `--only ferry --only ferry-tls`: for quick
+    /// comparisons while working on one server. The targets then compare with what ran.
+    #[arg(long, value_name = "ROW")]
+    only: Vec<String>,
 }
 
 const MIB: u64 = 1 << 20;
@@ -196,12 +202,22 @@ async fn run_all(
         image::create(&source, plan.mirror_size, plan.mirror_data)?;
     }
     if on("mirror") {
+        let (mut targets, tls) = if on("tls") {
+            (Target::plain_and_tls(), Some(TlsDirs::ensure(dir)?))
+        } else {
+            (Target::plain(), None)
+        };
+        if !args.only.is_empty() {
+            targets.retain(|t| args.only.contains(&t.name()));
+        }
         let case = MirrorCase {
             section: "mirror",
             limits: on("physical"),
             repeats: plan.repeats,
             source: &source,
             data: plan.mirror_data,
+            targets,
+            tls: tls.as_ref(),
         };
         mirror_section(case, &server_cmd, dir, report).await?;
     }
@@ -221,6 +237,8 @@ async fn run_all(
             repeats,
             source: &giant,
             data: plan.giant_data,
+            targets: Target::plain(),
+            tls: None,
         };
         mirror_section(case, &server_cmd, dir, report).await?;
         let _ = std::fs::remove_file(&giant);
@@ -278,6 +296,10 @@ struct MirrorCase<'a> {
     repeats: usize,
     source: &'a Path,
     data: u64,
+    /// The rows, in the order they run within a round.
+    targets: Vec<Target>,
+    /// Credentials for the TLS rows.
+    tls: Option<&'a TlsDirs>,
 }
 
 async fn mirror_section(
@@ -292,10 +314,12 @@ async fn mirror_section(
         repeats,
         source,
         data,
+        targets,
+        tls,
     } = case;
     let src_alloc = image::allocated(source)?;
-    let mut runs: Vec<(Server, Vec<mirror::MirrorRun>)> =
-        Server::ALL.iter().map(|s| (*s, Vec::new())).collect();
+    let mut runs: Vec<(Target, Vec<mirror::MirrorRun>)> =
+        targets.into_iter().map(|t| (t, Vec::new())).collect();
     let mut machine: Vec<Vec<physical::Limit>> = Vec::new();
     for round in 0..repeats {
         if limits {
@@ -307,18 +331,18 @@ async fn mirror_section(
                 physical::loopback(data * 2)?,
             ]);
         }
-        for (server, list) in &mut runs {
+        for (target, list) in &mut runs {
             note(&format!(
                 "{section}: {} (round {} of {repeats})",
-                server.name(),
+                target.name(),
                 round + 1
             ));
             // Verify the bytes on the first round only: a full compare of each run costs as
             // much as the mirror itself.
             let dest = dir.join("mirror-dst.raw");
-            match mirror::run(*server, ferry, source, &dest, dir, round == 0).await {
+            match mirror::run(*target, tls, ferry, source, &dest, dir, round == 0).await {
                 Ok(run) => list.push(run),
-                Err(e) => note(&format!("{section}: {} failed: {e:#}", server.name())),
+                Err(e) => note(&format!("{section}: {} failed: {e:#}", target.name())),
             }
         }
     }
@@ -329,8 +353,8 @@ async fn mirror_section(
         limit.how = format!("{}; median of {} rounds", limit.how, speeds.len());
         report.limit(limit);
     }
-    for (server, list) in runs {
-        report.mirror(section, server.name(), data, src_alloc, &list);
+    for (target, list) in runs {
+        report.mirror(section, &target.name(), target.tls, data, src_alloc, &list);
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! One mirror run: a `-M none` QEMU mirrors the source image (`blockdev-mirror sync=full`, the
 //! target an nbd node with `discard`/`detect-zeroes: unmap`, exactly as `ferry migrate` sets it
-//! up) into a server, timed to BLOCK_JOB_READY, then completed without pivot and checked.
+//! up; for TLS targets also `tls-creds` (a client `tls-creds-x509` object) and `tls-hostname`)
+//! into a server, timed to BLOCK_JOB_READY, then completed without pivot and checked.
 
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -10,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::image;
-use crate::servers::{self, Server, EXPORT};
+use crate::servers::{self, Target, TlsDirs, EXPORT};
 
 /// What one mirror into one server measured.
 #[derive(Debug, Clone)]
@@ -24,6 +25,9 @@ pub struct MirrorRun {
     pub durable_s: f64,
     /// Server CPU seconds over the mirror up to READY.
     pub cpu_s: f64,
+    /// The source QEMU's CPU seconds over the same time: its one main-loop thread reads,
+    /// sends and (with TLS) encrypts everything, so this is often what bounds the mirror.
+    pub source_cpu_s: f64,
     /// Bytes the destination allocates after the server stopped.
     pub allocated: u64,
     /// Whether source and destination hold the same bytes.
@@ -39,9 +43,11 @@ impl Drop for Qemu {
     }
 }
 
-/// Mirrors `source` into a fresh sparse `dest` served by `server`.
+/// Mirrors `source` into a fresh sparse `dest` served by `target` (TLS targets with the
+/// credentials in `tls`).
 pub async fn run(
-    server: Server,
+    target: Target,
+    tls: Option<&TlsDirs>,
     ferry: &servers::FerryCmd,
     source: &Path,
     dest: &Path,
@@ -52,34 +58,40 @@ pub async fn run(
     let _ = std::fs::remove_file(dest);
     std::fs::File::create(dest)?.set_len(size)?;
     image::warm(source)?;
-    let srv = servers::start(server, ferry, dest, dir).await?;
+    let srv = servers::start(target, tls, ferry, dest, dir).await?;
+    let tls = if target.tls { tls } else { None };
 
     let sock = dir.join("mirror-qmp.sock");
     let _ = std::fs::remove_file(&sock);
     let src = source.to_str().context("paths must be UTF-8")?;
-    let _qemu = Qemu(
-        servers::bare_qemu(&sock)
-            .arg("-blockdev")
-            .arg(format!(
-                "driver=raw,node-name=src,file.driver=file,file.filename={src}"
-            ))
-            .stdin(Stdio::null())
+    let mut qemu = servers::bare_qemu(&sock);
+    qemu.arg("-blockdev").arg(format!(
+        "driver=raw,node-name=src,file.driver=file,file.filename={src}"
+    ));
+    if let Some(tls) = tls {
+        qemu.arg("-object").arg(tls.qemu_object("client")?);
+    }
+    let qemu = Qemu(
+        qemu.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("start the source QEMU")?,
     );
     let qmp = servers::connect_qmp(&sock).await?;
-    qmp.execute_raw(
-        "blockdev-add",
-        json!({"driver": "nbd", "node-name": "dst", "export": EXPORT,
-               "server": {"type": "inet", "host": "127.0.0.1", "port": srv.port.to_string()},
-               "discard": "unmap", "detect-zeroes": "unmap"}),
-    )
-    .await
-    .context("blockdev-add nbd")?;
+    let mut node = json!({"driver": "nbd", "node-name": "dst", "export": EXPORT,
+           "server": {"type": "inet", "host": "127.0.0.1", "port": srv.port.to_string()},
+           "discard": "unmap", "detect-zeroes": "unmap"});
+    if tls.is_some() {
+        node["tls-creds"] = json!("tls0");
+        node["tls-hostname"] = json!(ferry::tls::migration::TLS_HOSTNAME);
+    }
+    qmp.execute_raw("blockdev-add", node)
+        .await
+        .context("blockdev-add nbd")?;
     let mut events = qmp.events();
     let cpu0 = srv.cpu_seconds()?;
+    let source_cpu0 = servers::cpu_seconds(qemu.0.id())?;
     let t0 = Instant::now();
     qmp.execute_raw(
         "blockdev-mirror",
@@ -90,6 +102,7 @@ pub async fn run(
     wait_job(&mut events, "BLOCK_JOB_READY", Duration::from_secs(900)).await?;
     let ready_s = t0.elapsed().as_secs_f64();
     let cpu_s = srv.cpu_seconds()? - cpu0;
+    let source_cpu_s = servers::cpu_seconds(qemu.0.id())? - source_cpu0;
     let t1 = Instant::now();
     qmp.execute_raw("block-job-cancel", json!({"device": "m"}))
         .await?;
@@ -116,6 +129,7 @@ pub async fn run(
         flush_s,
         durable_s,
         cpu_s,
+        source_cpu_s,
         allocated,
         identical,
     })

@@ -16,6 +16,8 @@ use crate::physical::Limit;
 pub struct MirrorRow {
     pub section: &'static str,
     pub server: String,
+    /// TLS required (compared with the TLS references only).
+    pub tls: bool,
     pub runs: usize,
     /// MiB of source data per second to BLOCK_JOB_READY.
     pub mib_s: Option<f64>,
@@ -25,6 +27,8 @@ pub struct MirrorRow {
     pub flush_s: Option<f64>,
     /// Server CPU seconds per GiB of data.
     pub cpu_s_per_gib: Option<f64>,
+    /// The source QEMU's CPU seconds per GiB of data.
+    pub source_cpu_s_per_gib: Option<f64>,
     pub dest_allocated: Option<u64>,
     pub source_allocated: u64,
     /// Bytes identical in the verified run.
@@ -70,6 +74,14 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
 }
 
+/// `a / b` with two decimals, or `-`.
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "-".into(),
+    }
+}
+
 impl Report {
     pub fn new(quick: bool) -> Self {
         Report {
@@ -93,6 +105,7 @@ impl Report {
         &mut self,
         section: &'static str,
         server: &str,
+        tls: bool,
         data: u64,
         source_allocated: u64,
         runs: &[MirrorRun],
@@ -102,12 +115,14 @@ impl Report {
         let row = MirrorRow {
             section,
             server: server.into(),
+            tls,
             runs: runs.len(),
             mib_s: med(runs.iter().map(|r| mib / r.ready_s).collect()),
             ready_s: med(runs.iter().map(|r| r.ready_s).collect()),
             durable_mib_s: med(runs.iter().map(|r| mib / r.durable_s).collect()),
             flush_s: med(runs.iter().map(|r| r.flush_s).collect()),
             cpu_s_per_gib: med(runs.iter().map(|r| r.cpu_s / gib).collect()),
+            source_cpu_s_per_gib: med(runs.iter().map(|r| r.source_cpu_s / gib).collect()),
             dest_allocated: med(runs.iter().map(|r| r.allocated as f64).collect())
                 .map(|x| x as u64),
             source_allocated,
@@ -182,11 +197,13 @@ impl Report {
             .collect()
     }
 
-    fn mirror_best(&self, section: &str) -> (Option<f64>, Option<f64>) {
+    /// The fastest and the leanest reference (not ferry) of a section, among the rows with
+    /// the same `tls`.
+    fn mirror_best(&self, section: &str, tls: bool) -> (Option<f64>, Option<f64>) {
         let refs = self
             .mirrors
             .iter()
-            .filter(|r| r.section == section && r.server != "ferry");
+            .filter(|r| r.section == section && r.tls == tls && !r.server.starts_with("ferry"));
         let fastest = refs.clone().filter_map(|r| r.mib_s).reduce(f64::max);
         let leanest = refs.filter_map(|r| r.cpu_s_per_gib).reduce(f64::min);
         (fastest, leanest)
@@ -218,22 +235,24 @@ impl Report {
             if rows.is_empty() {
                 continue;
             }
-            let (fastest, leanest) = self.mirror_best(section);
             let title = if section == "mirror" {
                 "Mirror throughput (median)"
             } else {
                 "Sparse giant (median)"
             };
             let _ = writeln!(t, "{title}\n");
+            if rows.iter().any(|r| r.tls) {
+                let _ = writeln!(
+                    t,
+                    "`-tls` rows: TLS required, client certificate checked; their ratios are to the TLS references.\n"
+                );
+            }
             let _ = writeln!(
                 t,
                 "| server | runs | MiB/s to READY | x fastest ref | ready s | MiB/s on disk | CPU s/GiB | x leanest ref | final flush s | dest alloc MiB | source alloc MiB | identical |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
             );
-            for r in rows {
-                let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                    (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
-                    _ => "-".into(),
-                };
+            for r in &rows {
+                let (fastest, leanest) = self.mirror_best(section, r.tls);
                 let _ = writeln!(
                     t,
                     "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -253,6 +272,7 @@ impl Report {
                 );
             }
             t.push('\n');
+            self.tls_cost(&mut t, &rows);
         }
         for section in ["migration", "convergence"] {
             let rows = self.migration_rows(section);
@@ -339,6 +359,46 @@ impl Report {
         t
     }
 
+    /// What TLS costs each server: its TLS row next to its plaintext row.
+    fn tls_cost(&self, t: &mut String, rows: &[&MirrorRow]) {
+        let pairs: Vec<(&MirrorRow, &MirrorRow)> = rows
+            .iter()
+            .filter(|r| r.tls)
+            .filter_map(|tls| {
+                let plain = tls.server.strip_suffix("-tls")?;
+                let plain = rows.iter().find(|r| !r.tls && r.server == plain)?;
+                Some((*plain, *tls))
+            })
+            .collect();
+        if pairs.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            t,
+            "TLS against plaintext, same server (median; source CPU: the mirroring QEMU's, whose one main-loop thread also encrypts)\n"
+        );
+        let _ = writeln!(
+            t,
+            "| server | MiB/s plain | MiB/s TLS | TLS / plain | CPU s/GiB plain | CPU s/GiB TLS | TLS CPU / plain | source CPU s/GiB plain | source CPU s/GiB TLS |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for (plain, tls) in pairs {
+            let _ = writeln!(
+                t,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                plain.server,
+                opt(plain.mib_s, 0),
+                opt(tls.mib_s, 0),
+                ratio(tls.mib_s, plain.mib_s),
+                opt(plain.cpu_s_per_gib, 2),
+                opt(tls.cpu_s_per_gib, 2),
+                ratio(tls.cpu_s_per_gib, plain.cpu_s_per_gib),
+                opt(plain.source_cpu_s_per_gib, 2),
+                opt(tls.source_cpu_s_per_gib, 2),
+            );
+        }
+        t.push('\n');
+    }
+
     /// `(target, measured, met)` for each target the run has numbers for.
     fn targets(&self) -> Vec<(String, String, bool)> {
         let mut out = Vec::new();
@@ -347,8 +407,28 @@ impl Report {
                 .iter()
                 .find(|r| r.section == section && r.server == "ferry")
         };
+        let ferry_tls = self
+            .mirrors
+            .iter()
+            .find(|r| r.section == "mirror" && r.server == "ferry-tls");
+        if let (Some(f), Some(t)) = (ferry("mirror"), ferry_tls) {
+            if let (Some(a), Some(b)) = (t.mib_s, f.mib_s) {
+                out.push((
+                    "TLS mirror MiB/s ≥ 0.8x ferry's plaintext".into(),
+                    format!("{:.2}x", a / b),
+                    a >= 0.8 * b,
+                ));
+            }
+            if let (Some(a), Some(b)) = (t.mib_s, self.mirror_best("mirror", true).0) {
+                out.push((
+                    "TLS mirror MiB/s ≥ 1.0x fastest TLS reference".into(),
+                    format!("{:.2}x", a / b),
+                    a >= b,
+                ));
+            }
+        }
         if let Some(f) = ferry("mirror") {
-            let (fastest, leanest) = self.mirror_best("mirror");
+            let (fastest, leanest) = self.mirror_best("mirror", false);
             if let (Some(a), Some(b)) = (f.mib_s, fastest) {
                 out.push((
                     "mirror MiB/s ≥ 1.0x fastest reference".into(),

@@ -1,5 +1,10 @@
 //! The NBD servers under comparison, each serving one raw destination file as export `vda` on
-//! 127.0.0.1, and the CPU time their process used.
+//! 127.0.0.1, in plaintext or with TLS required, and the CPU time their process used.
+//!
+//! TLS rows use one migration's credentials made by ferry the way the agent makes them (a CA, a
+//! server certificate for `destination.ferry.invalid`, a client certificate), in QEMU's
+//! `tls-creds-x509` layout, which qemu-nbd, QEMU and nbdkit all read; every server requires and
+//! checks the client certificate, as the agent's does.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -49,6 +54,91 @@ impl Server {
     }
 }
 
+/// A mirror row: a server, in plaintext or with TLS required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub server: Server,
+    pub tls: bool,
+}
+
+impl Target {
+    /// Every server in plaintext, ferry first.
+    pub fn plain() -> Vec<Target> {
+        Server::ALL
+            .iter()
+            .map(|&server| Target { server, tls: false })
+            .collect()
+    }
+
+    /// Every server in plaintext, then every server with TLS.
+    pub fn plain_and_tls() -> Vec<Target> {
+        let tls = Server::ALL
+            .iter()
+            .map(|&server| Target { server, tls: true });
+        Target::plain().into_iter().chain(tls).collect()
+    }
+
+    /// The row key: the server's name, `-tls` appended for TLS.
+    pub fn name(self) -> String {
+        if self.tls {
+            format!("{}-tls", self.server.name())
+        } else {
+            self.server.name().to_string()
+        }
+    }
+}
+
+/// Where the TLS rows' credentials are: QEMU's server-endpoint and client-endpoint directories.
+#[derive(Debug, Clone)]
+pub struct TlsDirs {
+    pub server: PathBuf,
+    pub client: PathBuf,
+}
+
+impl TlsDirs {
+    /// The credentials under `dir/tls`, made on first use.
+    pub fn ensure(dir: &Path) -> Result<TlsDirs> {
+        let dirs = TlsDirs {
+            server: dir.join("tls").join("server"),
+            client: dir.join("tls").join("client"),
+        };
+        if !dirs.server.exists() {
+            std::fs::create_dir_all(dir.join("tls"))?;
+            let creds = ferry::tls::migration::MigrationCredentials::generate()
+                .context("generate TLS credentials")?;
+            creds
+                .write_qemu_server_dir(&dirs.server)
+                .context("write the server's TLS files")?;
+            creds
+                .client_bundle()
+                .write_qemu_dir(&dirs.client)
+                .context("write the client's TLS files")?;
+        }
+        Ok(dirs)
+    }
+
+    fn server_file(&self, name: &str) -> Result<String> {
+        Ok(self
+            .server
+            .join(name)
+            .to_str()
+            .context("paths must be UTF-8")?
+            .to_string())
+    }
+
+    /// A `tls-creds-x509` object with id `tls0` for `endpoint` (the server verifies clients).
+    pub fn qemu_object(&self, endpoint: &str) -> Result<String> {
+        let (dir, verify) = match endpoint {
+            "server" => (&self.server, ",verify-peer=on"),
+            _ => (&self.client, ""),
+        };
+        let dir = dir.to_str().context("paths must be UTF-8")?;
+        Ok(format!(
+            "tls-creds-x509,id=tls0,dir={dir},endpoint={endpoint}{verify}"
+        ))
+    }
+}
+
 /// How to run ferry's server.
 #[derive(Debug, Clone)]
 pub struct FerryCmd {
@@ -91,8 +181,21 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Starts `server` exporting `file` and returns once it accepts connections.
-pub async fn start(server: Server, ferry: &FerryCmd, file: &Path, dir: &Path) -> Result<Running> {
+/// Starts `target` exporting `file` and returns once it accepts connections. TLS targets use
+/// the credentials in `tls`.
+pub async fn start(
+    target: Target,
+    tls: Option<&TlsDirs>,
+    ferry: &FerryCmd,
+    file: &Path,
+    dir: &Path,
+) -> Result<Running> {
+    let Target { server, .. } = target;
+    let tls = match (target.tls, tls) {
+        (true, Some(tls)) => Some(tls),
+        (true, None) => bail!("{} needs TLS credentials", target.name()),
+        (false, _) => None,
+    };
     let port = free_port()?;
     let path = file.to_str().context("paths must be UTF-8")?;
     let mut qmp_socket = None;
@@ -111,6 +214,11 @@ pub async fn start(server: Server, ferry: &FerryCmd, file: &Path, dir: &Path) ->
             };
             c.args(["nbd-serve", "--listen", &format!("127.0.0.1:{port}")])
                 .args(["--export", &format!("{EXPORT}={path}")]);
+            if let Some(tls) = tls {
+                c.args(["--tls-cert", &tls.server_file("server-cert.pem")?])
+                    .args(["--tls-key", &tls.server_file("server-key.pem")?])
+                    .args(["--tls-ca", &tls.server_file("ca-cert.pem")?]);
+            }
             c
         }
         Server::QemuNbd | Server::QemuNbdDirect => {
@@ -123,14 +231,26 @@ pub async fn start(server: Server, ferry: &FerryCmd, file: &Path, dir: &Path) ->
             c.args(["-f", "raw", "-x", EXPORT, "-b", "127.0.0.1", "-p"])
                 .arg(port.to_string())
                 .args(cache)
-                .args(["--discard=unmap", "--detect-zeroes=unmap", path]);
+                .args(["--discard=unmap", "--detect-zeroes=unmap"]);
+            if let Some(tls) = tls {
+                c.args(["--object", &tls.qemu_object("server")?])
+                    .args(["--tls-creds", "tls0"]);
+            }
+            c.arg(path);
             c
         }
         Server::Nbdkit => {
             let mut c = Command::new("nbdkit");
             c.args(["-f", "-i", "127.0.0.1", "-p"])
                 .arg(port.to_string())
-                .args(["-e", EXPORT, "file", path]);
+                .args(["-e", EXPORT]);
+            if let Some(tls) = tls {
+                let dir = tls.server.to_str().context("paths must be UTF-8")?;
+                c.arg("--tls=require")
+                    .arg(format!("--tls-certificates={dir}"))
+                    .arg("--tls-verify-peer");
+            }
+            c.args(["file", path]);
             c
         }
         Server::Qemu => {
@@ -141,6 +261,9 @@ pub async fn start(server: Server, ferry: &FerryCmd, file: &Path, dir: &Path) ->
                 "driver=raw,node-name={EXPORT},discard=unmap,detect-zeroes=unmap,\
                      file.driver=file,file.filename={path},file.discard=unmap"
             ));
+            if let Some(tls) = tls {
+                c.arg("-object").arg(tls.qemu_object("server")?);
+            }
             qmp_socket = Some(sock);
             c
         }
@@ -150,7 +273,7 @@ pub async fn start(server: Server, ferry: &FerryCmd, file: &Path, dir: &Path) ->
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .with_context(|| format!("start {}", server.name()))?;
+        .with_context(|| format!("start {}", target.name()))?;
     let mut running = Running {
         child,
         qmp: None,
@@ -158,11 +281,11 @@ pub async fn start(server: Server, ferry: &FerryCmd, file: &Path, dir: &Path) ->
     };
     if let Some(sock) = qmp_socket {
         let qmp = connect_qmp(&sock).await?;
-        qmp.execute_raw(
-            "nbd-server-start",
-            json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}}}),
-        )
-        .await?;
+        let mut args = json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}}});
+        if tls.is_some() {
+            args["tls-creds"] = json!("tls0");
+        }
+        qmp.execute_raw("nbd-server-start", args).await?;
         qmp.execute_raw(
             "block-export-add",
             json!({"type": "nbd", "id": "exp0", "node-name": EXPORT, "name": EXPORT, "writable": true}),
@@ -170,7 +293,7 @@ pub async fn start(server: Server, ferry: &FerryCmd, file: &Path, dir: &Path) ->
         .await?;
         running.qmp = Some(qmp);
     }
-    wait_listening(port, &mut running.child, server).await?;
+    wait_listening(port, &mut running.child, target).await?;
     Ok(running)
 }
 
@@ -188,7 +311,7 @@ pub async fn connect_qmp(sock: &PathBuf) -> Result<qmp::Qmp> {
     }
 }
 
-async fn wait_listening(port: u16, child: &mut Child, server: Server) -> Result<()> {
+async fn wait_listening(port: u16, child: &mut Child, target: Target) -> Result<()> {
     let started = Instant::now();
     loop {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -198,10 +321,10 @@ async fn wait_listening(port: u16, child: &mut Child, server: Server) -> Result<
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
-            bail!("{} exited ({status}) before listening", server.name());
+            bail!("{} exited ({status}) before listening", target.name());
         }
         if started.elapsed() > Duration::from_secs(10) {
-            bail!("{} did not listen on port {port} in 10 s", server.name());
+            bail!("{} did not listen on port {port} in 10 s", target.name());
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -35,6 +35,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
+use tracing::debug;
 
 use super::export::{ExportState, Registry};
 use super::transport::{self, Transport};
@@ -184,6 +185,8 @@ where
     let mut stream = transport::accept_tls(acceptor, stream)
         .await
         .map_err(HandshakeError::Tls)?;
+    let (_, session) = stream.get_ref();
+    debug!(suite = ?session.negotiated_cipher_suite().map(|s| s.suite()), "TLS established");
     // No second greeting: haggling starts over on the encrypted channel with a fresh state.
     Ok(
         match haggle(&mut stream, policy, client, Channel::Encrypted).await? {

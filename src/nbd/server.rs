@@ -3,9 +3,10 @@
 //!
 //! Lifecycle of a connection: accepted (refused at once when `max_connections` are open) →
 //! handshake (with `tls` configured: STARTTLS and the TLS handshake first), bounded by
-//! `handshake_timeout` → transmission until the client leaves or its export is stopped. Stopping an export (removal) or the server (shutdown) cancels a token:
-//! handshakes are dropped, transmissions stop reading and finish what they already read. Only
-//! then is the file flushed.
+//! `handshake_timeout` → transmission until the client leaves or its export is stopped.
+//! Stopping an export (removal) or the server (shutdown) cancels a token: handshakes are
+//! dropped, transmissions stop reading and finish what they already read (over TLS the session
+//! then ends with `close_notify`). Only then is the file flushed.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

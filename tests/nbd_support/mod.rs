@@ -163,6 +163,7 @@ pub const IHAVEOPT: &[u8; 8] = b"IHAVEOPT";
 pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
+pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
@@ -242,10 +243,51 @@ impl Reply {
     }
 }
 
+/// The raw client's byte stream: TCP, or TLS over it after `NBD_OPT_STARTTLS`.
+pub enum Wire {
+    Tcp(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Wire {
+    /// Looks at what the server sent without taking it (plain TCP only).
+    pub fn peek(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Wire::Tcp(s) => s.peek(buf),
+            Wire::Tls(_) => Err(std::io::Error::other("peek works on plain TCP only")),
+        }
+    }
+}
+
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Wire::Tcp(s) => s.read(buf),
+            Wire::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Wire::Tcp(s) => s.write(buf),
+            Wire::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Wire::Tcp(s) => s.flush(),
+            Wire::Tls(s) => s.flush(),
+        }
+    }
+}
+
 /// A raw NBD client over a blocking socket (every read has a timeout, so a server bug fails
 /// the test instead of hanging it).
 pub struct Raw {
-    pub s: TcpStream,
+    pub s: Wire,
     pub style: Style,
     pub size: u64,
     pub flags: u16,
@@ -256,11 +298,8 @@ pub struct Raw {
 
 impl Raw {
     /// Connects and reads the greeting; sends client flags FIXED_NEWSTYLE | NO_ZEROES.
-    pub fn connect(addr: SocketAddr) -> Raw {
-        let s = TcpStream::connect(addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("timeout");
-        let mut raw = Raw {
+    fn on(s: Wire) -> Raw {
+        Raw {
             s,
             style: Style::Simple,
             size: 0,
@@ -268,7 +307,14 @@ impl Raw {
             pending_reads: HashMap::new(),
             partial: HashMap::new(),
             done: HashSet::new(),
-        };
+        }
+    }
+
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut raw = Raw::on(Wire::Tcp(s));
         let mut greeting = [0u8; 18];
         raw.s.read_exact(&mut greeting).expect("greeting");
         assert_eq!(&greeting[..8], NBDMAGIC);
@@ -285,6 +331,7 @@ impl Raw {
         b.extend_from_slice(&(data.len() as u32).to_be_bytes());
         b.extend_from_slice(data);
         self.s.write_all(&b).expect("send option");
+        self.s.flush().expect("send option");
     }
 
     /// One option reply: (option, reply type, data).
@@ -310,6 +357,40 @@ impl Raw {
     /// when chunked replies are on.
     pub fn open(addr: SocketAddr, name: &str, style: Style) -> Raw {
         let mut raw = Raw::connect(addr);
+        raw.go(name, style);
+        raw
+    }
+
+    /// Like [`Raw::open`], over TLS: `NBD_OPT_STARTTLS` first, then the handshake with
+    /// `config` (checking the server's certificate for `server_name`), then the rest.
+    pub fn open_tls(
+        addr: SocketAddr,
+        name: &str,
+        style: Style,
+        config: std::sync::Arc<rustls::ClientConfig>,
+        server_name: &str,
+    ) -> Raw {
+        let mut plain = Raw::connect(addr);
+        plain.option(OPT_STARTTLS, &[]);
+        assert_eq!(plain.option_reply().1, REP_ACK, "STARTTLS");
+        let Wire::Tcp(mut tcp) = plain.s else {
+            panic!("TLS twice");
+        };
+        let name_ = rustls::pki_types::ServerName::try_from(server_name.to_string())
+            .expect("a server name");
+        let mut conn = rustls::ClientConnection::new(config, name_).expect("TLS client");
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).expect("TLS handshake");
+        }
+        let mut raw = Raw::on(Wire::Tls(Box::new(rustls::StreamOwned::new(conn, tcp))));
+        raw.go(name, style);
+        raw
+    }
+
+    /// Negotiates `style` (and `base:allocation` when chunked) and enters transmission on
+    /// export `name`.
+    fn go(&mut self, name: &str, style: Style) {
+        let raw = self;
         match style {
             Style::Simple => {}
             Style::Structured => {
@@ -350,7 +431,6 @@ impl Raw {
                 ),
             }
         }
-        raw
     }
 
     /// Sends one request; `payload` follows the header as is.
@@ -387,6 +467,7 @@ impl Raw {
             self.pending_reads.insert(cookie, (offset, len));
         }
         self.s.write_all(&b).expect("send request");
+        self.s.flush().expect("send request");
     }
 
     pub fn read(&mut self, cookie: u64, offset: u64, len: u64) {
@@ -427,9 +508,35 @@ impl Raw {
         );
     }
 
+    /// Reads replies until the server closes the connection cleanly (over TLS: with
+    /// `close_notify`); returns the cookies whose replies completed, in order. Fails the test
+    /// on anything else (a timeout, a TLS session cut without `close_notify`).
+    pub fn replies_until_closed(&mut self) -> Vec<(u64, Reply)> {
+        let mut first = [0u8; 1];
+        loop {
+            match self.s.read(&mut first) {
+                Ok(0) => break,
+                Ok(_) => self.message(first[0]),
+                Err(e) => panic!("the connection neither answered nor closed cleanly: {e}"),
+            }
+        }
+        let mut done: Vec<u64> = self.done.drain().collect();
+        done.sort_unstable();
+        done.into_iter()
+            .map(|c| (c, self.partial.remove(&c).unwrap_or_default()))
+            .collect()
+    }
+
     fn next_message(&mut self) {
-        let mut magic = [0u8; 4];
-        self.s.read_exact(&mut magic).expect("reply magic");
+        let mut first = [0u8; 1];
+        self.s.read_exact(&mut first).expect("reply magic");
+        self.message(first[0]);
+    }
+
+    /// One message, whose first byte was read already.
+    fn message(&mut self, first: u8) {
+        let mut magic = [first, 0, 0, 0];
+        self.s.read_exact(&mut magic[1..]).expect("reply magic");
         match u32::from_be_bytes(magic) {
             0x6744_6698 => {
                 let mut h = [0u8; 12];
@@ -536,7 +643,8 @@ impl Raw {
 
 /// Reads until the peer closes (EOF, or a reset, which is a close too) and returns what came
 /// before; a read timeout (the socket's, so the wait is bounded) is an error, never a close.
-pub fn read_until_closed(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+/// Over TLS only a `close_notify` is a close: a bare TCP end reads as an error.
+pub fn read_until_closed(s: &mut impl Read) -> std::io::Result<Vec<u8>> {
     let mut rest = Vec::new();
     let mut buf = [0u8; 4096];
     loop {

@@ -115,6 +115,18 @@ impl Creds {
         ferry::tls::server_config(&identity, roots).expect("server config")
     }
 
+    /// A client configuration from the client directory: its CA to check the server with,
+    /// its certificate to present.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let identity = ferry::tls::Identity::load(
+            &self.client_dir.join("client-cert.pem"),
+            &self.client_dir.join("client-key.pem"),
+        )
+        .expect("client identity");
+        let roots = ferry::tls::read_roots(&self.client_dir.join("ca-cert.pem")).expect("CA");
+        ferry::tls::client_config(Some(roots), Some(&identity)).expect("client config")
+    }
+
     /// A client directory that trusts this server's CA but presents `other`'s client
     /// certificate: a client of another migration (or another site). Its CA file holds both
     /// CAs, so that the client's own sanity check of its certificate passes and the refusal,
