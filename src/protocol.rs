@@ -113,8 +113,8 @@ pub enum SourceMessage {
         /// which an agent with `--require-tls` refuses).
         tls: bool,
     },
-    /// Start the destination QEMU and listen for the RAM. Sent right after `Prepared`, so that
-    /// the QEMU starts while the disks copy (paused, `-incoming defer`, images inactive: it does
+    /// Start the destination QEMU and listen for the RAM. Sent once the mirror jobs run, so
+    /// that the QEMU starts while the disks copy (paused, `-incoming defer`, images inactive: it does
     /// not touch them until the hand-over).
     StartDestination {
         /// RAM stream connections (QEMU's multifd channels); 1: one plain stream, no multifd.

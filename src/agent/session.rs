@@ -323,7 +323,7 @@ where
     W: AsyncWrite + Unpin,
 {
     protocol::write_message(wr, &prepared).await?;
-    // Sent right after `Prepared`; no timeout on the reads from here (a mirror may take hours),
+    // Sent once the source's mirrors run; no timeout on the reads from here (a mirror may take hours),
     // TCP keepalive notices a dead peer.
     let parallel = match protocol::read_message(rd).await? {
         SourceMessage::StartDestination { parallel } => parallel,
