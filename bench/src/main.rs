@@ -251,7 +251,7 @@ async fn run_all(
             continue;
         }
         for round in 0..plan.migration_repeats {
-            for flow in ["ferry", "ferry --insecure", "native"] {
+            for flow in ["ferry", "ferry --insecure", "ferry --parallel 2", "native"] {
                 note(&format!(
                     "{section}: {flow} flow (round {} of {})",
                     round + 1,
@@ -278,9 +278,11 @@ async fn migrate(
     setup: &Setup,
 ) -> Result<migration::MigrationRun> {
     let run = match flow {
-        "ferry" => migration::ferry(ferry, dir, setup, false).await,
-        "ferry --insecure" => migration::ferry(ferry, dir, setup, true).await,
-        _ => native::run(dir, setup).await,
+        "native" => native::run(dir, setup).await,
+        _ => {
+            let flags: Vec<&str> = flow.split_whitespace().skip(1).collect();
+            migration::ferry(ferry, dir, setup, &flags).await
+        }
     };
     let _ = std::fs::remove_dir_all(dir);
     run

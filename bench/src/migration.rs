@@ -113,21 +113,19 @@ pub async fn quit(qmp: &Path) {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
-/// ferry end to end: `ferry agent` on 127.0.0.1 and `ferry migrate --json`; encrypted (the
-/// default) or with `--insecure`.
+/// ferry end to end: `ferry agent` on 127.0.0.1 and `ferry migrate --json` with `flags` (none:
+/// the defaults, encrypted). The row is named `ferry` followed by the flags.
 pub async fn ferry(
     ferry_bin: &Path,
     dir: &Path,
     setup: &Setup,
-    insecure: bool,
+    flags: &[&str],
 ) -> Result<MigrationRun> {
     let mut run = MigrationRun {
-        flow: if insecure {
-            "ferry --insecure"
-        } else {
-            "ferry"
-        }
-        .into(),
+        flow: std::iter::once("ferry")
+            .chain(flags.iter().copied())
+            .collect::<Vec<_>>()
+            .join(" "),
         ..Default::default()
     };
     let source = boot_source(dir, setup).await?;
@@ -169,7 +167,7 @@ pub async fn ferry(
             "--mirror-timeout",
             &setup.mirror_timeout.as_secs().to_string(),
         ])
-        .args(insecure.then_some("--insecure"))
+        .args(flags)
         .env("FERRY_STATE_DIR", dir.join("source-state"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

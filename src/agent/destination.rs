@@ -185,7 +185,8 @@ impl Destination {
                     "object-add",
                     json!({"qom-type": "tls-creds-x509", "id": INCOMING_TLS_OBJECT,
                            "dir": dir.display().to_string(), "endpoint": "server",
-                           "verify-peer": true}),
+                           "verify-peer": true,
+                           "priority": crate::tls::migration::QEMU_TLS_PRIORITY}),
                 )
                 .await
                 .map_err(qmp_err("creating the RAM stream's TLS credentials"))?;

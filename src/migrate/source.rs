@@ -302,7 +302,8 @@ impl SourceQemu {
                 "object-add",
                 json!({"qom-type": "tls-creds-x509", "id": tls.object,
                        "dir": tls.dir.display().to_string(), "endpoint": "client",
-                       "verify-peer": true}),
+                       "verify-peer": true,
+                       "priority": crate::tls::migration::QEMU_TLS_PRIORITY}),
             )
             .await
             .map_err(ctx(
