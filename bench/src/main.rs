@@ -278,7 +278,8 @@ async fn migrate(
     setup: &Setup,
 ) -> Result<migration::MigrationRun> {
     let run = match flow {
-        "native" => native::run(dir, setup).await,
+        "native" => native::run(dir, setup, false).await,
+        "native --tls" => native::run(dir, setup, true).await,
         _ => {
             let flags: Vec<&str> = flow.split_whitespace().skip(1).collect();
             migration::ferry(ferry, dir, setup, &flags).await

@@ -31,10 +31,12 @@ use crate::migration::{boot_source, finish_acks, quit, verify, MigrationRun, Set
 use crate::mirror::wait_job;
 use crate::servers::free_port;
 
-/// Runs the QEMU-only migration of a freshly booted guest.
-pub async fn run(dir: &Path, setup: &Setup) -> Result<MigrationRun> {
+/// Runs the QEMU-only migration of a freshly booted guest; with `tls`, the NBD connection and
+/// the migration stream use one migration's x509 credentials (as libvirt's `--tls` does), with
+/// the same cipher priority ferry gives QEMU.
+pub async fn run(dir: &Path, setup: &Setup, tls: bool) -> Result<MigrationRun> {
     let mut run = MigrationRun {
-        flow: "native".into(),
+        flow: if tls { "native --tls" } else { "native" }.into(),
         ..Default::default()
     };
     let source = boot_source(dir, setup).await?;
@@ -43,7 +45,7 @@ pub async fn run(dir: &Path, setup: &Setup) -> Result<MigrationRun> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let dest_image = dir.join("dest-vda.raw");
     let started = Instant::now();
-    let result = steps(dir, setup, &source, &dest_image, &watch, &mut run).await;
+    let result = steps(dir, setup, &source, &dest_image, &watch, &mut run, tls).await;
     let (switch_at, done_at, dest) = match result {
         Ok(marks) => marks,
         Err(e) => {
@@ -82,6 +84,7 @@ async fn steps(
     dest_image: &Path,
     watch: &AckWatch,
     run: &mut MigrationRun,
+    tls: bool,
 ) -> Result<Marks> {
     // libvirt pre-creates the destination image (sparse, same size) and starts QEMU paused.
     std::fs::File::create(dest_image)?.set_len(setup.disk)?;
@@ -109,13 +112,40 @@ async fn steps(
         caps(&["late-block-activate", "return-path"]),
     )
     .await?;
+    let tls_object = |endpoint: &str, dir: &Path| {
+        json!({"qom-type": "tls-creds-x509", "id": "tls0", "dir": dir.display().to_string(),
+               "endpoint": endpoint, "verify-peer": true,
+               "priority": ferry::tls::migration::QEMU_TLS_PRIORITY})
+    };
+    let hostname = ferry::tls::migration::TLS_HOSTNAME;
+    if tls {
+        let creds = ferry::tls::migration::MigrationCredentials::generate()?;
+        let (server_dir, client_dir) = (dir.join("tls-server"), dir.join("tls-client"));
+        creds.write_qemu_server_dir(&server_dir)?;
+        creds.client_bundle().write_qemu_dir(&client_dir)?;
+        dq.execute_raw("object-add", tls_object("server", &server_dir))
+            .await
+            .context("destination tls-creds-x509")?;
+        dq.execute_raw("migrate-set-parameters", json!({"tls-creds": "tls0"}))
+            .await?;
+        let sq = qmp::Qmp::connect_unix(source.guest.qmp_socket()).await?;
+        sq.execute_raw("object-add", tls_object("client", &client_dir))
+            .await
+            .context("source tls-creds-x509")?;
+        sq.execute_raw(
+            "migrate-set-parameters",
+            json!({"tls-creds": "tls0", "tls-hostname": hostname}),
+        )
+        .await?;
+    }
     let nbd_port = free_port()?;
-    dq.execute_raw(
-        "nbd-server-start",
-        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": nbd_port.to_string()}}}),
-    )
-    .await
-    .context("nbd-server-start")?;
+    let mut nbd_args = json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": nbd_port.to_string()}}});
+    if tls {
+        nbd_args["tls-creds"] = json!("tls0");
+    }
+    dq.execute_raw("nbd-server-start", nbd_args)
+        .await
+        .context("nbd-server-start")?;
     dq.execute_raw(
         "block-export-add",
         json!({"type": "nbd", "id": "drive-vda", "node-name": "vda", "name": "vda", "writable": true}),
@@ -132,13 +162,14 @@ async fn steps(
 
     // Source: mirror into the destination's own NBD server.
     let mut events = sq.events();
-    sq.execute_raw(
-        "blockdev-add",
-        json!({"driver": "nbd", "node-name": "mig-vda", "export": "vda",
-               "server": {"type": "inet", "host": "127.0.0.1", "port": nbd_port.to_string()},
-               "discard": "unmap", "detect-zeroes": "unmap"}),
-    )
-    .await?;
+    let mut target = json!({"driver": "nbd", "node-name": "mig-vda", "export": "vda",
+           "server": {"type": "inet", "host": "127.0.0.1", "port": nbd_port.to_string()},
+           "discard": "unmap", "detect-zeroes": "unmap"});
+    if tls {
+        target["tls-creds"] = json!("tls0");
+        target["tls-hostname"] = json!(hostname);
+    }
+    sq.execute_raw("blockdev-add", target).await?;
     let mirror_start = Instant::now();
     sq.execute_raw(
         "blockdev-mirror",

@@ -114,7 +114,9 @@ impl TestQemu {
 
     fn wait_for_sockets(&mut self, within: Duration) {
         let deadline = Instant::now() + within;
-        while !self.sockets.iter().all(|s| s.exists()) {
+        // Listening, not just created: QEMU binds (the file appears) a moment before it listens,
+        // and a connect in between is refused.
+        while !self.sockets.iter().all(|s| listening(s)) {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
                     "QEMU {} exited before creating its QMP sockets: {status}",
@@ -168,4 +170,18 @@ impl Drop for TestQemu {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether a unix socket at `path` is listening (its `/proc/net/unix` entry has the
+/// accepting-connections flag), found without connecting to it: a QMP monitor takes one client.
+fn listening(path: &Path) -> bool {
+    const ACCEPTING: &str = "00010000";
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return path.exists();
+    };
+    let path = path.to_string_lossy();
+    table.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8 && fields[3] == ACCEPTING && fields[7] == path
+    })
 }
