@@ -251,7 +251,13 @@ async fn run_all(
             continue;
         }
         for round in 0..plan.migration_repeats {
-            for flow in ["ferry", "ferry --insecure", "ferry --parallel 2", "native"] {
+            for flow in [
+                "ferry",
+                "ferry --insecure",
+                "ferry --parallel 2",
+                "native",
+                "native --tls",
+            ] {
                 note(&format!(
                     "{section}: {flow} flow (round {} of {})",
                     round + 1,

@@ -128,7 +128,6 @@ async fn steps(
             .context("destination tls-creds-x509")?;
         dq.execute_raw("migrate-set-parameters", json!({"tls-creds": "tls0"}))
             .await?;
-        let sq = qmp::Qmp::connect_unix(source.guest.qmp_socket()).await?;
         sq.execute_raw("object-add", tls_object("client", &client_dir))
             .await
             .context("source tls-creds-x509")?;
