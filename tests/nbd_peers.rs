@@ -447,8 +447,10 @@ fn tls_refuses_clients_without_the_client_certificate() {
             &opts,
         ],
     );
+    // The server's alert, or (when QEMU was still writing as the server closed) the handshake
+    // failing on the closed socket: either way the handshake is what failed.
     assert!(
-        refused.contains("TLS fatal alert"),
+        refused.contains("TLS fatal alert") || refused.contains("TLS handshake failed"),
         "qemu-img with another CA's client certificate:\n{refused}"
     );
     assert!(
