@@ -123,20 +123,17 @@ impl MigrationCredentials {
     /// A fresh CA and the two certificates it signs; the CA key is dropped on return.
     pub fn generate() -> Result<MigrationCredentials, TlsError> {
         let now = time::OffsetDateTime::now_utc();
+        // Valid from a day back (two hosts' clocks disagree) to VALIDITY ahead; named `name`.
         let dated = |mut params: CertificateParams, name: &str| {
             params.not_before = now - time::Duration::days(1);
             params.not_after = now + VALIDITY;
+            params.distinguished_name = rcgen::DistinguishedName::new();
             params.distinguished_name.push(DnType::CommonName, name);
             params
         };
 
         let ca_key = KeyPair::generate()?;
         let mut ca_params = dated(CertificateParams::default(), "ferry migration CA");
-        ca_params.distinguished_name = {
-            let mut dn = rcgen::DistinguishedName::new();
-            dn.push(DnType::CommonName, "ferry migration CA");
-            dn
-        };
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca_cert = ca_params.self_signed(&ca_key)?;
@@ -145,11 +142,6 @@ impl MigrationCredentials {
         let leaf = |name: &str, san: Vec<String>, usage: ExtendedKeyUsagePurpose| {
             let key = KeyPair::generate()?;
             let mut params = dated(CertificateParams::new(san)?, name);
-            params.distinguished_name = {
-                let mut dn = rcgen::DistinguishedName::new();
-                dn.push(DnType::CommonName, name);
-                dn
-            };
             params.is_ca = IsCa::ExplicitNoCa;
             params.key_usages = vec![
                 KeyUsagePurpose::DigitalSignature,
