@@ -192,9 +192,13 @@ impl Settle<'_> {
         let deadline = Instant::now() + self.agent_wait;
         loop {
             match control::resolve(&record.to, self.auth, &record.migration_id, true).await {
-                Err(e @ (ControlError::Lost(_) | ControlError::Connect { .. }))
-                    if Instant::now() + RETRY_EVERY < deadline =>
-                {
+                // A TLS handshake cut short is as transient as a refused connect: a restarted
+                // agent accepts before it is ready to answer.
+                Err(
+                    e @ (ControlError::Lost(_)
+                    | ControlError::Connect { .. }
+                    | ControlError::Tls { .. }),
+                ) if Instant::now() + RETRY_EVERY < deadline => {
                     info!(error = %e, "agent not reachable yet; retrying");
                     tokio::time::sleep(RETRY_EVERY).await;
                 }
