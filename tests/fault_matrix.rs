@@ -12,16 +12,15 @@
 //! killed or left its journal (the VM paused, undecided). The phases run concurrently, one
 //! namespace and one guest each; the table of outcomes is printed at the end.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ferry_harness::*;
 use ferry_testkit::{verify_disk, Acks, ImageFormat, RunningGuest};
 use serde_json::Value;
-use support::handover::*;
-use support::*;
+
+const FERRY: Ferry = Ferry::new(env!("CARGO_BIN_EXE_ferry"));
 
 const TOKEN: &str = "fault-matrix-token-0123456789abcdef";
 /// How long a held process stays held when the fault strikes something else meanwhile.
@@ -161,7 +160,7 @@ impl Drop for Tmpfs {
 
 fn spawn_migrate(rig: &Rig, qmp: &Path, to: &str, hold: Option<String>, args: &[&str]) -> Child {
     let case = rig.dir.join(format!("case-{}", rig.case));
-    let mut cmd = migrate_command(qmp, to, &rig.token);
+    let mut cmd = FERRY.migrate_command(qmp, to, &rig.token);
     cmd.args(args)
         .stdout(std::fs::File::create(case.join("migrate.out")).expect("out"))
         .stderr(std::fs::File::create(case.join("migrate.err")).expect("err"));
@@ -220,7 +219,7 @@ async fn run_case(rig: &mut Rig, phase: Phase, fault: Fault) -> Row {
     } else {
         vec![]
     };
-    let mut agent = spawn_agent_in(
+    let mut agent = FERRY.spawn_agent_in(
         Some(&rig.ns.name),
         &storage,
         &rig.token,
@@ -263,7 +262,7 @@ async fn run_case(rig: &mut Rig, phase: Phase, fault: Fault) -> Row {
         Fault::KillAgent => {
             agent.kill();
             std::thread::sleep(Duration::from_millis(500));
-            agent = spawn_agent_in(
+            agent = FERRY.spawn_agent_in(
                 Some(&rig.ns.name),
                 &storage,
                 &rig.token,
@@ -318,7 +317,7 @@ async fn run_case(rig: &mut Rig, phase: Phase, fault: Fault) -> Row {
     let recovered = !journals(&rig.token).is_empty();
     let mut recover_said = String::new();
     if recovered {
-        let (code, json, stderr) = recover(&qmp_path, &rig.token);
+        let (code, json, stderr) = FERRY.recover(&qmp_path, &rig.token);
         recover_said = format!("{json} {stderr}");
         assert_eq!(
             code,

@@ -7,15 +7,14 @@
 //! Faults are placed with `FERRY_HOLD_AT` (see `src/faults.rs`): the process stops at the named
 //! point, says so on stderr, and the test kills it (or something else) there.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
+use ferry_harness::*;
 use ferry_testkit::qemu::qemu_7_2;
 use serde_json::Value;
-use support::handover::*;
-use support::*;
+
+const FERRY: Ferry = Ferry::new(env!("CARGO_BIN_EXE_ferry"));
 
 const TOKEN: &str = "handover-test-token-0123456789abcdef";
 
@@ -34,14 +33,14 @@ async fn source_keeps_the_vm(qemu: &Path) {
     //    migration fails, QEMU resumes the source, and the agent removes everything.
     let broken = qemu_without_virtio_blk(tmp.path(), qemu);
     let broken = broken.to_str().expect("utf-8");
-    let agent = spawn_agent_with(
+    let agent = FERRY.spawn_agent_with(
         &storage,
         &token,
         "127.0.0.1:0",
         &["--qemu-binary", broken],
         &[],
     );
-    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    let run = FERRY.migrate(guest.qmp_socket(), &agent.addr, &token);
     assert_eq!(run.code, 1, "{:?}\n{}", run.events.last(), run.stderr);
     let last = run.last();
     assert_eq!(last["event"], "failed", "{last}");
@@ -56,8 +55,8 @@ async fn source_keeps_the_vm(qemu: &Path) {
     // 2. `ferry migrate` killed at pre-switchover (guest paused, migration held): the source
     //    stays paused until `ferry recover`, which cancels and resumes it.
     let qemu_arg = ["--qemu-binary", qemu.to_str().expect("utf-8")];
-    let agent = spawn_agent_with(&storage, &token, "127.0.0.1:0", &qemu_arg, &[]);
-    let held = HeldMigrate::start(
+    let agent = FERRY.spawn_agent_with(&storage, &token, "127.0.0.1:0", &qemu_arg, &[]);
+    let held = FERRY.held_migrate(
         guest.qmp_socket(),
         &agent.addr,
         &token,
@@ -67,7 +66,7 @@ async fn source_keeps_the_vm(qemu: &Path) {
     held.wait_held();
     held.kill();
     assert_eq!(journals(&token).len(), 1, "the journal outlives the driver");
-    let (code, out, err) = recover(guest.qmp_socket(), &token);
+    let (code, out, err) = FERRY.recover(guest.qmp_socket(), &token);
     assert_eq!(code, 0, "{out} {err}");
     assert_eq!(out["owner"], "source", "{out}");
     assert_on_source(&mut guest, &token, &agent).await;
@@ -75,7 +74,7 @@ async fn source_keeps_the_vm(qemu: &Path) {
     // 3. The destination QEMU dies while the agent is about to start it (after the source
     //    completed): it never ran, so the agent answers `Abandoned` and the source resumes.
     drop(agent);
-    let agent = spawn_agent_with(
+    let agent = FERRY.spawn_agent_with(
         &storage,
         &token,
         "127.0.0.1:0",
@@ -84,7 +83,8 @@ async fn source_keeps_the_vm(qemu: &Path) {
     );
     let log = storage.with_extension("log");
     let _ = std::fs::write(&log, "");
-    let child = migrate_command(guest.qmp_socket(), &agent.addr, &token)
+    let child = FERRY
+        .migrate_command(guest.qmp_socket(), &agent.addr, &token)
         .spawn()
         .expect("migrate");
     wait_for_text(&log, "holding at agent-commit", Duration::from_secs(120));
@@ -115,8 +115,8 @@ async fn source_keeps_the_vm(qemu: &Path) {
     drop(agent);
 
     // 4. After all that, a migration goes through.
-    let agent = spawn_agent_with(&storage, &token, "127.0.0.1:0", &qemu_arg, &[]);
-    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    let agent = FERRY.spawn_agent_with(&storage, &token, "127.0.0.1:0", &qemu_arg, &[]);
+    let run = FERRY.migrate(guest.qmp_socket(), &agent.addr, &token);
     assert_eq!(run.code, 0, "{:?}\n{}", run.events.last(), run.stderr);
     assert_on_destination(&mut guest, &token, &agent).await;
 }
@@ -142,14 +142,14 @@ async fn driver_killed_after_continue(qemu: &Path) {
         mut guest,
         ..
     } = OneDisk::boot_with(TOKEN, 128 << 20, 16, 50, qemu).await;
-    let agent = spawn_agent_with(
+    let agent = FERRY.spawn_agent_with(
         &tmp.path().join("storage"),
         &token,
         "127.0.0.1:0",
         &["--qemu-binary", qemu.to_str().expect("utf-8")],
         &[],
     );
-    let held = HeldMigrate::start(
+    let held = FERRY.held_migrate(
         guest.qmp_socket(),
         &agent.addr,
         &token,
@@ -160,7 +160,7 @@ async fn driver_killed_after_continue(qemu: &Path) {
     held.kill();
     // Neither copy runs now: the source is paused (completed or about to), the destination
     // waits for a verdict. The agent must keep it, whatever its window.
-    let (code, out, err) = recover(guest.qmp_socket(), &token);
+    let (code, out, err) = FERRY.recover(guest.qmp_socket(), &token);
     assert_eq!(code, 0, "{out} {err}");
     assert_eq!(out["owner"], "destination", "{out}");
     assert_on_destination(&mut guest, &token, &agent).await;
@@ -190,9 +190,11 @@ async fn agent_killed_during_the_hand_over_is_resumed_by_its_successor() {
             ..
         } = OneDisk::boot(TOKEN, 128 << 20, 16, 50).await;
         let storage = tmp.path().join("storage");
-        let mut agent = spawn_agent(&storage, &token, "127.0.0.1:0", &[("FERRY_HOLD_AT", point)]);
+        let mut agent =
+            FERRY.spawn_agent(&storage, &token, "127.0.0.1:0", &[("FERRY_HOLD_AT", point)]);
         let addr = agent.addr.clone();
-        let child = migrate_command(guest.qmp_socket(), &addr, &token)
+        let child = FERRY
+            .migrate_command(guest.qmp_socket(), &addr, &token)
             .spawn()
             .expect("migrate");
         wait_for_text(
@@ -201,7 +203,7 @@ async fn agent_killed_during_the_hand_over_is_resumed_by_its_successor() {
             Duration::from_secs(120),
         );
         agent.kill();
-        let agent = spawn_agent(&storage, &token, &addr, &[]);
+        let agent = FERRY.spawn_agent(&storage, &token, &addr, &[]);
         let out = child.wait_with_output().expect("migrate");
         let run = collect(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr);
         assert_eq!(
@@ -226,9 +228,10 @@ async fn sigterm_drains_the_agent_without_dropping_a_migration() {
         mut guest,
         ..
     } = OneDisk::boot(TOKEN, 128 << 20, 48, 50).await;
-    let mut agent = spawn_agent(&tmp.path().join("storage"), &token, "127.0.0.1:0", &[]);
+    let mut agent = FERRY.spawn_agent(&tmp.path().join("storage"), &token, "127.0.0.1:0", &[]);
     let out = tmp.path().join("migrate.out");
-    let mut child = migrate_command(guest.qmp_socket(), &agent.addr, &token)
+    let mut child = FERRY
+        .migrate_command(guest.qmp_socket(), &agent.addr, &token)
         .args(["--bandwidth", "8", "--ram-bandwidth", "0"])
         .stdout(std::fs::File::create(&out).expect("out"))
         .spawn()

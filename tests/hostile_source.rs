@@ -6,15 +6,15 @@
 //! Authenticated → Prepare), which can send any argv without booting QEMU; one boots the test
 //! guest with an option QEMU accepts on the source but the agent must not run.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry::migrate::control::{self, ClientStream};
 use ferry::protocol::{self, AgentMessage, Signer, SourceMessage};
 use ferry::vm::{DiskDescription, VmDescription};
-use support::*;
+use ferry_harness::*;
+
+const FERRY: Ferry = Ferry::new(env!("CARGO_BIN_EXE_ferry"));
 
 const TOKEN: &str = "hostile-test-token-0123456789abcdef";
 
@@ -144,7 +144,7 @@ fn agent() -> Setup {
     std::fs::write(allowed.join("bios.bin"), b"not really a bios").expect("bios");
     std::fs::write(root.join("secret"), b"host secret").expect("secret");
     std::os::unix::fs::symlink(root.join("secret"), allowed.join("escape")).expect("symlink");
-    let agent = AgentProc::start_bare(
+    let agent = FERRY.agent_bare(
         &root.join("storage"),
         &token,
         &["--allow-path".as_ref(), allowed.as_os_str()],
@@ -479,7 +479,7 @@ async fn an_agent_that_requires_tls_refuses_an_insecure_source() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let token = token_file(tmp.path(), TOKEN);
     let storage = tmp.path().join("storage");
-    let agent = AgentProc::start_bare(&storage, &token, &["--require-tls".as_ref()]);
+    let agent = FERRY.agent_bare(&storage, &token, &["--require-tls".as_ref()]);
     let mut peer = Peer::connect(&agent.addr).await;
     match peer
         .prepare_with(vm("qemu-system-x86_64", &[]), false)
@@ -510,7 +510,8 @@ fn a_token_file_others_can_read_is_refused_with_the_fix() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let token = token_file(tmp.path(), TOKEN);
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let out = std::process::Command::new(FERRY)
+    let out = FERRY
+        .command()
         .args(["agent", "--listen", "127.0.0.1:0", "--storage"])
         .arg(tmp.path())
         .arg("--token-file")
@@ -555,8 +556,8 @@ async fn a_real_source_with_a_tcp_chardev_is_refused_and_keeps_running() {
         Path::new(ferry_testkit::DEFAULT_QEMU),
     )
     .await;
-    let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
-    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    let agent = FERRY.agent(&tmp.path().join("storage"), &token, &[]);
+    let run = FERRY.migrate(guest.qmp_socket(), &agent.addr, &token);
     assert_eq!(run.code, 1, "{:?}", run.events.last());
     let error = run.last()["error"].as_str().unwrap_or_default().to_string();
     assert!(error.contains("-chardev socket"), "{error}");
@@ -571,13 +572,13 @@ async fn a_real_source_with_a_tcp_chardev_is_refused_and_keeps_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_unauthenticated_connections_do_not_stop_a_real_migration() {
     let mut setup = OneDisk::boot(TOKEN, 64 << 20, 4, 50).await;
-    let agent = setup.agent(&[]);
+    let agent = setup.agent(FERRY, &[]);
     let (token, guest) = (setup.token.clone(), &mut setup.guest);
     let idle: Vec<std::net::TcpStream> = (0..80)
         .map(|_| std::net::TcpStream::connect(&agent.addr).expect("an idle connection"))
         .collect();
-    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    let run = FERRY.migrate(guest.qmp_socket(), &agent.addr, &token);
     assert_eq!(run.code, 0, "{:?}\n{}", run.events.last(), run.stderr);
     drop(idle);
-    support::handover::assert_on_destination(guest, &token, &agent).await;
+    assert_on_destination(guest, &token, &agent).await;
 }

@@ -3,16 +3,15 @@
 //! acknowledged records on the destination image, the guest acknowledging on the side that owns
 //! it, the source QEMU's fate, the agent's storage directory, the error text a user sees.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferry_harness::*;
 use ferry_testkit::qemu::qemu_7_2;
 use ferry_testkit::{verify_disk, Acks, ImageFormat};
 use serde_json::Value;
-use support::handover::migration_dir;
-use support::*;
+
+const FERRY: Ferry = Ferry::new(env!("CARGO_BIN_EXE_ferry"));
 
 const TOKEN: &str = "e2e-test-token-0123456789abcdef";
 
@@ -83,9 +82,9 @@ async fn one_disk_migrates_while_the_guest_writes() {
         image,
         mut guest,
     } = OneDisk::boot(TOKEN, 256 << 20, 32, 50).await;
-    let mut agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
+    let mut agent = FERRY.agent(&tmp.path().join("storage"), &token, &[]);
 
-    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    let run = FERRY.migrate(guest.qmp_socket(), &agent.addr, &token);
     assert!(!run.of("mirror").is_empty(), "mirror progress is reported");
     assert_eq!(run.of("mirror_ready").len(), 1);
     assert!(!run.of("ram").is_empty(), "RAM progress is reported");
@@ -122,8 +121,8 @@ async fn two_disks_raw_and_qcow2_arrive_intact() {
         50,
     )
     .await;
-    let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
-    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    let agent = FERRY.agent(&tmp.path().join("storage"), &token, &[]);
+    let run = FERRY.migrate(guest.qmp_socket(), &agent.addr, &token);
     let _dest = check_completed(
         &run,
         &mut guest,
@@ -200,12 +199,12 @@ async fn refusals_leave_the_vm_untouched_and_nothing_behind() {
     )
     .await;
     let serial = guest.serial_log().to_path_buf();
-    let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
+    let agent = FERRY.agent(&tmp.path().join("storage"), &token, &[]);
 
-    let run = migrate(guest.qmp_socket(), &agent.addr, &wrong);
+    let run = FERRY.migrate(guest.qmp_socket(), &agent.addr, &wrong);
     assert_refused(&run, "negotiate", "token", &serial, Some(&agent)).await;
 
-    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    let run = FERRY.migrate(guest.qmp_socket(), &agent.addr, &token);
     assert_refused(&run, "negotiate", "destination has ", &serial, Some(&agent)).await;
     assert!(
         run.last()["error"]
@@ -220,7 +219,7 @@ async fn refusals_leave_the_vm_untouched_and_nothing_behind() {
         .expect("bind")
         .local_addr()
         .expect("addr");
-    let run = migrate(guest.qmp_socket(), &closed.to_string(), &token);
+    let run = FERRY.migrate(guest.qmp_socket(), &closed.to_string(), &token);
     assert_refused(&run, "negotiate", "cannot reach the agent", &serial, None).await;
 
     // A VM with an option that would share a host directory with the source.
@@ -246,7 +245,7 @@ async fn refusals_leave_the_vm_untouched_and_nothing_behind() {
         Path::new(ferry_testkit::DEFAULT_QEMU),
     )
     .await;
-    let run = migrate(guest2.qmp_socket(), &agent.addr, &token);
+    let run = FERRY.migrate(guest2.qmp_socket(), &agent.addr, &token);
     assert_refused(
         &run,
         "negotiate",
@@ -261,7 +260,8 @@ async fn refusals_leave_the_vm_untouched_and_nothing_behind() {
 /// returns the run's outcome.
 fn migrate_with_fault(qmp: &Path, to: &str, token: &Path, fault: impl FnOnce(u32)) -> MigrateRun {
     use std::io::{BufRead, BufReader, Read};
-    let mut child = migrate_command(qmp, to, token)
+    let mut child = FERRY
+        .migrate_command(qmp, to, token)
         .spawn()
         .expect("spawn migrate");
     let pid = child.id();
@@ -301,7 +301,7 @@ async fn faults_roll_back_and_a_later_migration_succeeds() {
     let pre_switchover = ["mirror", "start-destination", "ram"];
 
     // 1. The agent dies during the mirror.
-    let mut agent = AgentProc::start(&storage, &token, &[]);
+    let mut agent = FERRY.agent(&storage, &token, &[]);
     let agent_pid = agent.child.id();
     let run = migrate_with_fault(guest.qmp_socket(), &agent.addr, &token, |_| {
         let _ = std::process::Command::new("kill")
@@ -319,7 +319,7 @@ async fn faults_roll_back_and_a_later_migration_succeeds() {
     assert_eq!(run.last()["source_running"], Value::Bool(true));
     still_acking(&serial, "vda", 5).await;
     // A restarted agent cleans up what the killed one left.
-    let agent = AgentProc::start(&storage, &token, &[]);
+    let agent = FERRY.agent(&storage, &token, &[]);
     assert_eq!(agent.leftovers(), Vec::<String>::new());
     drop(agent);
 
@@ -339,12 +339,12 @@ async fn faults_roll_back_and_a_later_migration_succeeds() {
         .arg(&fake)
         .status()
         .expect("chmod");
-    let agent = AgentProc::start(
+    let agent = FERRY.agent(
         &storage,
         &token,
         &["--qemu-binary", fake.to_str().expect("utf-8")],
     );
-    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    let run = FERRY.migrate(guest.qmp_socket(), &agent.addr, &token);
     assert_refused(
         &run,
         "start-destination",
@@ -356,7 +356,7 @@ async fn faults_roll_back_and_a_later_migration_succeeds() {
     drop(agent);
 
     // 3. SIGINT to ferry migrate during the mirror.
-    let agent = AgentProc::start(&storage, &token, &[]);
+    let agent = FERRY.agent(&storage, &token, &[]);
     let run = migrate_with_fault(guest.qmp_socket(), &agent.addr, &token, |pid| {
         let _ = std::process::Command::new("kill")
             .args(["-INT", &pid.to_string()])
@@ -373,14 +373,14 @@ async fn faults_roll_back_and_a_later_migration_succeeds() {
     );
     assert_eq!(run.last()["source_running"], Value::Bool(true));
     still_acking(&serial, "vda", 5).await;
-    support::handover::wait_until(
+    wait_until(
         "the agent's storage empties",
         Duration::from_secs(15),
         || agent.leftovers().is_empty(),
     );
 
     // 4. After all that, a migration goes through.
-    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    let run = FERRY.migrate(guest.qmp_socket(), &agent.addr, &token);
     let _dest = check_completed(&run, &mut guest, &agent.storage, &[("vda", "disk-vda.raw")]).await;
 }
 
@@ -404,8 +404,8 @@ async fn qemu_7_2_source_migrates_to_7_2_and_to_10_0() {
     ] {
         let mut setup = OneDisk::boot_with(TOKEN, 128 << 20, 16, 50, &old).await;
         let args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
-        let agent = setup.agent(&args);
-        let run = migrate(setup.guest.qmp_socket(), &agent.addr, &setup.token);
+        let agent = setup.agent(FERRY, &args);
+        let run = FERRY.migrate(setup.guest.qmp_socket(), &agent.addr, &setup.token);
         let guest = &mut setup.guest;
         eprintln!("7.2 -> {label}: {}", run.last());
         let _dest = check_completed(&run, guest, &agent.storage, &[("vda", "disk-vda.raw")]).await;
@@ -426,8 +426,8 @@ async fn parallel_ram_streams_with_tls_from_10_0_and_7_2() {
     sources.extend(qemu_7_2());
     for qemu in sources {
         let mut setup = OneDisk::boot_with(TOKEN, 64 << 20, 8, 50, &qemu).await;
-        let agent = setup.agent(&["--qemu-binary", ferry_testkit::DEFAULT_QEMU]);
-        let run = migrate_with(
+        let agent = setup.agent(FERRY, &["--qemu-binary", ferry_testkit::DEFAULT_QEMU]);
+        let run = FERRY.migrate_with(
             setup.guest.qmp_socket(),
             &agent.addr,
             &setup.token,
@@ -456,8 +456,8 @@ async fn paused_vm_arrives_paused() {
             .expect("qmp");
         q.execute_raw("stop", Value::Null).await.expect("stop");
     }
-    let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
-    let run = migrate(guest.qmp_socket(), &agent.addr, &token);
+    let agent = FERRY.agent(&tmp.path().join("storage"), &token, &[]);
+    let run = FERRY.migrate(guest.qmp_socket(), &agent.addr, &token);
     assert_eq!(run.code, 0, "{:?}", run.events.last());
     let done = run.last();
     let _dest = PidGuard(done["destination"]["pid"].as_u64().map(|p| p as u32));
@@ -488,8 +488,8 @@ async fn a_guest_outpacing_the_mirror_still_converges() {
         mut guest,
         ..
     } = OneDisk::boot(TOKEN, 16 << 20, 0, 0).await;
-    let agent = AgentProc::start(&tmp.path().join("storage"), &token, &[]);
-    let run = migrate_with(
+    let agent = FERRY.agent(&tmp.path().join("storage"), &token, &[]);
+    let run = FERRY.migrate_with(
         guest.qmp_socket(),
         &agent.addr,
         &token,

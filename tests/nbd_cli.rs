@@ -1,13 +1,11 @@
 //! `ferry nbd-serve` as a user runs it: serves until SIGTERM/SIGINT, then exits 0 after a
 //! graceful stop; bad input is refused with exit code 2 and a message naming the problem.
 
-mod nbd_support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use nbd_support::pki::*;
-use nbd_support::*;
+use ferry_harness::files::*;
+use ferry_harness::nbd::pki::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 

@@ -1,15 +1,14 @@
 //! Bad and unusual input on a raw socket: each case gets the answer `doc/proto.md` prescribes,
 //! and the server keeps serving other clients (and other exports) afterwards.
 
-mod nbd_support;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use ferry::nbd::ServerConfig;
 use ferry::tls::migration::TLS_HOSTNAME;
-use nbd_support::*;
+use ferry_harness::files::*;
+use ferry_harness::nbd::*;
 
 const SIZE: u64 = 16 * MIB;
 

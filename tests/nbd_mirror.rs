@@ -5,8 +5,6 @@
 //!
 //! QMP is driven by a tiny JSON-lines helper here, on purpose independent of the `qmp` crate.
 
-mod nbd_support;
-
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -14,7 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry::nbd::ServerConfig;
-use nbd_support::*;
+use ferry_harness::files::*;
+use ferry_harness::nbd::*;
 use serde_json::{json, Value};
 
 /// QEMU, killed when dropped.

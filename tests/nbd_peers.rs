@@ -1,14 +1,13 @@
 //! The server against independent NBD clients: qemu-io and qemu-img (QEMU 10: extended
 //! headers), nbdcopy and nbdinfo (libnbd: structured replies, several connections).
 
-mod nbd_support;
-
 use std::path::Path;
 use std::process::Command;
 
 use ferry::nbd::ServerConfig;
-use nbd_support::pki::*;
-use nbd_support::*;
+use ferry_harness::files::*;
+use ferry_harness::nbd::pki::*;
+use ferry_harness::nbd::*;
 
 fn qemu_io(url: &str, commands: &[&str]) -> String {
     let mut args = vec!["-f", "raw"];

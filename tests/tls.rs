@@ -8,16 +8,15 @@
 //!   RAM (the kernel command line) never appear in the captured bytes; with `--insecure` both
 //!   do, so the check can fail.
 
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 use ferry::migrate::control::{self, AgentAuth, AgentLink, ControlError};
 use ferry::protocol::{self, AgentMessage, SourceMessage};
+use ferry_harness::*;
 use ferry_testkit::ImageFormat;
-use support::handover::*;
-use support::*;
+
+const FERRY: Ferry = Ferry::new(env!("CARGO_BIN_EXE_ferry"));
 
 const TOKEN: &str = "tls-test-token-0123456789abcdef";
 
@@ -32,7 +31,7 @@ fn auth() -> AgentAuth {
 async fn a_relayed_control_handshake_fails_authentication() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let token = token_file(tmp.path(), TOKEN);
-    let agent = AgentProc::start_bare(&tmp.path().join("storage"), &token, &[]);
+    let agent = FERRY.agent_bare(&tmp.path().join("storage"), &token, &[]);
 
     let (identity, _) =
         ferry::tls::Identity::load_or_create(&tmp.path().join("relay")).expect("relay identity");
@@ -80,7 +79,7 @@ async fn a_relayed_control_handshake_fails_authentication() {
 async fn a_plaintext_source_is_told_to_upgrade() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let token = token_file(tmp.path(), TOKEN);
-    let agent = AgentProc::start_bare(&tmp.path().join("storage"), &token, &[]);
+    let agent = FERRY.agent_bare(&tmp.path().join("storage"), &token, &[]);
     let stream = tokio::net::TcpStream::connect(&agent.addr)
         .await
         .expect("connect");
@@ -142,7 +141,7 @@ async fn captured_migration(
     .await;
 
     let storage = tmp.path().join("storage");
-    let agent = spawn_agent_in(
+    let agent = FERRY.spawn_agent_in(
         Some(&ns.name),
         &storage,
         &token,
@@ -178,7 +177,7 @@ async fn captured_migration(
         assert!(line.contains("listening on"), "tcpdump: {line}");
     }
 
-    let run = migrate_with(guest.qmp_socket(), &agent.addr, &token, extra);
+    let run = FERRY.migrate_with(guest.qmp_socket(), &agent.addr, &token, extra);
     let _ = Command::new("kill")
         .args(["-INT", &tcpdump.id().to_string()])
         .status();

@@ -1,91 +1,26 @@
-//! Pieces of the hand-over and fault-matrix tests: agents with their stderr in a file (where
-//! they say they hold), `ferry migrate` held at a fault point, `ferry recover`, the checks that
-//! exactly one copy of the VM runs with every acknowledged write and nothing left behind, and a
-//! network namespace that plays the destination host.
+//! What the end-to-end tests check from outside: where the VM runs, that it kept every
+//! acknowledged write, what ferry left behind on either end (QEMU nodes, jobs, capabilities,
+//! journals, key files, processes), and waits on conditions with a deadline.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_testkit::{verify_disk, Acks, ImageFormat, RunningGuest};
 use serde_json::Value;
 
-use super::*;
+use crate::agent::AgentProc;
+use crate::guest::{quit, still_acking, wait_exit};
+use crate::migrate::state_dir;
 
-/// A `ferry agent` with its stderr in a file (to see where it holds) on a given address.
-pub fn spawn_agent(storage: &Path, token: &Path, listen: &str, env: &[(&str, &str)]) -> AgentProc {
-    spawn_agent_with(storage, token, listen, &[], env)
-}
+/// Kills a daemonized destination QEMU when the test ends, whatever happened.
+pub struct PidGuard(pub Option<u32>);
 
-/// [`spawn_agent`] with more arguments.
-pub fn spawn_agent_with(
-    storage: &Path,
-    token: &Path,
-    listen: &str,
-    args: &[&str],
-    env: &[(&str, &str)],
-) -> AgentProc {
-    spawn_agent_in(None, storage, token, listen, args, env)
-}
-
-/// [`spawn_agent_with`] inside network namespace `netns` (when given).
-pub fn spawn_agent_in(
-    netns: Option<&str>,
-    storage: &Path,
-    token: &Path,
-    listen: &str,
-    args: &[&str],
-    env: &[(&str, &str)],
-) -> AgentProc {
-    std::fs::create_dir_all(storage).expect("storage");
-    let log = storage.with_extension("log");
-    let stderr = std::fs::File::options()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .expect("agent log");
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", ns, FERRY]);
-            cmd
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            kill9(pid);
         }
-        None => Command::new(FERRY),
-    };
-    let mut child = cmd
-        .args(["agent", "--listen", listen, "--storage"])
-        .arg(storage)
-        .arg("--token-file")
-        .arg(token)
-        .arg("--state-dir")
-        .arg(agent_state_dir(storage))
-        .args(["--recover-window", "20"])
-        .arg("--allow-path")
-        .arg(
-            guest_images()
-                .kernel
-                .parent()
-                .expect("guest image directory"),
-        )
-        .args(args)
-        .envs(env.iter().copied())
-        .env("FERRY_LOG", "ferry=info")
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .expect("spawn agent");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("agent prints its address");
-    let addr = line.trim().rsplit(' ').next().expect("address").to_string();
-    let host = listen.rsplit_once(':').map_or(listen, |(h, _)| h);
-    assert!(addr.starts_with(host), "agent said {line:?}");
-    AgentProc {
-        child,
-        addr,
-        storage: storage.to_path_buf(),
     }
 }
 
@@ -111,57 +46,6 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("{what}: not within {timeout:?}");
-}
-
-/// `ferry migrate` held at a fault point (it says so on stderr, kept in a file).
-pub struct HeldMigrate {
-    child: Child,
-    stderr: PathBuf,
-}
-
-impl HeldMigrate {
-    pub fn start(qmp: &Path, to: &str, token: &Path, hold: &str, dir: &Path) -> HeldMigrate {
-        let stderr = dir.join("migrate.err");
-        let child = migrate_command(qmp, to, token)
-            .env("FERRY_HOLD_AT", hold)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("err"))
-            .spawn()
-            .expect("spawn migrate");
-        HeldMigrate { child, stderr }
-    }
-
-    pub fn wait_held(&self) {
-        wait_for_text(&self.stderr, "holding at", Duration::from_secs(120));
-    }
-
-    pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs `ferry recover --json`; returns (exit code, the JSON line, stderr).
-pub fn recover(qmp: &Path, token: &Path) -> (i32, Value, String) {
-    let out = Command::new(FERRY)
-        .args(["recover", "--json", "--qmp"])
-        .arg(qmp)
-        .arg("--token-file")
-        .arg(token)
-        .env("FERRY_STATE_DIR", state_dir(token))
-        .output()
-        .expect("run ferry recover");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let json = stdout
-        .lines()
-        .last()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
-        .unwrap_or(Value::Null);
-    (
-        out.status.code().unwrap_or(-1),
-        json,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// What ferry left in a source QEMU: its NBD nodes and jobs, and the migration capabilities on.
@@ -398,85 +282,4 @@ pub fn which(bin: &Path) -> PathBuf {
 
 pub fn kill9(pid: u32) {
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-}
-
-/// A network namespace joined to this one by a veth pair: the destination host of a test. The
-/// link can be cut (`ip link set DEV down`) to partition the two. Removed when dropped.
-pub struct Netns {
-    /// The namespace's name.
-    pub name: String,
-    /// This side's end of the veth pair (where a capture listens).
-    pub host_if: String,
-    /// This side's address.
-    pub host_ip: String,
-    /// The namespace's address.
-    pub dest_ip: String,
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Netns {
-    /// Creates namespace number `n` of this test process (addresses 10.X.n.1 and .2, X from the
-    /// pid, so that concurrent test processes do not collide).
-    pub fn create(n: u8) -> Netns {
-        let tag = std::process::id() % 10_000;
-        let name = format!("ferry-t{tag}-{n}");
-        let host_if = format!("fh{tag}x{n}");
-        let dest_if = format!("fd{tag}x{n}");
-        let net = format!("10.{}.{n}", 200 + tag % 50);
-        let (host_ip, dest_ip) = (format!("{net}.1"), format!("{net}.2"));
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
-        ip(&["netns", "add", &name]);
-        let ns = Netns {
-            name: name.clone(),
-            host_if: host_if.clone(),
-            host_ip: host_ip.clone(),
-            dest_ip: dest_ip.clone(),
-        };
-        ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", &dest_if,
-        ]);
-        ip(&["link", "set", &dest_if, "netns", &name]);
-        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
-        ip(&["link", "set", &host_if, "up"]);
-        let inside = |args: &[&str]| {
-            let mut all = vec!["netns", "exec", &name, "ip"];
-            all.extend_from_slice(args);
-            ip(&all);
-        };
-        inside(&["addr", "add", &format!("{dest_ip}/30"), "dev", &dest_if]);
-        inside(&["link", "set", &dest_if, "up"]);
-        inside(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Cuts the link for `secs` seconds (in the background); returns at once.
-    pub fn partition(&self, secs: u64) -> std::thread::JoinHandle<()> {
-        ip(&["link", "set", &self.host_if, "down"]);
-        let host_if = self.host_if.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(secs));
-            ip(&["link", "set", &host_if, "up"]);
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
 }
