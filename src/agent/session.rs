@@ -300,13 +300,23 @@ pub async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, reason: String) -> Sessio
 
 /// Reads the next message, which must be `want` (or `Abort`).
 async fn expect<R: AsyncRead + Unpin>(rd: &mut R, want: &str) -> Result<(), SessionError> {
+    receive(rd, want, |msg| (msg.kind() == want).then_some(())).await
+}
+
+/// Reads the next message, which must be `want` (or `Abort`), and takes from it what `take`
+/// finds; anything else ends the session, naming what was expected.
+async fn receive<R, T>(
+    rd: &mut R,
+    want: &str,
+    take: impl FnOnce(&SourceMessage) -> Option<T>,
+) -> Result<T, SessionError>
+where
+    R: AsyncRead + Unpin,
+{
     match protocol::read_message(rd).await? {
         SourceMessage::Abort { reason } => Err(SessionError::Aborted(reason)),
-        msg if msg.kind() == want => Ok(()),
-        other => Err(SessionError::Refused(format!(
-            "expected {want}, got {}",
-            other.kind()
-        ))),
+        msg => take(&msg)
+            .ok_or_else(|| SessionError::Refused(format!("expected {want}, got {}", msg.kind()))),
     }
 }
 
@@ -325,16 +335,11 @@ where
     protocol::write_message(wr, &prepared).await?;
     // Sent once the source's mirrors run; no timeout on the reads from here (a mirror may take hours),
     // TCP keepalive notices a dead peer.
-    let parallel = match protocol::read_message(rd).await? {
-        SourceMessage::StartDestination { parallel } => parallel,
-        SourceMessage::Abort { reason } => return Err(SessionError::Aborted(reason)),
-        other => {
-            return Err(SessionError::Refused(format!(
-                "expected StartDestination, got {}",
-                other.kind()
-            )))
-        }
-    };
+    let parallel = receive(rd, "StartDestination", |msg| match msg {
+        SourceMessage::StartDestination { parallel } => Some(*parallel),
+        _ => None,
+    })
+    .await?;
     if !(1..=protocol::MAX_PARALLEL).contains(&parallel) {
         return Err(SessionError::Refused(format!(
             "{parallel} RAM stream connections asked for; 1 to {} are allowed",
