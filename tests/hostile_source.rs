@@ -399,6 +399,52 @@ async fn nbdinfo_list_on_the_agents_nbd_port_shows_nothing() {
     assert_eq!(left, Vec::<String>::new());
 }
 
+/// `StartDestination` names how many RAM stream connections both QEMUs open; outside 1 to 16 the
+/// agent refuses with the allowed range and removes the migration it had prepared, before any
+/// QEMU starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ram_stream_counts_outside_1_to_16_are_refused_and_leave_nothing() {
+    let setup = agent();
+    for parallel in [0u32, 17] {
+        let mut peer = Peer::connect(&setup.agent.addr).await;
+        match peer.prepare(vm("qemu-system-x86_64", &[])).await {
+            AgentMessage::Prepared { .. } => {}
+            other => panic!("expected prepared, got {other:?}"),
+        }
+        assert_ne!(
+            setup.agent.leftovers(),
+            Vec::<String>::new(),
+            "Prepare creates the migration's directory"
+        );
+        protocol::write_message(&mut peer.wr, &SourceMessage::StartDestination { parallel })
+            .await
+            .expect("start destination");
+        let reason = match protocol::read_message(&mut peer.rd)
+            .await
+            .expect("the agent answers")
+        {
+            AgentMessage::Refused { reason } => reason,
+            other => panic!("parallel {parallel}: expected a refusal, got {other:?}"),
+        };
+        assert!(
+            reason.contains(&format!("{parallel} RAM stream connections"))
+                && reason.contains("1 to 16"),
+            "parallel {parallel}: {reason:?} should name the count and the allowed range"
+        );
+        assert!(!reason.contains('\n'), "one line: {reason:?}");
+        wait_until(
+            "the agent's storage empties",
+            Duration::from_secs(10),
+            || setup.agent.leftovers().is_empty(),
+        );
+        assert_eq!(
+            processes_mentioning(&setup.agent.storage),
+            Vec::<String>::new(),
+            "parallel {parallel}: no QEMU started"
+        );
+    }
+}
+
 /// The agent's NBD server serves the source QEMU, which holds this migration's client
 /// certificate, and nobody else: plaintext clients and clients without the certificate are
 /// refused, the one with it reads the disk.
