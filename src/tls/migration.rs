@@ -31,6 +31,8 @@ use super::TlsError;
 /// The name the server certificate carries and the source checks (`tls-hostname`): the CA is
 /// this migration's alone, so the name only has to match; `.invalid` can never be a real host.
 pub const TLS_HOSTNAME: &str = "destination.ferry.invalid";
+/// The name in the source's client certificate (nobody checks it; the CA is what counts).
+const SOURCE_NAME: &str = "source.ferry.invalid";
 /// The GnuTLS priority both QEMUs' `tls-creds-x509` objects get: TLS 1.3's AES-128-GCM only.
 /// The source QEMU encrypts the mirror and the RAM on its main thread, which is what limits an
 /// encrypted migration (measured with `bench/run`); AES-128-GCM with AES-NI is the cheapest
@@ -122,6 +124,19 @@ impl std::fmt::Debug for MigrationCredentials {
 impl MigrationCredentials {
     /// A fresh CA and the two certificates it signs; the CA key is dropped on return.
     pub fn generate() -> Result<MigrationCredentials, TlsError> {
+        Self::generate_for(&[TLS_HOSTNAME], &[SOURCE_NAME])
+    }
+
+    /// [`generate`](Self::generate) with other names in the certificates: `server` for the
+    /// server's (DNS names or IP addresses, at least one; the first is the one the client
+    /// bundle says to check), `client` for the client's. For peers that check the server
+    /// against the address they dial, as libnbd does, which has no `tls-hostname`.
+    pub fn generate_for(
+        server: &[&str],
+        client: &[&str],
+    ) -> Result<MigrationCredentials, TlsError> {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let hostname = server.first().copied().unwrap_or(TLS_HOSTNAME).to_string();
         let now = time::OffsetDateTime::now_utc();
         // Valid from a day back (two hosts' clocks disagree) to VALIDITY ahead; named `name`.
         let dated = |mut params: CertificateParams, name: &str| {
@@ -154,12 +169,12 @@ impl MigrationCredentials {
         };
         let (server_cert, server_key) = leaf(
             "ferry destination",
-            vec![TLS_HOSTNAME.to_string()],
+            names(server),
             ExtendedKeyUsagePurpose::ServerAuth,
         )?;
         let (client_cert, client_key) = leaf(
             "ferry source",
-            vec!["source.ferry.invalid".to_string()],
+            names(client),
             ExtendedKeyUsagePurpose::ClientAuth,
         )?;
         let server = Identity {
@@ -177,7 +192,7 @@ impl MigrationCredentials {
                 ca_cert: ca_cert.pem(),
                 client_cert: client_cert.pem(),
                 client_key: client_key.serialize_pem(),
-                hostname: TLS_HOSTNAME.to_string(),
+                hostname,
             },
         })
     }

@@ -2,20 +2,16 @@
 //! `tls-certificates` read (`ca-cert.pem`, `server-cert.pem`/`server-key.pem`,
 //! `client-cert.pem`/`client-key.pem`).
 //!
-//! Two sources: the agent's own per-migration credentials
-//! ([`ferry::tls::migration::MigrationCredentials`], server name
-//! `destination.ferry.invalid`, which QEMU checks through `tls-hostname`), and a test CA whose
-//! server certificate also names 127.0.0.1 and localhost, for libnbd, which checks the server's
-//! certificate against the host in the URI and (1.14) has no way to name another.
+//! Both come from the agent's own per-migration credentials
+//! ([`ferry::tls::migration::MigrationCredentials`], server name `destination.ferry.invalid`,
+//! which QEMU checks through `tls-hostname`); the "local" ones' server certificate also names
+//! 127.0.0.1 and localhost, for libnbd, which checks the server's certificate against the host
+//! in the URI and (1.14) has no way to name another.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferry::tls::migration::{MigrationCredentials, TLS_HOSTNAME};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 
 /// A QEMU server-endpoint directory and a client-endpoint directory from one CA.
 pub struct Creds {
@@ -27,6 +23,23 @@ impl Creds {
     /// The agent's credentials for one migration, written under `dir/name-{server,client}`.
     pub fn migration(dir: &Path, name: &str) -> (Creds, Arc<rustls::ServerConfig>) {
         let creds = MigrationCredentials::generate().expect("migration credentials");
+        let config = creds.nbd_server_config().expect("server config");
+        (Creds::write(&creds, dir, name), config)
+    }
+
+    /// Credentials like a migration's whose server certificate also names 127.0.0.1 and
+    /// localhost, written under `dir/name-{server,client}`.
+    pub fn local(dir: &Path, name: &str) -> Creds {
+        let creds = MigrationCredentials::generate_for(
+            &[TLS_HOSTNAME, "127.0.0.1", "localhost"],
+            &["client.ferry.invalid"],
+        )
+        .expect("local credentials");
+        Creds::write(&creds, dir, name)
+    }
+
+    /// QEMU's server-endpoint and client-endpoint directories of `creds`.
+    fn write(creds: &MigrationCredentials, dir: &Path, name: &str) -> Creds {
         let out = Creds {
             server_dir: dir.join(format!("{name}-server")),
             client_dir: dir.join(format!("{name}-client")),
@@ -38,66 +51,6 @@ impl Creds {
             .client_bundle()
             .write_qemu_dir(&out.client_dir)
             .expect("write the client directory");
-        (out, creds.nbd_server_config().expect("server config"))
-    }
-
-    /// A test CA whose server certificate names 127.0.0.1, localhost and
-    /// `destination.ferry.invalid`, written under `dir/name-{server,client}`.
-    pub fn local(dir: &Path, name: &str) -> Creds {
-        let ca_key = KeyPair::generate().expect("CA key");
-        let mut ca = CertificateParams::default();
-        ca.distinguished_name
-            .push(DnType::CommonName, format!("ferry test CA {name}"));
-        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca_cert = ca.self_signed(&ca_key).expect("CA certificate");
-        let issuer = Issuer::new(ca, ca_key);
-        let leaf = |cn: &str, san: &[&str], usage| {
-            let key = KeyPair::generate().expect("leaf key");
-            let names: Vec<String> = san.iter().map(|s| s.to_string()).collect();
-            let mut p = CertificateParams::new(names).expect("leaf names");
-            p.distinguished_name.push(DnType::CommonName, cn);
-            p.is_ca = IsCa::ExplicitNoCa;
-            p.key_usages = vec![
-                KeyUsagePurpose::DigitalSignature,
-                KeyUsagePurpose::KeyEncipherment,
-            ];
-            p.extended_key_usages = vec![usage];
-            p.use_authority_key_identifier_extension = true;
-            let cert = p.signed_by(&key, &issuer).expect("leaf certificate");
-            (cert.pem(), key.serialize_pem())
-        };
-        let server = leaf(
-            "ferry test server",
-            &["127.0.0.1", "localhost", TLS_HOSTNAME],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        );
-        let client = leaf(
-            "ferry test client",
-            &["client.ferry.invalid"],
-            ExtendedKeyUsagePurpose::ClientAuth,
-        );
-        let out = Creds {
-            server_dir: dir.join(format!("{name}-server")),
-            client_dir: dir.join(format!("{name}-client")),
-        };
-        let ca_pem = ca_cert.pem();
-        write_dir(
-            &out.server_dir,
-            &[
-                ("ca-cert.pem", &ca_pem),
-                ("server-cert.pem", &server.0),
-                ("server-key.pem", &server.1),
-            ],
-        );
-        write_dir(
-            &out.client_dir,
-            &[
-                ("ca-cert.pem", &ca_pem),
-                ("client-cert.pem", &client.0),
-                ("client-key.pem", &client.1),
-            ],
-        );
         out
     }
 
