@@ -7,6 +7,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use ferry_testkit::disk::XorShift;
 use nix::unistd::{lseek, Whence};
 
 /// Data is written in chunks this big, at chunk-aligned offsets.
@@ -19,35 +20,22 @@ pub fn create(path: &Path, size: u64, data: u64) -> Result<()> {
     file.set_len(size)?;
     let slots = size / CHUNK;
     let wanted = (data / CHUNK).min(slots);
-    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ size ^ data);
+    let mut rng = XorShift::new(0x9e37_79b9_7f4a_7c15 ^ size ^ data);
     // Floyd's sampling: `wanted` distinct slots without a table of all slots.
     let mut chosen = std::collections::BTreeSet::new();
     for j in slots - wanted..slots {
-        let t = rng.next() % (j + 1);
+        let t = rng.next_u64() % (j + 1);
         if !chosen.insert(t) {
             chosen.insert(j);
         }
     }
     let mut buf = vec![0u8; CHUNK as usize];
     for slot in chosen {
-        for word in buf.chunks_exact_mut(8) {
-            word.copy_from_slice(&rng.next().to_le_bytes());
-        }
+        rng.fill(&mut buf);
         file.write_all_at(&buf, slot * CHUNK)?;
     }
     file.sync_all()?;
     Ok(())
-}
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 /// Bytes the file occupies on disk.

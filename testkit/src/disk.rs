@@ -11,21 +11,41 @@ use std::process::Command;
 pub fn raw_image(path: &Path, size: u64, data_mib: u64) -> io::Result<()> {
     let file = std::fs::File::create(path)?;
     file.set_len(size)?;
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = XorShift::new(0x9e37_79b9_7f4a_7c15);
     let mut chunk = vec![0u8; 1 << 20];
     for i in 0..data_mib {
-        for word in chunk.chunks_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
-        }
+        rng.fill(&mut chunk);
         let offset = size / 2 + i * (2 << 20);
         if offset + (1 << 20) <= size {
             file.write_all_at(&chunk, offset)?;
         }
     }
     Ok(())
+}
+
+/// The images' pseudo-random data: xorshift64, fast in a debug build and the same for a seed
+/// on every run (not for anything that needs unpredictability).
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// A generator from `seed`, which must not be 0 (xorshift stays at 0 forever).
+    pub fn new(seed: u64) -> XorShift {
+        XorShift(seed.max(1))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Fills `buf` with the next words, little-endian (a last partial word is cut short).
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for word in buf.chunks_mut(8) {
+            word.copy_from_slice(&self.next_u64().to_le_bytes()[..word.len()]);
+        }
+    }
 }
 
 /// An empty qcow2 image of virtual size `size` (`qemu-img create`).
