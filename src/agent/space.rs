@@ -190,15 +190,14 @@ impl Ledger {
                     "retry once they finish, free space in --storage or pick another host",
                 )
             };
-            let advice = if check == SpaceCheck::Full
-                && vm.disks.iter().any(|d| d.allocated.is_some())
-            {
-                format!(
+            let advice =
+                if check == SpaceCheck::Full && vm.disks.iter().any(|d| d.allocated.is_some()) {
+                    format!(
                     "{advice} (an agent run with --space-check data counts only the disks' data)"
                 )
-            } else {
-                advice.to_string()
-            };
+                } else {
+                    advice.to_string()
+                };
             return Err(SpaceError::NoSpace {
                 free: human_bytes(free),
                 others,

@@ -1,0 +1,531 @@
+//! Operating an agent: several migrations at once, the limit beyond which it refuses, free space
+//! reserved across migrations, `ferry status` (from the agent and from its storage), and the
+//! Prometheus endpoint, including against hostile scrapers. Checked from outside: the refusal
+//! text a source sees, what the agent's storage holds, what `ferry status` and `curl` print, and
+//! for the two concurrent migrations every acknowledged write on the destination images.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry::migrate::control::{AgentAuth, AgentLink, ControlError};
+use ferry::protocol::SourceMessage;
+use ferry::vm::{DiskDescription, VmDescription};
+use ferry_testkit::{verify_disk, Acks, ImageFormat};
+use serde_json::Value;
+use support::*;
+
+const TOKEN: &str = "ops-test-token-0123456789abcdef";
+
+/// An agent started with `extra` flags and `--metrics 127.0.0.1:0`; its metrics address.
+fn agent_with_metrics(storage: &Path, token: &Path, extra: &[&str]) -> (AgentProc, String) {
+    std::fs::create_dir_all(storage).expect("create storage");
+    let kernel = guest_images().kernel;
+    let mut child = Command::new(FERRY)
+        .args([
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ])
+        .arg("--storage")
+        .arg(storage)
+        .arg("--token-file")
+        .arg(token)
+        .arg("--state-dir")
+        .arg(agent_state_dir(storage))
+        .arg("--allow-path")
+        .arg(kernel.parent().expect("guest image directory"))
+        .args(extra)
+        .env("FERRY_LOG", "ferry=info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn ferry agent");
+    let mut out = BufReader::new(child.stdout.take().expect("agent stdout"));
+    let mut lines = [String::new(), String::new()];
+    for line in &mut lines {
+        out.read_line(line).expect("agent prints its addresses");
+    }
+    let addr = lines[0]
+        .trim()
+        .rsplit(' ')
+        .next()
+        .expect("address")
+        .to_string();
+    let metrics = lines[1]
+        .trim()
+        .strip_prefix("ferry agent metrics on http://")
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("agent said {lines:?}"))
+        .to_string();
+    let agent = AgentProc {
+        child,
+        addr,
+        storage: storage.to_path_buf(),
+    };
+    (agent, metrics)
+}
+
+/// `curl`'s view of the metrics endpoint.
+fn scrape(metrics: &str) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://{metrics}/metrics"),
+        ])
+        .output()
+        .expect("run curl (scripts/setup installs it)");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 exposition")
+}
+
+/// The value of one sample line (`name{labels} value`).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// `ferry status ... --json`.
+fn status(args: &[&std::ffi::OsStr]) -> Value {
+    let out = Command::new(FERRY)
+        .arg("status")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run ferry status");
+    assert!(
+        out.status.success(),
+        "ferry status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+fn remote_status(agent: &AgentProc, token: &Path) -> Value {
+    status(&[
+        "--agent".as_ref(),
+        agent.addr.as_ref(),
+        "--token-file".as_ref(),
+        token.as_os_str(),
+    ])
+}
+
+fn local_status(storage: &Path) -> Value {
+    status(&["--storage".as_ref(), storage.as_os_str()])
+}
+
+fn ids(status: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = status["migrations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["id"].as_str().map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn free_bytes(dir: &Path) -> u64 {
+    let stat = nix::sys::statvfs::statvfs(dir).expect("statvfs");
+    stat.blocks_available() as u64 * stat.fragment_size() as u64
+}
+
+/// A VM of one raw disk `vda` of `size` bytes holding `allocated` (as the source reports it),
+/// on the system's QEMU: what a source's `Prepare` carries, without booting anything.
+fn vm(size: u64, allocated: Option<u64>) -> VmDescription {
+    let words = [
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg",
+        "-m",
+        "64",
+        "-display",
+        "none",
+        "-name",
+        "guest=ops-test",
+        "-blockdev",
+        "driver=raw,node-name=vda,file.driver=file,file.filename=/src/vda.raw",
+        "-device",
+        "virtio-blk-pci,drive=vda",
+    ];
+    VmDescription {
+        argv: words.iter().map(|w| w.to_string()).collect(),
+        machine: None,
+        running: true,
+        disks: vec![DiskDescription {
+            name: "vda".into(),
+            node_name: "vda".into(),
+            device: String::new(),
+            file: "/src/vda.raw".into(),
+            format: "raw".into(),
+            size,
+            allocated,
+            read_only: false,
+        }],
+    }
+}
+
+async fn link(agent: &AgentProc) -> AgentLink {
+    AgentLink::connect(
+        &agent.addr,
+        &AgentAuth::with_token(TOKEN.as_bytes().to_vec()),
+    )
+    .await
+    .expect("connect and authenticate")
+}
+
+/// Waits until the agent's storage holds `n` entries (a rollback runs after the link drops).
+async fn wait_leftovers(agent: &AgentProc, n: usize) {
+    let start = Instant::now();
+    while agent.leftovers().len() != n {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "storage holds {:?}, expected {n} entries",
+            agent.leftovers()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_migrations_a_source_is_refused_with_the_limit() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = token_file(tmp.path(), TOKEN);
+    let (agent, metrics) = agent_with_metrics(
+        &tmp.path().join("storage"),
+        &token,
+        &["--max-migrations", "1"],
+    );
+
+    let mut first = link(&agent).await;
+    let prepared = first
+        .prepare(&vm(1 << 20, None), true)
+        .await
+        .expect("first admitted");
+    let mut second = link(&agent).await;
+    let refused = second.prepare(&vm(1 << 20, None), true).await;
+    let Err(ControlError::Refused(reason)) = refused else {
+        panic!(
+            "the second migration must be refused, got {:?}",
+            refused.map(|p| p.migration_id)
+        );
+    };
+    assert_eq!(
+        reason,
+        "the agent is receiving 1 migrations already (--max-migrations 1): retry when one \
+         finishes, or raise --max-migrations on the agent"
+    );
+    // A full agent still answers status (and a recovering source) and the first is untouched.
+    let listed = remote_status(&agent, &token);
+    assert_eq!(ids(&listed), vec![prepared.migration_id.clone()]);
+    assert_eq!(listed["migrations"][0]["phase"], "receiving");
+    assert_eq!(listed["migrations"][0]["vm"], "ops-test");
+    let text = scrape(&metrics);
+    assert_eq!(
+        sample(&text, "ferry_migrations_total{outcome=\"refused\"}"),
+        1.0
+    );
+    assert_eq!(sample(&text, "ferry_migrations_active"), 1.0);
+
+    // The place frees with the first migration.
+    first
+        .send(&SourceMessage::Abort {
+            reason: "test".into(),
+        })
+        .await
+        .expect("abort");
+    drop(first);
+    wait_leftovers(&agent, 0).await;
+    let mut third = link(&agent).await;
+    third
+        .prepare(&vm(1 << 20, None), true)
+        .await
+        .expect("admitted once the first ended");
+    let text = scrape(&metrics);
+    assert_eq!(
+        sample(&text, "ferry_migrations_total{outcome=\"rolled_back\"}"),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_space_is_reserved_across_concurrent_migrations() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = token_file(tmp.path(), TOKEN);
+    let storage = tmp.path().join("storage");
+    let (agent, _metrics) = agent_with_metrics(&storage, &token, &[]);
+    // Each fits alone; both do not fit together.
+    let each = free_bytes(&storage) / 10 * 6;
+
+    let mut first = link(&agent).await;
+    let prepared = first
+        .prepare(&vm(each, None), true)
+        .await
+        .expect("first fits alone");
+    let mut second = link(&agent).await;
+    let Err(ControlError::Refused(reason)) = second.prepare(&vm(each, None), true).await else {
+        panic!("the second must be refused");
+    };
+    assert!(reason.starts_with("destination has "), "{reason}");
+    assert!(reason.contains("of which"), "{reason}");
+    assert!(
+        reason.contains("is reserved by 1 migration(s) in progress"),
+        "{reason}"
+    );
+    assert!(reason.contains("the disks need"), "{reason}");
+    assert!(reason.contains("retry once they finish"), "{reason}");
+    assert!(!reason.contains('\n'), "{reason}");
+    // The first is unaffected: its directory is there, and it goes on to the next step.
+    assert_eq!(agent.leftovers(), vec![prepared.migration_id.clone()]);
+    let local = local_status(&storage);
+    assert_eq!(ids(&local), vec![prepared.migration_id.clone()]);
+    assert_eq!(local["migrations"][0]["reserved"].as_u64(), Some(each));
+
+    // Released with the first migration.
+    first
+        .send(&SourceMessage::Abort {
+            reason: "test".into(),
+        })
+        .await
+        .expect("abort");
+    drop(first);
+    wait_leftovers(&agent, 0).await;
+    let mut third = link(&agent).await;
+    third
+        .prepare(&vm(each, None), true)
+        .await
+        .expect("fits once the first released its reservation");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn space_check_data_admits_a_sparse_disk_that_full_refuses() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = token_file(tmp.path(), TOKEN);
+    let full_storage = tmp.path().join("full");
+    let (full, _) = agent_with_metrics(&full_storage, &token, &[]);
+    let (data, _) =
+        agent_with_metrics(&tmp.path().join("data"), &token, &["--space-check", "data"]);
+    // Twice the free space in size, 1 MiB of data.
+    let sparse = vm(free_bytes(&full_storage) * 2, Some(1 << 20));
+
+    let Err(ControlError::Refused(reason)) = link(&full).await.prepare(&sparse, true).await else {
+        panic!("--space-check full must refuse a disk larger than the free space");
+    };
+    assert!(
+        reason.contains("(an agent run with --space-check data counts only the disks' data)"),
+        "{reason}"
+    );
+    assert_eq!(full.leftovers(), Vec::<String>::new());
+
+    let mut admitted = link(&data).await;
+    let prepared = admitted
+        .prepare(&sparse, true)
+        .await
+        .expect("--space-check data admits it");
+    let listed = remote_status(&data, &token);
+    assert_eq!(ids(&listed), vec![prepared.migration_id]);
+    assert_eq!(
+        listed["migrations"][0]["size"].as_u64(),
+        Some(sparse.disks[0].size)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_scrapers_do_not_hurt_the_agent() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = token_file(tmp.path(), TOKEN);
+    let (agent, metrics) = agent_with_metrics(&tmp.path().join("storage"), &token, &[]);
+
+    // Slow loris: connections that send a byte now and then and never finish their head.
+    let mut lorises: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&metrics).expect("connect");
+            s.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+                .expect("send");
+            s
+        })
+        .collect();
+    // An oversized request head: cut off with 431, nothing more read.
+    let mut big = std::net::TcpStream::connect(&metrics).expect("connect");
+    let mut head = b"GET /metrics HTTP/1.1\r\nX-Big: ".to_vec();
+    head.resize(64 << 10, b'a');
+    let _ = big.write_all(&head);
+    let mut answer = String::new();
+    let _ = big.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    // Meanwhile scrapes, status and migrations go on.
+    let text = scrape(&metrics);
+    assert_eq!(
+        sample(&text, "ferry_migrations_total{outcome=\"completed\"}"),
+        0.0
+    );
+    let mut source = link(&agent).await;
+    source
+        .prepare(&vm(1 << 20, None), true)
+        .await
+        .expect("a migration is admitted");
+    assert_eq!(ids(&remote_status(&agent, &token)).len(), 1);
+
+    // The lorises are dropped by the agent (within its 5 s read timeout).
+    let start = Instant::now();
+    for s in &mut lorises {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "closed without an answer");
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    let text = scrape(&metrics);
+    assert_eq!(sample(&text, "ferry_migrations_active"), 1.0);
+}
+
+/// A guest of its own (own directory, token file, source state) migrating to a shared agent.
+async fn guest() -> OneDisk {
+    OneDisk::boot(TOKEN, 128 << 20, 32, 50).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_guests_migrate_to_one_agent_at_the_same_time() {
+    let (mut a, mut b) = tokio::join!(guest(), guest());
+    let storage = a.tmp.path().join("storage");
+    let (agent, metrics) = agent_with_metrics(&storage, &a.token, &[]);
+
+    // Both at once, the copy slowed so that status sees both mid-mirror.
+    let spawn = |g: &OneDisk| {
+        migrate_command(g.guest.qmp_socket(), &agent.addr, &g.token)
+            .args(["--bandwidth", "3"])
+            .spawn()
+            .expect("spawn ferry migrate")
+    };
+    let runs = [spawn(&a), spawn(&b)];
+
+    let start = Instant::now();
+    let (remote, local) = loop {
+        let remote = remote_status(&agent, &a.token);
+        let local = local_status(&storage);
+        let copying = |s: &Value| {
+            s["migrations"].as_array().is_some_and(|list| {
+                list.len() == 2
+                    && list
+                        .iter()
+                        .all(|m| m["phase"] == "receiving" || m["phase"] == "started")
+            })
+        };
+        if copying(&remote) && copying(&local) {
+            break (remote, local);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "status never showed both migrations copying: {remote} / {local}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(ids(&remote), ids(&local), "the agent and its storage agree");
+    for m in remote["migrations"].as_array().into_iter().flatten() {
+        assert_eq!(m["disks"][0]["name"], "vda", "{m}");
+        assert_eq!(m["size"].as_u64(), Some(128 << 20), "{m}");
+    }
+
+    let outs: Vec<_> = runs
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("ferry migrate ends"))
+        .collect();
+    let mut guards = Vec::new();
+    let mut dirs = Vec::new();
+    for (out, g) in outs.iter().zip([&mut a, &mut b]) {
+        let run = collect(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr);
+        assert_eq!(
+            run.code,
+            0,
+            "migrate failed: {:?}\n{}",
+            run.events.last(),
+            run.stderr
+        );
+        let done = run.last();
+        assert_eq!(done["event"], "completed", "{done}");
+        guards.push(PidGuard(
+            done["destination"]["pid"].as_u64().map(|p| p as u32),
+        ));
+        let qmp = PathBuf::from(done["destination"]["qmp"].as_str().expect("qmp path"));
+        assert!(
+            wait_exit(&mut g.guest, Duration::from_secs(10)),
+            "source QEMU exits"
+        );
+        dirs.push((qmp.parent().expect("migration dir").to_path_buf(), qmp));
+    }
+    assert_ne!(dirs[0].0, dirs[1].0, "each migration has its own directory");
+
+    let text = scrape(&metrics);
+    assert_eq!(
+        sample(&text, "ferry_migrations_total{outcome=\"completed\"}"),
+        2.0
+    );
+    assert_eq!(
+        sample(&text, "ferry_migrations_total{outcome=\"rolled_back\"}"),
+        0.0
+    );
+    assert_eq!(sample(&text, "ferry_migrations_active"), 0.0);
+    assert!(
+        sample(&text, "ferry_received_bytes_total") >= (64 << 20) as f64,
+        "{text}"
+    );
+    assert!(sample(&text, "ferry_nbd_requests_total") > 0.0, "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "ferry_migration_phase_seconds_count{phase=\"receiving\"}"
+        ),
+        2.0
+    );
+    let listed = local_status(&storage);
+    assert!(
+        listed["migrations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|m| m["phase"] == "running" && m["pid"].is_u64()),
+        "{listed}"
+    );
+
+    // Every acknowledged write is on each destination image.
+    for ((dir, qmp), g) in dirs.iter().zip([&a, &b]) {
+        let serial = dir.join("serial.log");
+        still_acking(&serial, "vda", 5).await;
+        quit(qmp).await;
+        let mut acks =
+            Acks::parse(&std::fs::read_to_string(g.guest.serial_log()).expect("source serial"));
+        acks.merge(&Acks::parse(
+            &std::fs::read_to_string(&serial).expect("destination serial"),
+        ));
+        let report = verify_disk(
+            &dir.join("disk-vda.raw"),
+            ImageFormat::Raw,
+            "vda",
+            acks.seqs("vda"),
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        assert!(
+            report.acked >= 15,
+            "only {} acknowledged records checked",
+            report.acked
+        );
+    }
+}
