@@ -225,7 +225,7 @@ fn status_report(listed: (Vec<super::inventory::MigrationSummary>, usize)) -> Ag
             migrations: migrations.clone(),
             more,
         };
-        let fits = serde_json::to_vec(&report).map_or(false, |b| b.len() <= protocol::MAX_FRAME);
+        let fits = serde_json::to_vec(&report).is_ok_and(|b| b.len() <= protocol::MAX_FRAME);
         if fits || migrations.is_empty() {
             return report;
         }

@@ -76,23 +76,8 @@ pub fn needed(vm: &VmDescription, check: SpaceCheck) -> (u64, String) {
 #[derive(Debug, thiserror::Error)]
 pub enum SpaceError {
     /// The free space minus the other migrations' reservations does not cover this one.
-    #[error(
-        "destination has {free} free in {dir}{others}, the disks need {needed} ({detail}): {advice}"
-    )]
-    NoSpace {
-        /// Free space, human-readable.
-        free: String,
-        /// ", of which N is reserved by M migrations in progress", or nothing.
-        others: String,
-        /// Needed space, human-readable.
-        needed: String,
-        /// Per-disk sizes.
-        detail: String,
-        /// The storage directory.
-        dir: String,
-        /// What the operator can do.
-        advice: String,
-    },
+    #[error(transparent)]
+    NoSpace(Box<NoSpace>),
     /// `statvfs` failed.
     #[error("cannot read free space of {dir}")]
     Statvfs {
@@ -102,6 +87,26 @@ pub enum SpaceError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The numbers of a refusal for space.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "destination has {free} free in {dir}{others}, the disks need {needed} ({detail}): {advice}"
+)]
+pub struct NoSpace {
+    /// Free space, human-readable.
+    free: String,
+    /// ", of which N is reserved by M migrations in progress", or nothing.
+    others: String,
+    /// Needed space, human-readable.
+    needed: String,
+    /// Per-disk sizes.
+    detail: String,
+    /// The storage directory.
+    dir: String,
+    /// What the operator can do.
+    advice: String,
 }
 
 struct Held {
@@ -198,14 +203,14 @@ impl Ledger {
                 } else {
                     advice.to_string()
                 };
-            return Err(SpaceError::NoSpace {
+            return Err(SpaceError::NoSpace(Box::new(NoSpace {
                 free: human_bytes(free),
                 others,
                 needed: human_bytes(needed),
                 detail,
                 dir,
                 advice,
-            });
+            })));
         }
         Ok(self.insert(&mut held, needed))
     }
