@@ -20,9 +20,15 @@ use support::*;
 
 const TOKEN: &str = "ops-test-token-0123456789abcdef";
 
+/// Where [`agent_with_metrics`] sends the agent's stderr (a file, as under systemd).
+fn agent_log(storage: &Path) -> PathBuf {
+    storage.with_extension("agent.log")
+}
+
 /// An agent started with `extra` flags and `--metrics 127.0.0.1:0`; its metrics address.
 fn agent_with_metrics(storage: &Path, token: &Path, extra: &[&str]) -> (AgentProc, String) {
     std::fs::create_dir_all(storage).expect("create storage");
+    let log = std::fs::File::create(agent_log(storage)).expect("agent log");
     let kernel = guest_images().kernel;
     let mut child = Command::new(FERRY)
         .args([
@@ -41,9 +47,10 @@ fn agent_with_metrics(storage: &Path, token: &Path, extra: &[&str]) -> (AgentPro
         .arg("--allow-path")
         .arg(kernel.parent().expect("guest image directory"))
         .args(extra)
-        .env("FERRY_LOG", "ferry=info")
+        // The agent's own default level: info for ferry.
+        .env_remove("FERRY_LOG")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(log)
         .spawn()
         .expect("spawn ferry agent");
     let mut out = BufReader::new(child.stdout.take().expect("agent stdout"));
@@ -495,6 +502,30 @@ async fn two_guests_migrate_to_one_agent_at_the_same_time() {
         ),
         2.0
     );
+    // One line per phase change for each migration, no escape bytes in a file.
+    let log = std::fs::read_to_string(agent_log(&storage)).expect("agent log");
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape bytes in the agent's log:\n{log}"
+    );
+    for (dir, _) in &dirs {
+        let id = dir.file_name().expect("id").to_string_lossy().into_owned();
+        let phases: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(&format!("migration={id} ")) && l.contains(" phase "))
+            .filter_map(|l| l.split("phase=").nth(1)?.split_whitespace().next())
+            .collect();
+        assert_eq!(
+            phases,
+            [
+                "\"receiving\"",
+                "\"started\"",
+                "\"resuming\"",
+                "\"running\""
+            ],
+            "phase lines of {id} in\n{log}"
+        );
+    }
     let listed = local_status(&storage);
     assert!(
         listed["migrations"]

@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use registry::Registry;
 
@@ -193,7 +193,8 @@ impl Agent {
             let span = tracing::info_span!("migration", %peer);
             tasks.spawn(
                 async move {
-                    info!("source connected");
+                    // Debug: a monitoring loop running `ferry status` would flood the log.
+                    debug!("source connected");
                     let acceptor = tokio_rustls::TlsAcceptor::from(config.tls.clone());
                     let accepted = tokio::select! {
                         _ = place.evicted.cancelled() => {
@@ -225,7 +226,7 @@ impl Agent {
                     };
                     let _permit = permit;
                     match session::serve(stream, request, &config, &registry).await {
-                        Ok(()) => info!("session done"),
+                        Ok(()) => debug!("session done"),
                         Err(e) => warn!(error = %e, "migration not received"),
                     }
                 }

@@ -135,7 +135,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    info!(version, "source authenticated");
+    tracing::debug!(version, "source authenticated");
     let request = tokio::time::timeout(REQUEST_TIMEOUT, protocol::read_message(rd)).await;
     match request {
         Err(_) => Err(refuse(wr, "no request within 30 s of the handshake".into()).await),
