@@ -560,3 +560,116 @@ async fn two_guests_migrate_to_one_agent_at_the_same_time() {
         );
     }
 }
+
+/// A tmpfs mounted for the test's storage (free space of its own, not the shared disk's, which
+/// other processes fill and empty); unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount")
+            .success();
+        assert!(ok, "mount tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The source's driver dies after the switchover and the agent is restarted: the new agent
+/// resumes the paused destination from its journal, and with it that migration's reservation,
+/// until `ferry recover` settles it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_keeps_the_reservation_of_a_migration_it_resumes() {
+    use support::handover::{assert_on_destination, recover, spawn_agent, wait_for_text};
+    let OneDisk {
+        tmp,
+        token,
+        mut guest,
+        ..
+    } = OneDisk::boot(TOKEN, 128 << 20, 16, 50).await;
+    let storage = tmp.path().join("storage");
+    let _tmpfs = Tmpfs::mount(&storage, "512m");
+    let mut agent = spawn_agent(
+        &storage,
+        &token,
+        "127.0.0.1:0",
+        &[("FERRY_HOLD_AT", "agent-commit")],
+    );
+    let addr = agent.addr.clone();
+    let mut driver = migrate_command(guest.qmp_socket(), &addr, &token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ferry migrate");
+    wait_for_text(
+        &storage.with_extension("log"),
+        "holding at agent-commit",
+        Duration::from_secs(120),
+    );
+    let _ = driver.kill();
+    let _ = driver.wait();
+    agent.kill();
+    let agent = spawn_agent(&storage, &token, &addr, &[]);
+
+    let listed = local_status(&storage);
+    let resumed = &listed["migrations"][0];
+    assert_eq!(resumed["phase"], "started", "{listed}");
+    assert_eq!(resumed["reserved"].as_u64(), Some(128 << 20), "{listed}");
+    assert!(
+        resumed["pid"].is_u64(),
+        "the paused destination runs: {listed}"
+    );
+    let _dest = PidGuard(resumed["pid"].as_u64().map(|p| p as u32));
+
+    // A VM that fits beside what the resumed migration's images hold, but not beside its
+    // reservation, is refused, naming the reservation.
+    let outstanding = (128u64 << 20).saturating_sub(resumed["received"].as_u64().unwrap_or(0));
+    assert!(outstanding > 64 << 20, "{listed}");
+    let size = free_bytes(&storage) - (64 << 20) - outstanding / 2;
+    let Err(ControlError::Refused(reason)) =
+        link(&agent).await.prepare(&vm(size, None), true).await
+    else {
+        panic!("must be refused while the resumed migration holds its reservation");
+    };
+    assert!(
+        reason.contains("reserved by 1 migration(s) in progress"),
+        "{reason}"
+    );
+
+    // Settled from the source: the VM runs on the destination and the reservation is released.
+    let (code, json, stderr) = recover(guest.qmp_socket(), &token);
+    assert_eq!(code, 0, "{json} {stderr}");
+    let mut after = link(&agent).await;
+    let prepared = after
+        .prepare(&vm(size, None), true)
+        .await
+        .expect("admitted once the resumed migration is settled");
+    after
+        .send(&SourceMessage::Abort {
+            reason: "test".into(),
+        })
+        .await
+        .expect("abort");
+    drop(after);
+    let gone = storage.join(&prepared.migration_id);
+    let start = Instant::now();
+    while gone.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{} not rolled back",
+            gone.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_on_destination(&mut guest, &token, &agent).await;
+}
