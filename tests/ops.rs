@@ -413,7 +413,8 @@ async fn guest() -> OneDisk {
 async fn two_guests_migrate_to_one_agent_at_the_same_time() {
     let (mut a, mut b) = tokio::join!(guest(), guest());
     let storage = a.tmp.path().join("storage");
-    let (agent, metrics) = agent_with_metrics(&storage, &a.token, &[]);
+    // Thin: each reserves its data plus the margin, which the source must have reported.
+    let (agent, metrics) = agent_with_metrics(&storage, &a.token, &["--space-check", "data"]);
 
     // Both at once, the copy slowed so that status sees both mid-mirror.
     let spawn = |g: &OneDisk| {
@@ -449,6 +450,13 @@ async fn two_guests_migrate_to_one_agent_at_the_same_time() {
     for m in remote["migrations"].as_array().into_iter().flatten() {
         assert_eq!(m["disks"][0]["name"], "vda", "{m}");
         assert_eq!(m["size"].as_u64(), Some(128 << 20), "{m}");
+        // 32 MiB of data and what the guest wrote since, plus 1 GiB and a tenth: not the
+        // 128 MiB disk's full size.
+        let reserved = m["reserved"].as_u64().expect("reserved");
+        assert!(
+            reserved > (1 << 30) + (32 << 20) && reserved < (1 << 30) + (64 << 20),
+            "{m}"
+        );
     }
 
     let outs: Vec<_> = runs

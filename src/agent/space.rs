@@ -27,7 +27,18 @@ use crate::vm::VmDescription;
 pub const HEADROOM: u64 = 64 << 20;
 
 /// How free space is judged (`ferry agent --space-check`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum SpaceCheck {
     /// The disks' full size must fit.
     #[default]
