@@ -218,6 +218,12 @@ impl Tracked {
         }
     }
 
+    /// The migration was never admitted after all (its preparation failed): the caller counts
+    /// it as refused, so its rollback counts nothing.
+    pub fn discard(&mut self) {
+        self.done = true;
+    }
+
     /// The migration ended; counted once whatever calls follow.
     pub fn finish(&mut self, outcome: Outcome) {
         if !self.done {

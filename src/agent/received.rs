@@ -135,6 +135,7 @@ impl Received {
             )),
         };
         if let Err(e) = made {
+            received.tracked.discard();
             received.rollback().await;
             return Err(e);
         }

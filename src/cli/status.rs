@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use crate::agent::inventory::{self, MigrationSummary};
 use crate::human_bytes;
-use crate::migrate::control::AgentLink;
+use crate::migrate::control::{AgentLink, ControlError};
 
 /// Arguments of `ferry status`.
 #[derive(clap::Args, Debug)]
@@ -44,9 +44,19 @@ pub async fn run(args: StatusArgs) -> ExitCode {
                 Ok(a) => a,
                 Err(e) => return super::fail(super::EXIT_USAGE, e),
             };
-            let asked = async { AgentLink::connect(to, &auth).await?.status().await };
-            match asked.await {
+            let mut link = match AgentLink::connect(to, &auth).await {
+                Ok(link) => link,
+                Err(e) => return super::fail(super::EXIT_FAILED, crate::error_chain(&e)),
+            };
+            match link.status().await {
                 Ok(listed) => listed,
+                // Authenticated, then hung up on `Status`: a ferry from before the message.
+                Err(ControlError::Lost(why)) => {
+                    return super::fail(
+                        super::EXIT_FAILED,
+                        format!("the agent at {to} hung up on the status request ({why}); an agent older than this ferry does not answer it: upgrade ferry there, or run `ferry status --storage DIR` on that host"),
+                    )
+                }
                 Err(e) => return super::fail(super::EXIT_FAILED, crate::error_chain(&e)),
             }
         }
