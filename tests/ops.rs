@@ -681,3 +681,64 @@ async fn a_restarted_agent_keeps_the_reservation_of_a_migration_it_resumes() {
     }
     assert_on_destination(&mut guest, &token, &agent).await;
 }
+
+/// `ferry status`'s errors: one line each, exit 2 for bad input, 1 when the agent cannot be
+/// asked; a wrong token reads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_errors_are_one_line_and_a_wrong_token_reads_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let token = token_file(tmp.path(), TOKEN);
+    let wrong = token_file(tmp.path(), "a-different-token-of-some-length");
+    let (agent, _) = agent_with_metrics(&tmp.path().join("storage"), &token, &[]);
+    let mut source = link(&agent).await;
+    source
+        .prepare(&vm(1 << 20, None), true)
+        .await
+        .expect("admitted");
+
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(FERRY)
+            .arg("status")
+            .args(args)
+            .output()
+            .expect("run ferry status");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr,
+        )
+    };
+    let (code, _, stderr) = run(&[]);
+    assert_eq!(code, Some(2), "{stderr}");
+
+    let missing = tmp.path().join("nowhere");
+    let (code, _, stderr) = run(&["--storage".as_ref(), missing.as_os_str()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.starts_with("ferry: storage directory "), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    let (code, stdout, stderr) = run(&[
+        "--agent".as_ref(),
+        agent.addr.as_ref(),
+        "--token-file".as_ref(),
+        wrong.as_os_str(),
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("authentication failed"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert_eq!(stdout, "", "nothing listed without the token");
+
+    // The human listing of the same agent, with the right token.
+    let (code, stdout, stderr) = run(&[
+        "--agent".as_ref(),
+        agent.addr.as_ref(),
+        "--token-file".as_ref(),
+        token.as_os_str(),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(lines[0].starts_with("ID "), "{stdout}");
+    assert!(lines[1].contains(" receiving  ops-test  vda "), "{stdout}");
+}
