@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 pub mod handover;
+pub mod ops;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
