@@ -64,6 +64,9 @@ async fn run_in(dir: &Path, qemu: &Path, cancel: &CancellationToken) -> anyhow::
             None,
         )?,
         require_tls: true,
+        max_migrations: crate::agent::DEFAULT_MAX_MIGRATIONS.into(),
+        space_check: crate::agent::space::SpaceCheck::Full,
+        metrics: None,
     })
     .await?;
     let agent_addr = agent.local_addr()?;

@@ -44,6 +44,12 @@
 //!    │─────────────────────────────────────────────────────►│ otherwise roll back
 //!    │                                Running | Abandoned   │
 //!    │◄─────────────────────────────────────────────────────│
+//!
+//!  `ferry status --agent`, on a new connection after the handshake (reads only):
+//!    │ Status                                               │ lists the storage directory's
+//!    │─────────────────────────────────────────────────────►│ migrations (journals, images)
+//!    │                        StatusReport{migrations, more}│
+//!    │◄─────────────────────────────────────────────────────│
 //! ```
 //!
 //! Ownership is decided by the source QEMU alone: with the return path on, its migration reaches
@@ -136,6 +142,9 @@ pub enum SourceMessage {
         /// Whether the source QEMU completed the migration.
         commit: bool,
     },
+    /// Sent instead of `Prepare` by `ferry status`: list the migrations this agent holds.
+    /// Changes nothing; the token is required all the same (see `docs/protocol.md`).
+    Status,
     /// The source gives up: roll back everything.
     Abort {
         /// Why, for the agent's log.
@@ -192,6 +201,13 @@ pub enum AgentMessage {
         /// Why, one line for the operator.
         reason: String,
     },
+    /// The answer to `Status`: the migrations in the storage directory, newest first.
+    StatusReport {
+        /// At most [`crate::agent::inventory::MAX_LISTED`] of them.
+        migrations: Vec<crate::agent::inventory::MigrationSummary>,
+        /// How many more there are.
+        more: usize,
+    },
     /// The agent refuses or failed; it has rolled back. One line meant for the operator.
     Refused {
         /// What went wrong and what to do.
@@ -210,6 +226,7 @@ impl SourceMessage {
             SourceMessage::Synced => "Synced",
             SourceMessage::Commit => "Commit",
             SourceMessage::Resolve { .. } => "Resolve",
+            SourceMessage::Status => "Status",
             SourceMessage::Abort { .. } => "Abort",
         }
     }
@@ -225,6 +242,7 @@ impl AgentMessage {
             AgentMessage::DestinationReady { .. } => "DestinationReady",
             AgentMessage::Running { .. } => "Running",
             AgentMessage::Abandoned { .. } => "Abandoned",
+            AgentMessage::StatusReport { .. } => "StatusReport",
             AgentMessage::Refused { .. } => "Refused",
         }
     }

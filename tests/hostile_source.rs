@@ -84,6 +84,7 @@ fn disk_description() -> DiskDescription {
         file: "/src/vda.raw".into(),
         format: "raw".into(),
         size: 1 << 20,
+        allocated: None,
         read_only: false,
     }
 }

@@ -10,10 +10,14 @@
 
 pub mod destination;
 pub mod handshakes;
+pub mod inventory;
+pub mod metrics;
 pub mod policy;
 pub mod received;
 pub mod registry;
+pub mod scrape;
 pub mod session;
+pub mod space;
 pub mod storage;
 
 use std::net::SocketAddr;
@@ -25,12 +29,16 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use registry::Registry;
 
-/// How many migrations may be received at once.
-const MAX_SESSIONS: usize = 8;
+/// How many migrations may be received at once unless `--max-migrations` says otherwise. Each
+/// one runs its own destination QEMU (the guest's RAM is taken when it starts) and NBD server,
+/// and they share this host's disks and network: past a few, concurrent copies only split the
+/// bandwidth, and every one of them takes longer (and stays exposed to failures longer). Four
+/// keeps a host that is evacuating a peer busy without thrashing its disks.
+pub const DEFAULT_MAX_MIGRATIONS: u16 = 4;
 /// How many connections may be in the handshake at once (see [`handshakes`]).
 const MAX_HANDSHAKES: usize = 64;
 
@@ -53,11 +61,18 @@ pub struct AgentConfig {
     pub tls: Arc<rustls::ServerConfig>,
     /// Refuse migrations whose disks and RAM would travel in the clear (`--insecure` sources).
     pub require_tls: bool,
+    /// Migrations received at once (with their source connected); more are refused.
+    pub max_migrations: usize,
+    /// How free space is judged (see [`space`]).
+    pub space_check: space::SpaceCheck,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A bound agent, ready to [`run`](Agent::run).
 pub struct Agent {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     config: Arc<AgentConfig>,
     registry: Arc<Registry>,
 }
@@ -103,8 +118,6 @@ impl Agent {
     /// Checks the storage directory, cleans up leftovers of a previous agent, and binds.
     pub async fn bind(config: AgentConfig) -> Result<Agent, AgentError> {
         check_storage(&config.storage)?;
-        let registry = Arc::new(Registry::new(config.storage.clone(), config.recover_window));
-        registry.resume_journals().await;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -112,8 +125,24 @@ impl Agent {
                     addr: config.listen,
                     source,
                 })?;
+        let metrics_listener = match config.metrics {
+            Some(addr) => Some(
+                scrape::bind(addr)
+                    .await
+                    .map_err(|source| AgentError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
+        let metrics = Arc::new(metrics::Metrics::new());
+        let registry = Arc::new(Registry::new(
+            config.storage.clone(),
+            config.recover_window,
+            metrics,
+        ));
+        registry.resume_journals().await;
         Ok(Agent {
             listener,
+            metrics_listener,
             config: Arc::new(config),
             registry,
         })
@@ -124,10 +153,23 @@ impl Agent {
         self.listener.local_addr()
     }
 
+    /// The metrics endpoint's address, when `--metrics` was given.
+    pub fn metrics_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.metrics_listener.as_ref().map(TcpListener::local_addr)
+    }
+
     /// Accepts migrations until `shutdown` is cancelled, then drains: returns once every
     /// connection in progress has ended.
-    pub async fn run(self, shutdown: CancellationToken) {
-        let sessions = Arc::new(Semaphore::new(MAX_SESSIONS));
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let max = self.config.max_migrations;
+        let sessions = Arc::new(Semaphore::new(max));
+        // The endpoint goes on while the agent drains: in-progress migrations are still news.
+        let metrics_stop = CancellationToken::new();
+        if let Some(listener) = self.metrics_listener.take() {
+            let metrics = self.registry.metrics.clone();
+            tokio::spawn(scrape::run(listener, metrics, metrics_stop.clone()));
+        }
+        let _stop_metrics = metrics_stop.drop_guard();
         let handshakes = handshakes::Handshakes::new(MAX_HANDSHAKES);
         let mut tasks = JoinSet::new();
         loop {
@@ -151,7 +193,8 @@ impl Agent {
             let span = tracing::info_span!("migration", %peer);
             tasks.spawn(
                 async move {
-                    info!("source connected");
+                    // Debug: a monitoring loop running `ferry status` would flood the log.
+                    debug!("source connected");
                     let acceptor = tokio_rustls::TlsAcceptor::from(config.tls.clone());
                     let accepted = tokio::select! {
                         _ = place.evicted.cancelled() => {
@@ -164,15 +207,26 @@ impl Agent {
                         Ok(accepted) => accepted,
                         Err(e) => return warn!(error = %e, "connection refused"),
                     };
-                    let Ok(_permit) = sessions.try_acquire_owned() else {
-                        let reason = format!(
-                            "the agent is receiving {MAX_SESSIONS} migrations already; try again later"
-                        );
-                        let _ = session::refuse(&mut stream, reason).await;
-                        return;
+                    let _session = registry.metrics.session();
+                    // Only a new migration takes a place: a recovering source or a status
+                    // request must get through to a full agent.
+                    let permit = match request {
+                        session::Request::Prepare(..) => match sessions.try_acquire_owned() {
+                            Ok(permit) => Some(permit),
+                            Err(_) => {
+                                registry.metrics.outcome(metrics::Outcome::Refused);
+                                let reason = format!(
+                                    "the agent is receiving {max} migrations already (--max-migrations {max}): retry when one finishes, or raise --max-migrations on the agent"
+                                );
+                                let _ = session::refuse(&mut stream, reason).await;
+                                return;
+                            }
+                        },
+                        _ => None,
                     };
+                    let _permit = permit;
                     match session::serve(stream, request, &config, &registry).await {
-                        Ok(()) => info!("session done"),
+                        Ok(()) => debug!("session done"),
                         Err(e) => warn!(error = %e, "migration not received"),
                     }
                 }

@@ -22,6 +22,10 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 use super::destination::{Destination, DestinationError};
+use super::inventory::MigrationInfo;
+use super::metrics::{Outcome, Tracked};
+use super::registry::Registry;
+use super::space::Reservation;
 use super::storage::{self, MigrationDir, Phase, Record};
 use super::AgentConfig;
 use crate::nbd::{Export, NbdServer, ServerConfig};
@@ -53,6 +57,10 @@ pub struct Received {
     /// Whether this agent may have started the guest: `cont` sent, or a previous agent's
     /// `Resuming` it cannot see past. Until then a dead destination never ran.
     may_have_run: bool,
+    /// Its share of the storage's free space, released when this value goes.
+    reservation: Option<Reservation>,
+    /// Its metrics: NBD counters, phase clock, outcome.
+    tracked: Tracked,
 }
 
 impl Received {
@@ -61,10 +69,15 @@ impl Received {
         vm: &VmDescription,
         tls: bool,
         config: &AgentConfig,
+        registry: &Registry,
         ip: IpAddr,
         source: IpAddr,
     ) -> Result<Received, String> {
-        storage::preflight(&config.storage, vm).map_err(|e| e.to_string())?;
+        // First: a migration refused for space must not have cost a certificate or a directory.
+        let reservation = registry
+            .ledger
+            .reserve(vm, config.space_check)
+            .map_err(|e| crate::error_chain(&e))?;
         let binary = config
             .policy
             .binary_for(vm)
@@ -88,8 +101,11 @@ impl Received {
             None
         };
         let dir = MigrationDir::create(&config.storage, vm.running).map_err(|e| e.to_string())?;
+        let tracked = registry.metrics.track(&dir.id, Phase::Receiving);
         let ctx = context(&binary, &dir.path, vm);
         let mut received = Received {
+            reservation: None,
+            tracked,
             argv: Vec::new(),
             ctx,
             disks: Vec::new(),
@@ -105,16 +121,46 @@ impl Received {
             may_have_run: false,
             dir,
         };
-        if let Err(e) = received.create_storage(vm, ip, source).await {
+        let info = MigrationInfo::new(vm, reservation.bytes);
+        received.reservation = Some(reservation);
+        let made = match info.write(&received.dir) {
+            Ok(()) => received.create_storage(vm, ip, source).await,
+            Err(e) => Err(format!(
+                "cannot write {}: {e}",
+                received
+                    .dir
+                    .path
+                    .join(super::inventory::INFO_NAME)
+                    .display()
+            )),
+        };
+        if let Err(e) = made {
+            received.tracked.discard();
             received.rollback().await;
             return Err(e);
         }
+        if let Some(reservation) = &received.reservation {
+            reservation.track(received.images.clone());
+        }
+        info!(
+            migration = %received.dir.id,
+            vm = info.vm.as_deref().unwrap_or("-"),
+            disks = received.disks.len(),
+            bytes = vm.total_disk_bytes(),
+            reserved = info.reserved,
+            "admitted"
+        );
         Ok(received)
     }
 
     /// A migration a previous agent left in `record.phase`, with its destination QEMU
     /// reattached; `None` when that QEMU is gone.
-    pub async fn reattach(dir: MigrationDir, record: Record) -> Option<Received> {
+    /// It takes back the space its migration reserved (as recorded in `migration.json`).
+    pub async fn reattach(
+        dir: MigrationDir,
+        record: Record,
+        registry: &Registry,
+    ) -> Option<Received> {
         let pid = read_pid(&dir.path)?;
         let ctx = RewriteContext {
             binary: String::new(),
@@ -122,8 +168,16 @@ impl Received {
             images: HashMap::new(),
         };
         let destination = Destination::attach(pid, &dir.path, &ctx.qmp_socket()).await?;
+        let images = dir.images();
+        let reservation = MigrationInfo::read(&dir).map(|info| {
+            let held = registry.ledger.hold(info.reserved);
+            held.track(images.clone());
+            held
+        });
         Some(Received {
-            images: dir.images(),
+            reservation,
+            tracked: registry.metrics.track(&dir.id, record.phase),
+            images,
             argv: Vec::new(),
             ctx,
             disks: Vec::new(),
@@ -174,6 +228,7 @@ impl Received {
         };
         self.dir.record(record).map_err(|e| e.to_string())?;
         self.record = record;
+        self.tracked.phase(phase);
         Ok(())
     }
 
@@ -194,6 +249,7 @@ impl Received {
         };
         let config = ServerConfig {
             allowed_peer: Some(source.to_canonical()),
+            stats: self.tracked.stats.clone(),
             tls,
             ..ServerConfig::default()
         };
@@ -290,7 +346,10 @@ impl Received {
     /// `Resuming`. Call [`mark_running`](Self::mark_running) once the answer is sent.
     pub async fn commit(&mut self) -> AgentMessage {
         match self.try_commit().await {
-            Ok(running) => running,
+            Ok(running) => {
+                self.tracked.finish(Outcome::Completed);
+                running
+            }
             Err(reason) if !self.may_have_run => {
                 warn!(migration = %self.dir.id, %reason, "cannot hand the VM over here; the source keeps it");
                 self.rollback().await;
@@ -303,6 +362,7 @@ impl Received {
             Err(reason) => {
                 // Past `Resuming` the guest may have run here: never undone, never abandoned.
                 error!(migration = %self.dir.id, %reason, "hand-over failed after the guest was started here");
+                self.tracked.finish(Outcome::Failed);
                 self.forget_credentials();
                 AgentMessage::Refused {
                     reason: format!(
@@ -348,6 +408,7 @@ impl Received {
             }
             flushed.map_err(|e| crate::error_chain(&e))?;
             self.record = record;
+            self.tracked.phase(record.phase);
         } else {
             // A restarted agent finishing a hand-over: the flush may not have happened.
             storage::sync_files(self.images.clone())
@@ -444,7 +505,9 @@ impl Received {
         if let Err(e) = self.dir.remove() {
             warn!(error = %e, "rollback");
         }
-        info!(migration = %self.dir.id, "rolled back");
+        self.tracked.finish(Outcome::RolledBack);
+        self.reservation = None;
+        info!(migration = %self.dir.id, phase = "rolled_back", "phase");
     }
 }
 

@@ -20,7 +20,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::metrics::Metrics;
 use super::received::{read_pid, Received};
+use super::space::Ledger;
 use super::storage::{MigrationDir, Phase};
 use crate::protocol::AgentMessage;
 use crate::status::MigrationStatus;
@@ -36,15 +38,21 @@ pub struct Registry {
     storage: PathBuf,
     recover_window: Duration,
     slots: Mutex<HashMap<String, Slot>>,
+    /// The free space reserved by the migrations in progress.
+    pub ledger: Arc<Ledger>,
+    /// The agent's metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Registry {
     /// An empty registry for the migrations under `storage`.
-    pub fn new(storage: PathBuf, recover_window: Duration) -> Registry {
+    pub fn new(storage: PathBuf, recover_window: Duration, metrics: Arc<Metrics>) -> Registry {
         Registry {
+            ledger: Ledger::new(&storage),
             storage,
             recover_window,
             slots: Mutex::new(HashMap::new()),
+            metrics,
         }
     }
 
@@ -195,7 +203,8 @@ impl Registry {
                 Phase::Running => continue,
                 Phase::Receiving => {}
                 Phase::Started | Phase::Resuming => {
-                    if let Some(mut received) = Received::reattach(dir.clone(), record).await {
+                    if let Some(mut received) = Received::reattach(dir.clone(), record, self).await
+                    {
                         if record.phase == Phase::Started && received.no_ram_yet().await {
                             // Started while the disks copied; its source lost this agent
                             // before any RAM flowed, and gave up.

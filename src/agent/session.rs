@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
+use super::metrics::Outcome;
 use super::received::Received;
 use super::registry::{Registry, Slot};
 use super::storage::Phase;
@@ -64,6 +65,8 @@ pub enum Request {
         /// Whether the source QEMU completed it.
         commit: bool,
     },
+    /// `ferry status`: the migrations held here.
+    Status,
 }
 
 /// Opens a control connection: TLS, then the token handshake bound to it, then the source's
@@ -132,7 +135,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    info!(version, "source authenticated");
+    tracing::debug!(version, "source authenticated");
     let request = tokio::time::timeout(REQUEST_TIMEOUT, protocol::read_message(rd)).await;
     match request {
         Err(_) => Err(refuse(wr, "no request within 30 s of the handshake".into()).await),
@@ -145,9 +148,10 @@ where
             migration_id,
             commit,
         }),
+        Ok(Ok(SourceMessage::Status)) => Ok(Request::Status),
         Ok(Ok(other)) => Err(refuse(
             wr,
-            format!("expected Prepare or Resolve, got {}", other.kind()),
+            format!("expected Prepare, Resolve or Status, got {}", other.kind()),
         )
         .await),
     }
@@ -165,6 +169,14 @@ pub async fn serve(
     let source_ip = tcp.peer_addr().map_err(ProtocolError::from)?.ip();
     let (mut rd, mut wr) = tokio::io::split(stream);
     match request {
+        Request::Status => {
+            let storage = config.storage.clone();
+            let listed = tokio::task::spawn_blocking(move || super::inventory::collect(&storage))
+                .await
+                .unwrap_or_default();
+            protocol::write_message(&mut wr, &status_report(listed)).await?;
+            Ok(())
+        }
         Request::Resolve {
             migration_id,
             commit,
@@ -177,12 +189,17 @@ pub async fn serve(
         }
         Request::Prepare(vm, tls) => {
             if !tls && config.require_tls {
+                registry.metrics.outcome(Outcome::Refused);
                 let reason = "this agent accepts encrypted migrations only (--require-tls): run ferry migrate without --insecure".to_string();
                 return Err(refuse(&mut wr, reason).await);
             }
-            let received = match Received::prepare(&vm, tls, config, local_ip, source_ip).await {
+            let prepared = Received::prepare(&vm, tls, config, registry, local_ip, source_ip).await;
+            let received = match prepared {
                 Ok(received) => received,
-                Err(reason) => return Err(refuse(&mut wr, reason).await),
+                Err(reason) => {
+                    registry.metrics.outcome(Outcome::Refused);
+                    return Err(refuse(&mut wr, reason).await);
+                }
             };
             let id = received.dir.id.clone();
             let prepared = received.prepared();
@@ -196,6 +213,25 @@ pub async fn serve(
                 }
             }
         }
+    }
+}
+
+/// The `StatusReport` for `listed`, cut to fit a frame (VM names and disk lists are the
+/// source's, of any length).
+fn status_report(listed: (Vec<super::inventory::MigrationSummary>, usize)) -> AgentMessage {
+    let (mut migrations, mut more) = listed;
+    loop {
+        let report = AgentMessage::StatusReport {
+            migrations: migrations.clone(),
+            more,
+        };
+        let fits = serde_json::to_vec(&report).is_ok_and(|b| b.len() <= protocol::MAX_FRAME);
+        if fits || migrations.is_empty() {
+            return report;
+        }
+        let keep = migrations.len() / 2;
+        more += migrations.len() - keep;
+        migrations.truncate(keep);
     }
 }
 

@@ -11,11 +11,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::human_bytes;
-use crate::vm::{safe_name, VmDescription};
-
-/// Room kept free beyond the disks' full size, for QEMU's own files and the file system.
-const HEADROOM: u64 = 64 << 20;
+use crate::vm::safe_name;
 
 /// Where a migration stands, as recorded on disk.
 #[derive(
@@ -37,6 +33,24 @@ pub enum Phase {
     Running,
 }
 
+impl Phase {
+    /// The phase's name, as journaled and as `ferry status` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Receiving => "receiving",
+            Phase::Started => "started",
+            Phase::Resuming => "resuming",
+            Phase::Running => "running",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The journal of one migration directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Record {
@@ -49,21 +63,6 @@ pub struct Record {
 /// A storage failure, naming the path.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    /// Not enough space for the disks' full size.
-    #[error(
-        "destination has {free} free in {dir}, the disks need {needed} ({detail}): free space in \
-         --storage or pick another host"
-    )]
-    NoSpace {
-        /// Free space, human-readable.
-        free: String,
-        /// Needed space, human-readable.
-        needed: String,
-        /// Per-disk sizes.
-        detail: String,
-        /// The storage directory.
-        dir: String,
-    },
     /// A file operation failed.
     #[error("{what} {path}")]
     Io {
@@ -83,33 +82,6 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
         path: path.display().to_string(),
         source,
     }
-}
-
-/// Refuses a VM whose disks do not fit in `dir` at their full size. The images are sparse, but a
-/// guest may fill them: promising space that is not there would fail mid-migration instead.
-pub fn preflight(dir: &Path, vm: &VmDescription) -> Result<(), StorageError> {
-    let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| StorageError::Io {
-        what: "cannot read free space of",
-        path: dir.display().to_string(),
-        source: e.into(),
-    })?;
-    let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
-    let needed = vm.total_disk_bytes();
-    if free < needed.saturating_add(HEADROOM) {
-        let detail = vm
-            .disks
-            .iter()
-            .map(|d| format!("{} {}", d.name, human_bytes(d.size)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        return Err(StorageError::NoSpace {
-            free: human_bytes(free),
-            needed: human_bytes(needed),
-            detail,
-            dir: dir.display().to_string(),
-        });
-    }
-    Ok(())
 }
 
 /// The file name of a disk's image in a migration directory (`disk-vda.raw`): the one place it
@@ -182,9 +154,13 @@ impl MigrationDir {
     }
 
     /// Journals the migration's state durably: a crash leaves the old or the new record.
+    /// Every phase change goes through here, so this is where it is logged: one line per
+    /// change, with the migration id and the phase as fields (journald keeps them apart).
     pub fn record(&self, record: Record) -> Result<(), StorageError> {
         let path = self.journal_path();
-        crate::journal::write(&path, &record).map_err(io_err("cannot write journal", &path))
+        crate::journal::write(&path, &record).map_err(io_err("cannot write journal", &path))?;
+        tracing::info!(migration = %self.id, phase = record.phase.as_str(), "phase");
+        Ok(())
     }
 
     /// The journaled state; `None` for a directory without a readable journal.
@@ -252,37 +228,6 @@ pub async fn sync_files(paths: Vec<PathBuf>) -> Result<(), StorageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::DiskDescription;
-
-    fn vm_with(size: u64) -> VmDescription {
-        VmDescription {
-            running: true,
-            argv: vec![],
-            machine: None,
-            disks: vec![DiskDescription {
-                name: "vda".into(),
-                node_name: "vda".into(),
-                device: String::new(),
-                file: "/x".into(),
-                format: "raw".into(),
-                size,
-                read_only: false,
-            }],
-        }
-    }
-
-    #[test]
-    fn preflight_refuses_what_does_not_fit_and_says_how_much() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        preflight(dir.path(), &vm_with(1 << 20)).expect("1 MiB fits");
-        let err = preflight(dir.path(), &vm_with(1 << 60)).expect_err("1 EiB does not fit");
-        let text = err.to_string();
-        assert!(text.starts_with("destination has "), "{text}");
-        assert!(
-            text.contains("the disks need 1048576.0 TiB (vda 1048576.0 TiB)"),
-            "{text}"
-        );
-    }
 
     #[test]
     fn images_are_exact_size_and_sparse() {

@@ -1,6 +1,6 @@
 //! `ferry agent --listen ADDR --storage DIR --token-file FILE [--qemu-binary PATH]...
 //! [--allow-path DIR]... [--state-dir DIR] [--tls-cert FILE --tls-key FILE] [--tls-ca FILE]
-//! [--require-tls]`.
+//! [--require-tls] [--max-migrations N] [--space-check full|data] [--metrics ADDR]`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::policy::Policy;
+use crate::agent::space::SpaceCheck;
 use crate::agent::{Agent, AgentConfig};
 
 /// Arguments of `ferry agent`.
@@ -55,6 +56,19 @@ pub struct AgentArgs {
     /// --insecure`).
     #[arg(long)]
     require_tls: bool,
+    /// Migrations received at once; more are refused with a message naming this limit.
+    /// Each runs its own QEMU and NBD server and they share the disks and network.
+    #[arg(long, value_name = "N", default_value_t = crate::agent::DEFAULT_MAX_MIGRATIONS,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    max_migrations: u16,
+    /// How free space is judged, across the migrations in progress: `full` reserves the disks'
+    /// full size; `data` the data the source reports plus a margin (thin storage, overcommitted
+    /// on purpose).
+    #[arg(long, value_name = "POLICY", value_enum, default_value_t = SpaceCheck::Full)]
+    space_check: SpaceCheck,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. `127.0.0.1:9780`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 /// The control link's TLS: the operator's certificate, or the agent's own from `state_dir`;
@@ -114,6 +128,9 @@ pub async fn run(args: AgentArgs) -> ExitCode {
         token,
         policy,
         recover_window: std::time::Duration::from_secs(args.recover_window),
+        max_migrations: usize::from(args.max_migrations),
+        space_check: args.space_check,
+        metrics: args.metrics,
     };
     let agent = match Agent::bind(config).await {
         Ok(a) => a,
@@ -125,6 +142,11 @@ pub async fn run(args: AgentArgs) -> ExitCode {
             println!("ferry agent listening on {addr}");
         }
         Err(e) => return super::fail(super::EXIT_FAILED, e),
+    }
+    match agent.metrics_addr() {
+        Some(Ok(addr)) => println!("ferry agent metrics on http://{addr}/metrics"),
+        Some(Err(e)) => return super::fail(super::EXIT_FAILED, e),
+        None => {}
     }
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();

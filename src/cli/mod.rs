@@ -15,6 +15,7 @@ mod migrate;
 mod nbd_serve;
 mod qmp;
 mod recover;
+mod status;
 mod tls;
 
 /// Exit code for "the operation ran and failed".
@@ -46,6 +47,8 @@ enum Command {
     /// Settle a migration whose `ferry migrate` died or lost the agent: finish it on the
     /// destination or roll it back to the source, and remove its leftovers.
     Recover(recover::RecoverArgs),
+    /// List the migrations an agent holds: phase, VM, disks, bytes received, age, QEMU pid.
+    Status(status::StatusArgs),
     /// Migrate the bundled test guest on this machine, both ends on localhost, and verify it.
     #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
@@ -54,7 +57,7 @@ enum Command {
 /// Parses the command line, runs the subcommand on a tokio runtime and returns its exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(matches!(cli.command, Command::Agent(_)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -74,6 +77,7 @@ pub fn main() -> ExitCode {
             Command::Agent(args) => agent::run(args).await,
             Command::Migrate(args) => migrate::run(args).await,
             Command::Recover(args) => recover::run(args).await,
+            Command::Status(args) => status::run(args).await,
             #[cfg(feature = "demo")]
             Command::Demo(args) => demo::run(args).await,
         }
@@ -87,15 +91,22 @@ pub fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 }
 
 /// Logs go to stderr, filtered by `FERRY_LOG` (e.g. `FERRY_LOG=ferry=debug`); quiet by default so
-/// that stdout stays machine-readable.
-fn init_tracing() {
+/// that stdout stays machine-readable, except for the agent (a `service`), whose info lines (one
+/// per migration phase change) are what its operator reads. Colours only on a terminal; under
+/// systemd (`JOURNAL_STREAM` set) no timestamps, since journald stamps every line itself.
+fn init_tracing(service: bool) {
+    let default = if service { "warn,ferry=info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Reads a shared token: the file's content without surrounding white space. Refuses a missing,

@@ -193,6 +193,17 @@ impl AgentLink {
         }
     }
 
+    /// Asks for the migrations the agent holds (`ferry status`); the link is done after.
+    pub async fn status(
+        &mut self,
+    ) -> Result<(Vec<crate::agent::inventory::MigrationSummary>, usize), ControlError> {
+        self.send(&SourceMessage::Status).await?;
+        match self.recv_timeout(REPLY_TIMEOUT).await? {
+            AgentMessage::StatusReport { migrations, more } => Ok((migrations, more)),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Sends the VM, asking for encrypted disks and RAM when `tls`; returns what the agent
     /// prepared. An agent that ignores the request for TLS is an error, never a silent downgrade.
     pub async fn prepare(

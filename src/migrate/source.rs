@@ -482,10 +482,27 @@ pub fn disks_from_query_block(blocks: &Value) -> Result<Vec<DiskDescription>, Di
                 .unwrap_or("")
                 .to_string(),
             size,
+            allocated: allocated_in_chain(inserted.get("image")),
             read_only: inserted.get("ro").and_then(Value::as_bool).unwrap_or(false),
         });
     }
     Ok(disks)
+}
+
+/// The host bytes an image and its backing files take (`actual-size` down the chain): an upper
+/// bound of the data a full mirror copies (it reads the whole chain), for an agent that admits
+/// disks by their data. `None` when QEMU does not report it for some image of the chain.
+fn allocated_in_chain(image: Option<&Value>) -> Option<u64> {
+    let mut total = 0u64;
+    let mut image = image?;
+    for _ in 0..64 {
+        total = total.saturating_add(image.get("actual-size")?.as_u64()?);
+        match image.get("backing-image") {
+            Some(backing) => image = backing,
+            None => return Some(total),
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -497,7 +514,8 @@ mod tests {
         let blocks = json!([
             {"device": "", "qdev": "vda-dev", "removable": false,
              "inserted": {"node-name": "vda", "file": "/a.qcow2", "drv": "qcow2", "ro": false,
-                          "image": {"virtual-size": 1073741824u64}}},
+                          "image": {"virtual-size": 1073741824u64, "actual-size": 200,
+                                    "backing-image": {"actual-size": 50}}}},
             {"device": "drive1", "qdev": "x", "removable": false,
              "inserted": {"node-name": "#block312", "file": "/b.raw", "drv": "raw", "ro": true,
                           "image": {"virtual-size": 4096}}},
@@ -521,6 +539,12 @@ mod tests {
             ),
             ("drive1", "#block312", true)
         );
+        assert_eq!(
+            disks[0].allocated,
+            Some(250),
+            "the whole chain's allocation"
+        );
+        assert_eq!(disks[1].allocated, None, "not reported: unknown");
     }
 
     #[test]

@@ -44,13 +44,14 @@ use super::wire::{self, ReplyStyle, Request, MAX_PAYLOAD};
 /// Socket read buffer: headers and small writes are parsed from it; large payloads bypass it.
 const READ_BUFFER: usize = 64 * 1024;
 
-/// Per-connection bounds.
-#[derive(Debug, Clone, Copy)]
+/// Per-connection bounds, and where the connection counts its requests.
+#[derive(Debug, Clone)]
 pub(crate) struct Bounds {
     pub(crate) max_requests: usize,
     /// At least [`MAX_PAYLOAD`], so that one maximal request always fits.
     pub(crate) max_bytes: usize,
     pub(crate) grace: Duration,
+    pub(crate) stats: Arc<super::NbdStats>,
 }
 
 /// What the reader got off the socket.
@@ -90,6 +91,7 @@ enum ReadError {
 /// a time, so its replies are queued to a writer task (see `sink`); its reader is the same
 /// code over the decrypting half.
 pub(crate) async fn serve(transport: Transport<TcpStream>, session: Session, bounds: Bounds) {
+    let grace = bounds.grace;
     let (answered, drain) = match transport {
         Transport::Plain(stream) => {
             let (rd, wr) = stream.into_split();
@@ -104,7 +106,7 @@ pub(crate) async fn serve(transport: Transport<TcpStream>, session: Session, bou
             (run(rd, sink, session, bounds).await, drain)
         }
     };
-    drain.close(answered, bounds.grace).await;
+    drain.close(answered, grace).await;
 }
 
 /// The transmission loop. Returns whether every reply was handed to the client within the
@@ -145,6 +147,7 @@ where
         };
         match incoming {
             Ok(Incoming::Op { req, op, bytes }) => {
+                bounds.stats.count_request();
                 // Cached plain writes serialize on the inode lock anyway: one lane thread. Direct
                 // writes wait for the device, so they run side by side on the pool.
                 let lane_write = match op {
@@ -163,6 +166,7 @@ where
                     context,
                     req,
                     op,
+                    stats: bounds.stats.clone(),
                 };
                 let sink = sink.clone();
                 let token = export.work.token();
@@ -182,6 +186,8 @@ where
                 }
             }
             Ok(Incoming::Rejected { req, rejection }) => {
+                bounds.stats.count_request();
+                bounds.stats.count_error();
                 debug!(cookie = req.cookie, command = req.command, error = %rejection.message, "request refused");
                 let parts = job::error_reply(style, &req, rejection.errno, &rejection.message);
                 sink.send(Reply {

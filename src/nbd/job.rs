@@ -23,6 +23,7 @@ pub(crate) struct Job {
     pub(crate) context: u32,
     pub(crate) req: Request,
     pub(crate) op: Op<Payload>,
+    pub(crate) stats: Arc<super::NbdStats>,
 }
 
 impl Job {
@@ -35,19 +36,27 @@ impl Job {
             context,
             req,
             op,
+            stats,
         } = self;
         let b = &export.backend;
         let done = match op {
             Op::Read { offset, len, df } => {
                 return read_reply(&export, &buffers, style, &req, offset, len, df).unwrap_or_else(
-                    |e| error_reply(style, &req, nbd_errno(&e), &format!("read failed: {e}")),
+                    |e| {
+                        stats.count_error();
+                        error_reply(style, &req, nbd_errno(&e), &format!("read failed: {e}"))
+                    },
                 )
             }
             Op::Write {
                 offset, fua, data, ..
             } => {
+                let len = data.data().len() as u64;
                 let written = b.write_at(data.data(), offset, fua);
                 data.recycle(&buffers);
+                if written.is_ok() {
+                    stats.count_written(len);
+                }
                 written.map_err(|e| (nbd_errno(&e), format!("write failed: {e}")))
             }
             Op::Flush => b
@@ -96,6 +105,7 @@ impl Job {
         match done {
             Ok(()) => ok_reply(style, &req),
             Err((errno, message)) => {
+                stats.count_error();
                 warn!(export = %export.name, cookie = req.cookie, %message, "request failed");
                 error_reply(style, &req, errno, &message)
             }

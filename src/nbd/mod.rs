@@ -29,6 +29,7 @@
 //! - `backend`: pread/pwrite, fdatasync, hole punching, SEEK_DATA/SEEK_HOLE (all blocking).
 //! - `export`: exports' lifecycle and the name registry.
 //! - `server`: listener, connection bound, add/remove exports, graceful shutdown.
+//! - [`stats`]: request, error and byte counters for the embedder's metrics.
 //!
 //! `docs/nbd.md` describes what is supported and the flags advertised, for people who don't read
 //! Rust.
@@ -42,7 +43,9 @@ mod job;
 mod request;
 mod server;
 mod sink;
+pub mod stats;
 mod transport;
 pub mod wire;
 
 pub use server::{Export, NbdError, NbdServer, ServerConfig};
+pub use stats::NbdStats;

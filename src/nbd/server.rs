@@ -62,6 +62,8 @@ pub struct ServerConfig {
     /// `tls::migration::MigrationCredentials::nbd_server_config`) also requires a client
     /// certificate that its CA signed.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Where requests, errors and written bytes are counted.
+    pub stats: Arc<super::NbdStats>,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +77,7 @@ impl Default for ServerConfig {
             list_exports: false,
             allowed_peer: None,
             tls: None,
+            stats: Arc::default(),
         }
     }
 }
@@ -359,6 +362,7 @@ async fn serve_connection(socket: TcpStream, shared: &Shared) {
         max_requests: config.max_requests_per_connection,
         max_bytes: config.max_buffered_bytes_per_connection,
         grace: config.shutdown_grace,
+        stats: config.stats.clone(),
     };
     connection::serve(transport, session, bounds).await;
 }

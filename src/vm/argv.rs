@@ -53,6 +53,8 @@ const RESERVED_NAMES: &[&str] = &[
     TLS_DIR_NAME,
     "qemu.stderr",
     "argv",
+    "migration.json",
+    "migration.json.tmp",
 ];
 
 /// What the destination QEMU runs under: seccomp, with no way to run other programs, change

@@ -40,6 +40,11 @@ pub struct DiskDescription {
     pub format: String,
     /// Guest-visible size in bytes.
     pub size: u64,
+    /// Bytes of data the source image holds (its allocation, backing files included), for an
+    /// agent that admits thin disks by their data (`--space-check data`). Absent from older
+    /// sources: the agent then counts the full size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated: Option<u64>,
     /// Whether the guest sees the disk read-only.
     pub read_only: bool,
 }
@@ -50,6 +55,20 @@ impl VmDescription {
         self.disks
             .iter()
             .fold(0u64, |sum, d| sum.saturating_add(d.size))
+    }
+
+    /// The guest's name (`-name guest=NAME` or `-name NAME`), for status and logs.
+    pub fn name(&self) -> Option<String> {
+        let at = self
+            .argv
+            .iter()
+            .position(|a| a == "-name" || a == "--name")?;
+        let value = keyval::KeyVal::parse(self.argv.get(at + 1)?);
+        value
+            .get("guest")
+            .or_else(|| value.implied())
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
     }
 }
 
@@ -84,5 +103,29 @@ mod tests {
         assert_eq!(safe_name("disk0"), "disk0");
         assert_eq!(safe_name("../etc/passwd"), "etc_passwd");
         assert_eq!(safe_name("###"), "disk");
+    }
+
+    #[test]
+    fn names_come_from_dash_name() {
+        let vm = |argv: &[&str]| VmDescription {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            machine: None,
+            disks: vec![],
+            running: true,
+        };
+        assert_eq!(
+            vm(&["qemu", "-name", "web,,1,debug-threads=on"])
+                .name()
+                .as_deref(),
+            Some("web,1")
+        );
+        assert_eq!(
+            vm(&["qemu", "-name", "guest=db,process=x"])
+                .name()
+                .as_deref(),
+            Some("db")
+        );
+        assert_eq!(vm(&["qemu", "-name"]).name(), None);
+        assert_eq!(vm(&["qemu"]).name(), None);
     }
 }

@@ -15,6 +15,7 @@ fn disk(name: &str, node: &str, device: &str, file: &str) -> DiskDescription {
         file: file.into(),
         format: "qcow2".into(),
         size: 1 << 30,
+        allocated: None,
         read_only: false,
     }
 }

@@ -16,6 +16,7 @@ pub mod guest;
 pub mod migrate;
 pub mod nbd;
 pub mod netns;
+pub mod ops;
 
 pub use agent::*;
 pub use checks::*;
