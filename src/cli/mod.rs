@@ -6,11 +6,12 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod agent;
 #[cfg(feature = "demo")]
 mod demo;
+mod docs;
 mod migrate;
 mod nbd_serve;
 mod qmp;
@@ -49,6 +50,9 @@ enum Command {
     /// Migrate the bundled test guest on this machine, both ends on localhost, and verify it.
     #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenDocs(docs::GenDocsArgs),
 }
 
 /// Parses the command line, runs the subcommand on a tokio runtime and returns its exit code.
@@ -76,6 +80,7 @@ pub fn main() -> ExitCode {
             Command::Recover(args) => recover::run(args).await,
             #[cfg(feature = "demo")]
             Command::Demo(args) => demo::run(args).await,
+            Command::GenDocs(args) => docs::run(args, Cli::command()),
         }
     })
 }
