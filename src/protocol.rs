@@ -44,6 +44,12 @@
 //!    │─────────────────────────────────────────────────────►│ otherwise roll back
 //!    │                                Running | Abandoned   │
 //!    │◄─────────────────────────────────────────────────────│
+//!
+//!  `ferry migrate --dry-run`, after the handshake:
+//!    │ Check{vm, tls}                                       │ Prepare's checks only: TLS policy,
+//!    │─────────────────────────────────────────────────────►│ space, binary, argv, host files;
+//!    │          Checked{argv, storage, free_bytes} | Refused│ creates nothing
+//!    │◄─────────────────────────────────────────────────────│ (then either side hangs up)
 //! ```
 //!
 //! Ownership is decided by the source QEMU alone: with the return path on, its migration reaches
@@ -83,6 +89,10 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// The most RAM stream connections a source may ask for (QEMU allows 255; each is a thread and
 /// a socket on both hosts).
 pub const MAX_PARALLEL: u32 = 16;
+
+/// The name that stands for the migration's directory (not made yet) in a `Checked` command
+/// line: `STORAGE/<migration-id>/disk-vda.raw`.
+pub const CHECK_DIR: &str = "<migration-id>";
 
 /// Length of the random challenge nonces, in bytes.
 pub const NONCE_LEN: usize = 32;
@@ -135,6 +145,16 @@ pub enum SourceMessage {
         migration_id: String,
         /// Whether the source QEMU completed the migration.
         commit: bool,
+    },
+    /// Sent instead of `Prepare` by `ferry migrate --dry-run`: run every check `Prepare` would
+    /// (TLS policy, free space, binary, command line, host files) and answer `Checked` or
+    /// `Refused`, creating nothing. An agent older than this message does not know it and hangs
+    /// up, so a dry run can never become a real preparation.
+    Check {
+        /// The VM, as in `Prepare`.
+        vm: VmDescription,
+        /// As in `Prepare`.
+        tls: bool,
     },
     /// The source gives up: roll back everything.
     Abort {
@@ -192,6 +212,16 @@ pub enum AgentMessage {
         /// Why, one line for the operator.
         reason: String,
     },
+    /// Answer to `Check`: the agent would accept the VM, and this is what it would run.
+    Checked {
+        /// The destination QEMU's command line, with [`CHECK_DIR`] standing for the migration
+        /// directory the agent would create.
+        argv: Vec<String>,
+        /// The agent's storage directory.
+        storage: String,
+        /// Free bytes in it now.
+        free_bytes: u64,
+    },
     /// The agent refuses or failed; it has rolled back. One line meant for the operator.
     Refused {
         /// What went wrong and what to do.
@@ -210,6 +240,7 @@ impl SourceMessage {
             SourceMessage::Synced => "Synced",
             SourceMessage::Commit => "Commit",
             SourceMessage::Resolve { .. } => "Resolve",
+            SourceMessage::Check { .. } => "Check",
             SourceMessage::Abort { .. } => "Abort",
         }
     }
@@ -225,6 +256,7 @@ impl AgentMessage {
             AgentMessage::DestinationReady { .. } => "DestinationReady",
             AgentMessage::Running { .. } => "Running",
             AgentMessage::Abandoned { .. } => "Abandoned",
+            AgentMessage::Checked { .. } => "Checked",
             AgentMessage::Refused { .. } => "Refused",
         }
     }

@@ -64,21 +64,7 @@ impl Received {
         ip: IpAddr,
         source: IpAddr,
     ) -> Result<Received, String> {
-        storage::preflight(&config.storage, vm).map_err(|e| e.to_string())?;
-        let binary = config
-            .policy
-            .binary_for(vm)
-            .await
-            .map_err(|e| e.to_string())?;
-        // Dry run with the final paths' shape, so an argv we cannot run is refused before
-        // anything is created.
-        let probe = context(&binary, &config.storage.join("probe"), vm);
-        argv::rewrite(vm, &probe).map_err(|e| format!("the VM's command line: {e}"))?;
-        config
-            .policy
-            .check_host_files(vm)
-            .map_err(|e| e.to_string())?;
-
+        let binary = check(vm, config).await?.binary;
         let credentials = if tls {
             let made = tokio::task::spawn_blocking(MigrationCredentials::generate)
                 .await
@@ -446,6 +432,37 @@ impl Received {
         }
         info!(migration = %self.dir.id, "rolled back");
     }
+}
+
+/// What [`check`] found: the binary the destination would run and its command line, with
+/// [`protocol::CHECK_DIR`] standing for the migration directory.
+pub struct Checked {
+    /// The QEMU binary the policy picked.
+    pub binary: String,
+    /// The rewritten command line.
+    pub argv: Vec<String>,
+}
+
+/// Every check of a `Prepare` (free space, binary, command line, host files), creating nothing:
+/// `prepare` runs it before it creates anything, and `ferry migrate --dry-run` alone (`Check`).
+pub async fn check(vm: &VmDescription, config: &AgentConfig) -> Result<Checked, String> {
+    storage::preflight(&config.storage, vm).map_err(|e| e.to_string())?;
+    let binary = config
+        .policy
+        .binary_for(vm)
+        .await
+        .map_err(|e| e.to_string())?;
+    // The rewrite with the final paths' shape, so an argv we cannot run is refused before
+    // anything is created.
+    let probe = context(&binary, &config.storage.join(protocol::CHECK_DIR), vm);
+    let argv = argv::rewrite(vm, &probe)
+        .map_err(|e| format!("the VM's command line: {e}"))?
+        .argv;
+    config
+        .policy
+        .check_host_files(vm)
+        .map_err(|e| e.to_string())?;
+    Ok(Checked { binary, argv })
 }
 
 /// The destination QEMU's pid from its pid file.

@@ -88,12 +88,7 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
 /// Refuses a VM whose disks do not fit in `dir` at their full size. The images are sparse, but a
 /// guest may fill them: promising space that is not there would fail mid-migration instead.
 pub fn preflight(dir: &Path, vm: &VmDescription) -> Result<(), StorageError> {
-    let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| StorageError::Io {
-        what: "cannot read free space of",
-        path: dir.display().to_string(),
-        source: e.into(),
-    })?;
-    let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+    let free = free_space(dir)?;
     let needed = vm.total_disk_bytes();
     if free < needed.saturating_add(HEADROOM) {
         let detail = vm
@@ -110,6 +105,16 @@ pub fn preflight(dir: &Path, vm: &VmDescription) -> Result<(), StorageError> {
         });
     }
     Ok(())
+}
+
+/// Bytes available to the agent in `dir`'s file system.
+pub fn free_space(dir: &Path) -> Result<u64, StorageError> {
+    let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| StorageError::Io {
+        what: "cannot read free space of",
+        path: dir.display().to_string(),
+        source: e.into(),
+    })?;
+    Ok(stat.blocks_available() as u64 * stat.fragment_size() as u64)
 }
 
 /// The file name of a disk's image in a migration directory (`disk-vda.raw`): the one place it
