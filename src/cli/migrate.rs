@@ -129,9 +129,15 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
         super::terminated().await;
         on_signal.cancel();
     });
-    let mut json = JsonReporter;
-    let mut human = HumanReporter::default();
-    let reporter: &mut dyn Reporter = if args.json { &mut json } else { &mut human };
+    // Bars only where a person watches; pipes and files keep the line output.
+    let mut reporter: Box<dyn Reporter> = if args.json {
+        Box::new(JsonReporter)
+    } else if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        Box::new(super::progress::BarReporter::stderr())
+    } else {
+        Box::new(HumanReporter::default())
+    };
+    let reporter = reporter.as_mut();
     match migrate(&opts, reporter, &cancel).await {
         Ok(_) => ExitCode::SUCCESS,
         // The reporter has printed the failure (stderr, or the `failed` JSON event).

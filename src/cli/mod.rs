@@ -14,6 +14,7 @@ mod demo;
 mod docs;
 mod migrate;
 mod nbd_serve;
+mod progress;
 mod qmp;
 mod recover;
 mod tls;
