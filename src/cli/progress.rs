@@ -58,7 +58,8 @@ impl BarReporter {
         self.multi.suspend(|| lines.report(event));
     }
 
-    /// Leaves every bar on the screen as it last was.
+    /// Leaves every bar on the screen as it last was, and the lines that follow below them
+    /// (printed straight away: nothing redraws a finished bar).
     fn finish_all(&mut self) {
         for bar in self.disks.values().chain(self.ram.iter()) {
             if !bar.is_finished() {
@@ -84,7 +85,9 @@ impl Reporter for BarReporter {
             }
             Progress::MirrorReady { disk } => {
                 if let Some(bar) = self.disks.get(disk) {
-                    // The mirror goes on (the guest writes) until the switchover: not finished.
+                    // In sync: all of it is there (the last poll may have been before the
+                    // end). The mirror goes on while the guest writes: not finished yet.
+                    bar.set_position(bar.length().unwrap_or(0));
                     bar.set_message("in sync");
                 }
             }
@@ -118,9 +121,18 @@ impl Reporter for BarReporter {
                 bar.set_position(*transferred);
                 bar.set_message(status.clone());
             }
-            Progress::Switchover | Progress::Completed(_) | Progress::Failed { .. } => {
+            Progress::Switchover => {
+                // The RAM reached the switchover: what is left goes with the guest paused.
+                if let Some(ram) = &self.ram {
+                    ram.set_position(ram.length().unwrap_or(0));
+                    ram.set_message("switching over");
+                }
                 self.finish_all();
-                self.line(event);
+                self.lines.report(event);
+            }
+            Progress::Completed(_) | Progress::Failed { .. } => {
+                self.finish_all();
+                self.lines.report(event);
             }
             Progress::Prepared { .. } => self.line(event),
         }
@@ -157,7 +169,10 @@ mod tests {
         });
         let screen = term.contents();
         assert!(screen.contains("disk vda ["), "{screen}");
-        assert!(screen.contains("32.00 MiB / 64.00 MiB"), "{screen}");
+        assert!(
+            screen.contains("64.00 MiB / 64.00 MiB"),
+            "a disk in sync: {screen}"
+        );
         assert!(screen.contains("disk vdb ["), "{screen}");
         assert!(screen.contains("16.00 MiB / 64.00 MiB"), "{screen}");
         assert!(screen.contains("in sync"), "{screen}");
