@@ -628,7 +628,7 @@ async fn dry_run_prints_the_plan_and_changes_nothing() {
     let allocated = plan["disks"][0]["allocated_bytes"]
         .as_u64()
         .expect("allocation");
-    assert!(allocated >= 4 << 20 && allocated < 64 << 20, "{plan}");
+    assert!((4 << 20..64 << 20).contains(&allocated), "{plan}");
     assert!(plan["ram_bytes"].as_u64().is_some_and(|r| r > 0), "{plan}");
     assert!(
         plan["destination_argv"]

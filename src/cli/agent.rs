@@ -337,28 +337,24 @@ require-tls = true
     #[test]
     fn unknown_keys_and_bad_values_are_named_on_one_line() {
         let err = with_file("listen = \"0.0.0.0:1\"\nstorag = \"/a\"\n", &[])
-            .err()
-            .expect("a typo is refused");
+            .expect_err("a typo is refused");
         assert!(
             err.contains("line 2") && err.contains("unknown field `storag`"),
             "{err}"
         );
         assert_eq!(err.lines().count(), 1, "{err}");
-        let err = with_file("recover-window = \"soon\"\n", &[])
-            .err()
-            .expect("a string is not a number");
+        let err =
+            with_file("recover-window = \"soon\"\n", &[]).expect_err("a string is not a number");
         assert!(err.contains("line 1"), "{err}");
         let err = with_file("config = \"/etc/other.toml\"\n", &[])
-            .err()
-            .expect("no config file names another");
+            .expect_err("no config file names another");
         assert!(err.contains("unknown field `config`"), "{err}");
     }
 
     #[test]
     fn a_missing_required_option_names_the_flag_and_the_file() {
         let err = with_file("listen = \"0.0.0.0:1\"\n", &["--token-file", "/t"])
-            .err()
-            .expect("storage is required");
+            .expect_err("storage is required");
         assert!(
             err.starts_with("--storage is missing: give it, or set `storage` in "),
             "{err}"
@@ -367,8 +363,7 @@ require-tls = true
             "listen = \"0.0.0.0:1\"\ntls-cert = \"/c\"\n",
             &["--storage", "/s", "--token-file", "/t"],
         )
-        .err()
-        .expect("a certificate without its key");
+        .expect_err("a certificate without its key");
         assert!(err.contains("--tls-cert needs --tls-key"), "{err}");
     }
 }

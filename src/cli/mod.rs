@@ -19,6 +19,14 @@ mod qmp;
 mod recover;
 mod tls;
 
+/// The agent's files as the package installs them: `ferry agent --help` and its man page.
+const AGENT_FILES: &str = "Files, as the Debian package installs them: /etc/ferry/agent.toml \
+holds the options for --config (keys named like the flags: listen, storage, token-file, ...; a \
+flag on the command line wins); /etc/ferry/token the shared token (mode 0600, the same on every \
+source); /var/lib/ferry the agent's TLS key and certificate (--state-dir); /var/lib/ferry/images \
+the received disks (--storage). The package's ferry-agent.service runs `ferry agent --config \
+/etc/ferry/agent.toml`.";
+
 /// Exit code for "the operation ran and failed".
 pub const EXIT_FAILED: u8 = 1;
 /// Exit code for "bad input: nothing was done".
@@ -42,6 +50,7 @@ enum Command {
     /// Serve raw files or block devices over NBD until SIGINT/SIGTERM.
     NbdServe(nbd_serve::NbdServeArgs),
     /// Receive migrations on the destination host (long-running service).
+    #[command(after_long_help = AGENT_FILES)]
     Agent(agent::AgentArgs),
     /// Live-migrate the VM behind a QMP socket to a host running `ferry agent`.
     Migrate(migrate::MigrateArgs),
