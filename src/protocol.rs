@@ -50,6 +50,11 @@
 //!    │─────────────────────────────────────────────────────►│ migrations (journals, images)
 //!    │                        StatusReport{migrations, more}│
 //!    │◄─────────────────────────────────────────────────────│
+//!  `ferry migrate --dry-run`, after the handshake:
+//!    │ Check{vm, tls}                                       │ Prepare's checks only: TLS policy,
+//!    │─────────────────────────────────────────────────────►│ space, binary, argv, host files;
+//!    │          Checked{argv, storage, free_bytes} | Refused│ creates nothing
+//!    │◄─────────────────────────────────────────────────────│ (then either side hangs up)
 //! ```
 //!
 //! Ownership is decided by the source QEMU alone: with the return path on, its migration reaches
@@ -89,6 +94,10 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// The most RAM stream connections a source may ask for (QEMU allows 255; each is a thread and
 /// a socket on both hosts).
 pub const MAX_PARALLEL: u32 = 16;
+
+/// The name that stands for the migration's directory (not made yet) in a `Checked` command
+/// line: `STORAGE/<migration-id>/disk-vda.raw`.
+pub const CHECK_DIR: &str = "<migration-id>";
 
 /// Length of the random challenge nonces, in bytes.
 pub const NONCE_LEN: usize = 32;
@@ -145,6 +154,16 @@ pub enum SourceMessage {
     /// Sent instead of `Prepare` by `ferry status`: list the migrations this agent holds.
     /// Changes nothing; the token is required all the same (see `docs/protocol.md`).
     Status,
+    /// Sent instead of `Prepare` by `ferry migrate --dry-run`: run every check `Prepare` would
+    /// (TLS policy, free space, binary, command line, host files) and answer `Checked` or
+    /// `Refused`, creating nothing. An agent older than this message does not know it and hangs
+    /// up, so a dry run can never become a real preparation.
+    Check {
+        /// The VM, as in `Prepare`.
+        vm: VmDescription,
+        /// As in `Prepare`.
+        tls: bool,
+    },
     /// The source gives up: roll back everything.
     Abort {
         /// Why, for the agent's log.
@@ -208,6 +227,16 @@ pub enum AgentMessage {
         /// How many more there are.
         more: usize,
     },
+    /// Answer to `Check`: the agent would accept the VM, and this is what it would run.
+    Checked {
+        /// The destination QEMU's command line, with [`CHECK_DIR`] standing for the migration
+        /// directory the agent would create.
+        argv: Vec<String>,
+        /// The agent's storage directory.
+        storage: String,
+        /// Free bytes in it now.
+        free_bytes: u64,
+    },
     /// The agent refuses or failed; it has rolled back. One line meant for the operator.
     Refused {
         /// What went wrong and what to do.
@@ -227,6 +256,7 @@ impl SourceMessage {
             SourceMessage::Commit => "Commit",
             SourceMessage::Resolve { .. } => "Resolve",
             SourceMessage::Status => "Status",
+            SourceMessage::Check { .. } => "Check",
             SourceMessage::Abort { .. } => "Abort",
         }
     }
@@ -243,6 +273,7 @@ impl AgentMessage {
             AgentMessage::Running { .. } => "Running",
             AgentMessage::Abandoned { .. } => "Abandoned",
             AgentMessage::StatusReport { .. } => "StatusReport",
+            AgentMessage::Checked { .. } => "Checked",
             AgentMessage::Refused { .. } => "Refused",
         }
     }

@@ -114,11 +114,38 @@ async fn source_keeps_the_vm(qemu: &Path) {
     assert_on_source(&mut guest, &token, &agent).await;
     drop(agent);
 
-    // 4. After all that, a migration goes through.
+    // 4. After all that, a migration goes through. Both ends log at info level into pipes and
+    //    files (the agent's stderr is a file, the driver's a pipe): no terminal escape bytes,
+    //    as journald and log files need.
     let agent = FERRY.spawn_agent_with(&storage, &token, "127.0.0.1:0", &qemu_arg, &[]);
-    let run = FERRY.migrate(guest.qmp_socket(), &agent.addr, &token);
+    let out = FERRY
+        .migrate_command(guest.qmp_socket(), &agent.addr, &token)
+        .env("FERRY_LOG", "ferry=info")
+        .output()
+        .expect("run ferry migrate");
+    let run = collect(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr);
     assert_eq!(run.code, 0, "{:?}\n{}", run.events.last(), run.stderr);
     assert_on_destination(&mut guest, &token, &agent).await;
+    assert!(
+        run.stderr.contains(" INFO "),
+        "the driver logs: {}",
+        run.stderr
+    );
+    assert!(
+        !out.stderr.contains(&0x1b),
+        "escape bytes in ferry migrate's stderr: {:?}",
+        run.stderr
+    );
+    let agent_log = std::fs::read(storage.with_extension("log")).expect("agent log");
+    let agent_text = String::from_utf8_lossy(&agent_log);
+    assert!(
+        agent_text.contains(" INFO "),
+        "the agent logs: {agent_text}"
+    );
+    assert!(
+        !agent_log.contains(&0x1b),
+        "escape bytes in ferry agent's stderr: {agent_text:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

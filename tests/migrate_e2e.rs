@@ -515,3 +515,160 @@ async fn a_guest_outpacing_the_mirror_still_converges() {
     );
     let _dest = check_completed(&run, &mut guest, &agent.storage, &[("vda", "disk-vda.raw")]).await;
 }
+
+/// What the source QEMU holds that a migration would change: block nodes, block jobs, QOM
+/// objects, the migration's status and capabilities.
+async fn source_state(qmp_path: &Path) -> Value {
+    let q = qmp::Qmp::connect_unix(qmp_path).await.expect("qmp");
+    let nodes = q
+        .execute_raw("query-named-block-nodes", serde_json::json!({"flat": true}))
+        .await
+        .expect("nodes");
+    let mut names: Vec<&str> = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["node-name"].as_str())
+        .collect();
+    names.sort_unstable();
+    let jobs = q
+        .execute_raw("query-block-jobs", Value::Null)
+        .await
+        .expect("jobs");
+    let objects = q
+        .execute_raw("qom-list", serde_json::json!({"path": "/objects"}))
+        .await
+        .expect("qom-list");
+    let migration = q
+        .execute_raw("query-migrate", Value::Null)
+        .await
+        .expect("query-migrate");
+    let capabilities = q
+        .execute_raw("query-migrate-capabilities", Value::Null)
+        .await
+        .expect("capabilities");
+    let status = q
+        .execute_raw("query-status", Value::Null)
+        .await
+        .expect("status");
+    serde_json::json!({
+        "nodes": names, "jobs": jobs, "objects": objects, "migration": migration,
+        "capabilities": capabilities, "status": status["status"],
+    })
+}
+
+/// `ferry migrate --dry-run`: exit 0 with the disks and the destination command line, and
+/// neither host changed (no node, job or object in the source QEMU, no journal, nothing in the
+/// agent's storage); the same as JSON; and a refusal is reported as the real run would, still
+/// changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_prints_the_plan_and_changes_nothing() {
+    let OneDisk {
+        tmp, token, guest, ..
+    } = OneDisk::boot(TOKEN, 64 << 20, 4, 50).await;
+    let agent = FERRY.agent(&tmp.path().join("storage"), &token, &[]);
+    let qmp_path = guest.qmp_socket().to_path_buf();
+    let before = source_state(&qmp_path).await;
+    assert_eq!(before["jobs"], serde_json::json!([]), "{before}");
+    let dry_run = |extra: &[&str]| {
+        FERRY
+            .migrate_command(&qmp_path, &agent.addr, &token)
+            .args(["--dry-run"])
+            .args(extra)
+            .output()
+            .expect("run ferry migrate --dry-run")
+    };
+
+    // The human form (migrate_command asks for --json).
+    let out = FERRY
+        .command()
+        .args(["migrate", "--dry-run", "--qmp"])
+        .arg(&qmp_path)
+        .args(["--to", &agent.addr, "--token-file"])
+        .arg(&token)
+        .env("FERRY_STATE_DIR", state_dir(&token))
+        .output()
+        .expect("run ferry migrate --dry-run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{stdout}");
+    let storage = agent.storage.display().to_string();
+    for words in [
+        "dry run: nothing was changed on either host",
+        "VM: running",
+        "  vda: 64.0 MiB raw, ",
+        " allocated on the source",
+        &format!("-> {storage}/<migration-id>/disk-vda.raw"),
+        "destination command line:",
+        "    -incoming defer",
+        "    -sandbox ",
+        &format!("{storage}/<migration-id>/qmp.sock"),
+    ] {
+        assert!(
+            stdout.contains(words),
+            "dry run output lacks {words:?}:\n{stdout}"
+        );
+    }
+
+    // migrate_command asks for --json.
+    let out = dry_run(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(plan["event"], "dry_run", "{plan}");
+    assert_eq!(plan["disks"][0]["disk"], "vda", "{plan}");
+    assert_eq!(plan["disks"][0]["size"], 64 << 20, "{plan}");
+    let allocated = plan["disks"][0]["allocated_bytes"]
+        .as_u64()
+        .expect("allocation");
+    assert!((4 << 20..64 << 20).contains(&allocated), "{plan}");
+    assert!(plan["ram_bytes"].as_u64().is_some_and(|r| r > 0), "{plan}");
+    assert!(
+        plan["destination_argv"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|w| w == "-incoming")),
+        "{plan}"
+    );
+
+    // Refused by the agent (it requires TLS, the run asks for --insecure): exit 1, the agent's
+    // reason, nothing changed either.
+    let strict = FERRY.agent(&tmp.path().join("strict"), &token, &["--require-tls"]);
+    let out = FERRY
+        .migrate_command(&qmp_path, &strict.addr, &token)
+        .args(["--dry-run", "--insecure"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let failed: Value = serde_json::from_slice(&out.stdout).expect("the failed event");
+    assert_eq!(failed["event"], "failed", "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("--require-tls")),
+        "{failed}"
+    );
+
+    // Neither host changed.
+    assert_eq!(
+        source_state(&qmp_path).await,
+        before,
+        "the source QEMU changed"
+    );
+    assert_eq!(agent.leftovers(), Vec::<String>::new(), "agent storage");
+    assert_eq!(strict.leftovers(), Vec::<String>::new(), "agent storage");
+    let journals = std::fs::read_dir(state_dir(&token))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(journals, 0, "no journal on the source");
+    still_acking(guest.serial_log(), "vda", 3).await;
+}

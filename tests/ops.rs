@@ -4,7 +4,6 @@
 //! text a source sees, what the agent's storage holds, what `ferry status` and `curl` print, and
 //! for the two concurrent migrations every acknowledged write on the destination images.
 
-
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -12,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use ferry::migrate::control::ControlError;
 use ferry::protocol::SourceMessage;
-use ferry_testkit::{verify_disk, Acks, ImageFormat};
-use serde_json::Value;
 use ferry_harness::ops::*;
 use ferry_harness::*;
+use ferry_testkit::{verify_disk, Acks, ImageFormat};
+use serde_json::Value;
 
 const FERRY: Ferry = Ferry::new(env!("CARGO_BIN_EXE_ferry"));
 
@@ -23,7 +22,9 @@ const FERRY: Ferry = Ferry::new(env!("CARGO_BIN_EXE_ferry"));
 async fn beyond_max_migrations_a_source_is_refused_with_the_limit() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let token = token_file(tmp.path(), TOKEN);
-    let (agent, metrics) = agent_with_metrics(FERRY, &tmp.path().join("storage"),
+    let (agent, metrics) = agent_with_metrics(
+        FERRY,
+        &tmp.path().join("storage"),
         &token,
         &["--max-migrations", "1"],
     );
@@ -134,8 +135,12 @@ async fn space_check_data_admits_a_sparse_disk_that_full_refuses() {
     let token = token_file(tmp.path(), TOKEN);
     let full_storage = tmp.path().join("full");
     let (full, _) = agent_with_metrics(FERRY, &full_storage, &token, &[]);
-    let (data, _) =
-        agent_with_metrics(FERRY, &tmp.path().join("data"), &token, &["--space-check", "data"]);
+    let (data, _) = agent_with_metrics(
+        FERRY,
+        &tmp.path().join("data"),
+        &token,
+        &["--space-check", "data"],
+    );
     // Twice the free space in size, 1 MiB of data.
     let sparse = vm(free_bytes(&full_storage) * 2, Some(1 << 20));
 
@@ -226,11 +231,13 @@ async fn two_guests_migrate_to_one_agent_at_the_same_time() {
     let (mut a, mut b) = tokio::join!(guest(), guest());
     let storage = a.tmp.path().join("storage");
     // Thin: each reserves its data plus the margin, which the source must have reported.
-    let (agent, metrics) = agent_with_metrics(FERRY, &storage, &a.token, &["--space-check", "data"]);
+    let (agent, metrics) =
+        agent_with_metrics(FERRY, &storage, &a.token, &["--space-check", "data"]);
 
     // Both at once, the copy slowed so that status sees both mid-mirror.
     let spawn = |g: &OneDisk| {
-        FERRY.migrate_command(g.guest.qmp_socket(), &agent.addr, &g.token)
+        FERRY
+            .migrate_command(g.guest.qmp_socket(), &agent.addr, &g.token)
             .args(["--bandwidth", "3"])
             .spawn()
             .expect("spawn ferry migrate")
@@ -401,7 +408,8 @@ async fn a_restarted_agent_keeps_the_reservation_of_a_migration_it_resumes() {
         &[("FERRY_HOLD_AT", "agent-commit")],
     );
     let addr = agent.addr.clone();
-    let mut driver = FERRY.migrate_command(guest.qmp_socket(), &addr, &token)
+    let mut driver = FERRY
+        .migrate_command(guest.qmp_socket(), &addr, &token)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -484,7 +492,8 @@ async fn status_errors_are_one_line_and_a_wrong_token_reads_nothing() {
         .expect("admitted");
 
     let run = |args: &[&std::ffi::OsStr]| {
-        let out = FERRY.command()
+        let out = FERRY
+            .command()
             .arg("status")
             .args(args)
             .output()

@@ -78,20 +78,7 @@ impl Received {
             .ledger
             .reserve(vm, config.space_check)
             .map_err(|e| crate::error_chain(&e))?;
-        let binary = config
-            .policy
-            .binary_for(vm)
-            .await
-            .map_err(|e| e.to_string())?;
-        // Dry run with the final paths' shape, so an argv we cannot run is refused before
-        // anything is created.
-        let probe = context(&binary, &config.storage.join("probe"), vm);
-        argv::rewrite(vm, &probe).map_err(|e| format!("the VM's command line: {e}"))?;
-        config
-            .policy
-            .check_host_files(vm)
-            .map_err(|e| e.to_string())?;
-
+        let binary = check_vm(vm, config).await?.binary;
         let credentials = if tls {
             let made = tokio::task::spawn_blocking(MigrationCredentials::generate)
                 .await
@@ -509,6 +496,49 @@ impl Received {
         self.reservation = None;
         info!(migration = %self.dir.id, phase = "rolled_back", "phase");
     }
+}
+
+/// What [`check`] found: the binary the destination would run and its command line, with
+/// [`protocol::CHECK_DIR`] standing for the migration directory.
+pub struct Checked {
+    /// The QEMU binary the policy picked.
+    pub binary: String,
+    /// The rewritten command line.
+    pub argv: Vec<String>,
+}
+
+/// Every check of a `Prepare` (free space against the reservations of the migrations in
+/// progress, binary, command line, host files), creating and reserving nothing: what
+/// `ferry migrate --dry-run` asks for (`Check`). `prepare` reserves the space, then runs the rest.
+pub async fn check(
+    vm: &VmDescription,
+    config: &AgentConfig,
+    ledger: &crate::agent::space::Ledger,
+) -> Result<Checked, String> {
+    ledger
+        .check(vm, config.space_check)
+        .map_err(|e| crate::error_chain(&e))?;
+    check_vm(vm, config).await
+}
+
+/// The checks of [`check`] other than space (`prepare` reserves the space instead).
+async fn check_vm(vm: &VmDescription, config: &AgentConfig) -> Result<Checked, String> {
+    let binary = config
+        .policy
+        .binary_for(vm)
+        .await
+        .map_err(|e| e.to_string())?;
+    // The rewrite with the final paths' shape, so an argv we cannot run is refused before
+    // anything is created.
+    let probe = context(&binary, &config.storage.join(protocol::CHECK_DIR), vm);
+    let argv = argv::rewrite(vm, &probe)
+        .map_err(|e| format!("the VM's command line: {e}"))?
+        .argv;
+    config
+        .policy
+        .check_host_files(vm)
+        .map_err(|e| e.to_string())?;
+    Ok(Checked { binary, argv })
 }
 
 /// The destination QEMU's pid from its pid file.

@@ -58,6 +58,8 @@ pub enum SessionError {
 pub enum Request {
     /// A new migration of this VM; whether its disks and RAM travel encrypted.
     Prepare(Box<crate::vm::VmDescription>, bool),
+    /// `ferry migrate --dry-run`: the checks of a `Prepare`, nothing created.
+    Check(Box<crate::vm::VmDescription>, bool),
     /// A verdict on an earlier migration.
     Resolve {
         /// The migration.
@@ -141,6 +143,7 @@ where
         Err(_) => Err(refuse(wr, "no request within 30 s of the handshake".into()).await),
         Ok(Err(e)) => Err(e.into()),
         Ok(Ok(SourceMessage::Prepare { vm, tls })) => Ok(Request::Prepare(Box::new(vm), tls)),
+        Ok(Ok(SourceMessage::Check { vm, tls })) => Ok(Request::Check(Box::new(vm), tls)),
         Ok(Ok(SourceMessage::Resolve {
             migration_id,
             commit,
@@ -151,7 +154,10 @@ where
         Ok(Ok(SourceMessage::Status)) => Ok(Request::Status),
         Ok(Ok(other)) => Err(refuse(
             wr,
-            format!("expected Prepare, Resolve or Status, got {}", other.kind()),
+            format!(
+                "expected Prepare, Check, Resolve or Status, got {}",
+                other.kind()
+            ),
         )
         .await),
     }
@@ -187,10 +193,26 @@ pub async fn serve(
             protocol::write_message(&mut wr, &reply).await?;
             Ok(())
         }
+        Request::Check(vm, tls) => {
+            info!("a dry run checks a migration");
+            let checked = match tls_policy(tls, config) {
+                Ok(()) => super::received::check(&vm, config, &registry.ledger).await,
+                Err(reason) => Err(reason),
+            };
+            let reply = match checked {
+                Ok(checked) => AgentMessage::Checked {
+                    argv: checked.argv,
+                    storage: config.storage.display().to_string(),
+                    free_bytes: super::storage::free_space(&config.storage).unwrap_or(0),
+                },
+                Err(reason) => return Err(refuse(&mut wr, reason).await),
+            };
+            protocol::write_message(&mut wr, &reply).await?;
+            Ok(())
+        }
         Request::Prepare(vm, tls) => {
-            if !tls && config.require_tls {
+            if let Err(reason) = tls_policy(tls, config) {
                 registry.metrics.outcome(Outcome::Refused);
-                let reason = "this agent accepts encrypted migrations only (--require-tls): run ferry migrate without --insecure".to_string();
                 return Err(refuse(&mut wr, reason).await);
             }
             let prepared = Received::prepare(&vm, tls, config, registry, local_ip, source_ip).await;
@@ -233,6 +255,14 @@ fn status_report(listed: (Vec<super::inventory::MigrationSummary>, usize)) -> Ag
         more += migrations.len() - keep;
         migrations.truncate(keep);
     }
+}
+
+/// Refuses an `--insecure` migration when the agent requires TLS.
+fn tls_policy(tls: bool, config: &AgentConfig) -> Result<(), String> {
+    if !tls && config.require_tls {
+        return Err("this agent accepts encrypted migrations only (--require-tls): run ferry migrate without --insecure".to_string());
+    }
+    Ok(())
 }
 
 /// A session that ended before the hand-over: roll back, or detach a started destination whose

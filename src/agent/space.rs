@@ -179,11 +179,29 @@ impl Ledger {
         vm: &VmDescription,
         check: SpaceCheck,
     ) -> Result<Reservation, SpaceError> {
-        let dir = self.storage.display().to_string();
-        let (needed, detail) = needed(vm, check);
         // Under the lock from the free-space reading to the insert: two migrations admitted at
         // the same moment each see the other's reservation.
         let mut held = self.lock();
+        let needed = self.admit(&held, vm, check)?;
+        Ok(self.insert(&mut held, needed))
+    }
+
+    /// Whether `vm` would be admitted now, reserving nothing (`ferry migrate --dry-run`).
+    pub fn check(&self, vm: &VmDescription, check: SpaceCheck) -> Result<(), SpaceError> {
+        let held = self.lock();
+        self.admit(&held, vm, check).map(|_| ())
+    }
+
+    /// The bytes `vm` needs if free space covers them on top of the reservations in `held`;
+    /// otherwise the refusal with the numbers.
+    fn admit(
+        &self,
+        held: &(u64, HashMap<u64, Held>),
+        vm: &VmDescription,
+        check: SpaceCheck,
+    ) -> Result<u64, SpaceError> {
+        let dir = self.storage.display().to_string();
+        let (needed, detail) = needed(vm, check);
         let stat = nix::sys::statvfs::statvfs(&self.storage).map_err(|e| SpaceError::Statvfs {
             dir: dir.clone(),
             source: e.into(),
@@ -223,7 +241,7 @@ impl Ledger {
                 advice,
             })));
         }
-        Ok(self.insert(&mut held, needed))
+        Ok(needed)
     }
 
     /// Re-reserves `bytes` for a migration a previous agent admitted (no check: it is here).

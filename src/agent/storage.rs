@@ -84,6 +84,16 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
     }
 }
 
+/// Bytes available to the agent in `dir`'s file system.
+pub fn free_space(dir: &Path) -> Result<u64, StorageError> {
+    let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| StorageError::Io {
+        what: "cannot read free space of",
+        path: dir.display().to_string(),
+        source: e.into(),
+    })?;
+    Ok(stat.blocks_available() as u64 * stat.fragment_size() as u64)
+}
+
 /// The file name of a disk's image in a migration directory (`disk-vda.raw`): the one place it
 /// is made, so the agent, its restart and `ferry demo` agree.
 pub fn image_file_name(disk_name: &str) -> String {

@@ -1,9 +1,14 @@
-//! `ferry agent --listen ADDR --storage DIR --token-file FILE [--qemu-binary PATH]...
-//! [--allow-path DIR]... [--state-dir DIR] [--tls-cert FILE --tls-key FILE] [--tls-ca FILE]
-//! [--require-tls] [--max-migrations N] [--space-check full|data] [--metrics ADDR]`.
+//! `ferry agent [--config FILE] --listen ADDR --storage DIR --token-file FILE
+//! [--qemu-binary PATH]... [--allow-path DIR]... [--state-dir DIR] [--tls-cert FILE --tls-key FILE]
+//! [--tls-ca FILE] [--require-tls] [--max-migrations N] [--space-check full|data]
+//! [--metrics ADDR]`.
+//!
+//! Every option can also be set in a TOML file (`--config /etc/ferry/agent.toml`, what the
+//! packaged systemd unit runs): a service's options belong in a conffile the package manager
+//! keeps across upgrades, not in a unit file the operator would have to override.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
@@ -12,68 +17,194 @@ use crate::agent::policy::Policy;
 use crate::agent::space::SpaceCheck;
 use crate::agent::{Agent, AgentConfig};
 
-/// Arguments of `ferry agent`.
-#[derive(clap::Args, Debug)]
+/// Arguments of `ferry agent`; the same names, in kebab-case, are the keys of `--config FILE`.
+///
+/// Every option is optional here because it may come from the file: [`AgentArgs::resolve`]
+/// merges the two (a flag given on the command line wins) and applies the defaults.
+#[derive(clap::Args, serde::Deserialize, Debug, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct AgentArgs {
-    /// Address to accept sources on, e.g. `0.0.0.0:7800` (port 0 picks a free one).
-    #[arg(long, value_name = "ADDR")]
-    listen: SocketAddr,
-    /// Directory for received disks: one subdirectory per migration.
-    #[arg(long, value_name = "DIR")]
-    storage: PathBuf,
-    /// File holding the shared token (the same file content on the source).
+    /// A TOML file with the agent's options (keys named like the flags: `listen`, `storage`,
+    /// `token-file`, ...). Flags given on the command line override it.
     #[arg(long, value_name = "FILE")]
-    token_file: PathBuf,
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Address to accept sources on, e.g. `0.0.0.0:7800` (port 0 picks a free one). Required
+    /// here or in --config.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Directory for received disks: one subdirectory per migration. Required here or in
+    /// --config.
+    #[arg(long, value_name = "DIR")]
+    storage: Option<PathBuf>,
+    /// File holding the shared token (the same file content on the source). Required here or
+    /// in --config.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// A QEMU system emulator destination VMs may run, named qemu-system-ARCH; repeatable. The
     /// one whose file name matches the source's binary is used. Default: qemu-system-* on PATH.
     #[arg(long, value_name = "PATH")]
+    #[serde(default)]
     qemu_binary: Vec<PathBuf>,
     /// A directory `-kernel`, `-initrd`, `-bios`, `-dtb` files may come from; repeatable.
     /// Default: the distribution's firmware directories (/usr/share/qemu, /usr/share/seabios,
     /// /usr/share/ovmf, ...).
     #[arg(long, value_name = "DIR")]
+    #[serde(default)]
     allow_path: Vec<PathBuf>,
     /// Seconds a paused destination is kept after its source's control connection dropped, for
     /// `ferry recover` on the source to settle it (one whose incoming migration completed is kept
-    /// until the source settles it).
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
-    recover_window: u64,
+    /// until the source settles it). Default: 300.
+    #[arg(long, value_name = "SECS")]
+    recover_window: Option<u64>,
     /// Where the agent keeps its TLS key and self-signed certificate (created on first start,
-    /// kept afterwards so that its fingerprint does not change).
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/ferry")]
-    state_dir: PathBuf,
+    /// kept afterwards so that its fingerprint does not change). Default: /var/lib/ferry.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// The agent's certificate (PEM, chain leaf first) instead of the generated one; needs
     /// --tls-key.
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    #[arg(long, value_name = "FILE")]
     tls_cert: Option<PathBuf>,
     /// The key of --tls-cert (PEM).
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
     /// Require sources to show a certificate signed by this CA (PEM), on top of the token.
     #[arg(long, value_name = "FILE")]
     tls_ca: Option<PathBuf>,
     /// Refuse migrations whose disks and RAM would travel in the clear (`ferry migrate
-    /// --insecure`).
+    /// --insecure`). On the command line it can only turn the check on.
     #[arg(long)]
+    #[serde(default)]
     require_tls: bool,
-    /// Migrations received at once; more are refused with a message naming this limit.
-    /// Each runs its own QEMU and NBD server and they share the disks and network.
-    #[arg(long, value_name = "N", default_value_t = crate::agent::DEFAULT_MAX_MIGRATIONS,
-          value_parser = clap::value_parser!(u16).range(1..))]
-    max_migrations: u16,
+    /// Migrations received at once (1 or more); more are refused with a message naming this
+    /// limit. Each runs its own QEMU and NBD server and they share the disks and network.
+    /// Default: 4.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    max_migrations: Option<u16>,
     /// How free space is judged, across the migrations in progress: `full` reserves the disks'
     /// full size; `data` the data the source reports plus a margin (thin storage, overcommitted
-    /// on purpose).
-    #[arg(long, value_name = "POLICY", value_enum, default_value_t = SpaceCheck::Full)]
-    space_check: SpaceCheck,
+    /// on purpose). Default: full.
+    #[arg(long, value_name = "POLICY", value_enum)]
+    space_check: Option<SpaceCheck>,
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. `127.0.0.1:9780`).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
 }
 
+/// The agent's options once the command line and the config file are merged and the defaults
+/// applied: what [`run`] works from.
+#[derive(Debug)]
+struct Settings {
+    listen: SocketAddr,
+    storage: PathBuf,
+    token_file: PathBuf,
+    qemu_binary: Vec<PathBuf>,
+    allow_path: Vec<PathBuf>,
+    recover_window: u64,
+    state_dir: PathBuf,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    require_tls: bool,
+    max_migrations: u16,
+    space_check: SpaceCheck,
+    metrics: Option<SocketAddr>,
+}
+
+/// `recover-window` when neither the command line nor the file sets it.
+const DEFAULT_RECOVER_WINDOW: u64 = 300;
+/// `state-dir` when neither the command line nor the file sets it.
+const DEFAULT_STATE_DIR: &str = "/var/lib/ferry";
+
+impl AgentArgs {
+    /// Reads `--config` (if given) and merges: a flag on the command line wins over the file, the
+    /// file over the defaults. A repeatable flag given on the command line replaces the file's
+    /// list rather than adding to it. Errors are one line naming the file or the missing option.
+    fn resolve(self) -> Result<Settings, String> {
+        let file = match &self.config {
+            Some(path) => read_config(path)?,
+            None => AgentArgs::default(),
+        };
+        let from = |what: &str| match &self.config {
+            Some(path) => format!(
+                "--{what} is missing: give it, or set `{what}` in {}",
+                path.display()
+            ),
+            None => format!("--{what} is missing: give it, or set `{what}` in a --config FILE"),
+        };
+        let pick = |cli: Vec<PathBuf>, file: Vec<PathBuf>| if cli.is_empty() { file } else { cli };
+        let settings = Settings {
+            listen: self.listen.or(file.listen).ok_or_else(|| from("listen"))?,
+            storage: self
+                .storage
+                .or(file.storage)
+                .ok_or_else(|| from("storage"))?,
+            token_file: self
+                .token_file
+                .or(file.token_file)
+                .ok_or_else(|| from("token-file"))?,
+            qemu_binary: pick(self.qemu_binary, file.qemu_binary),
+            allow_path: pick(self.allow_path, file.allow_path),
+            recover_window: self
+                .recover_window
+                .or(file.recover_window)
+                .unwrap_or(DEFAULT_RECOVER_WINDOW),
+            state_dir: self
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
+            tls_ca: self.tls_ca.or(file.tls_ca),
+            require_tls: self.require_tls || file.require_tls,
+            max_migrations: self
+                .max_migrations
+                .or(file.max_migrations)
+                .unwrap_or(crate::agent::DEFAULT_MAX_MIGRATIONS),
+            space_check: self
+                .space_check
+                .or(file.space_check)
+                .unwrap_or(SpaceCheck::Full),
+            metrics: self.metrics.or(file.metrics),
+        };
+        if settings.max_migrations == 0 {
+            return Err("max-migrations must be 1 or more".into());
+        }
+        match (&settings.tls_cert, &settings.tls_key) {
+            (Some(_), None) => Err("--tls-cert needs --tls-key (or `tls-key` in --config)".into()),
+            (None, Some(_)) => Err("--tls-key needs --tls-cert (or `tls-cert` in --config)".into()),
+            _ => Ok(settings),
+        }
+    }
+}
+
+/// Parses an agent config file. Unknown keys are refused (a typo must not silently leave an
+/// option at its default), and the error names the key and the line.
+fn read_config(path: &Path) -> Result<AgentArgs, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    parse_config(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+}
+
+/// The file's text as options; the error is one line.
+fn parse_config(text: &str) -> Result<AgentArgs, String> {
+    toml::from_str::<AgentArgs>(text).map_err(|e| {
+        // toml's message spans several lines (the offending line, a caret): keep it to one.
+        let message = e.message().trim().to_string();
+        match e.span() {
+            Some(span) => {
+                let before = text.get(..span.start).unwrap_or(text);
+                let line = before.matches('\n').count() + 1;
+                format!("line {line}: {message}")
+            }
+            None => message,
+        }
+    })
+}
+
 /// The control link's TLS: the operator's certificate, or the agent's own from `state_dir`;
 /// and the line to print once the agent listens.
-fn control_tls(args: &AgentArgs) -> Result<(std::sync::Arc<rustls::ServerConfig>, String), String> {
+fn control_tls(args: &Settings) -> Result<(std::sync::Arc<rustls::ServerConfig>, String), String> {
     use crate::tls::Identity;
     let identity = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Identity::load(cert, key).map_err(|e| e.to_string())?,
@@ -104,6 +235,10 @@ fn control_tls(args: &AgentArgs) -> Result<(std::sync::Arc<rustls::ServerConfig>
 
 /// Runs the agent until SIGINT/SIGTERM. Prints `listening on ADDR` once ready.
 pub async fn run(args: AgentArgs) -> ExitCode {
+    let args = match args.resolve() {
+        Ok(settings) => settings,
+        Err(e) => return super::fail(super::EXIT_USAGE, e),
+    };
     let token = match super::read_token(&args.token_file) {
         Ok(t) => t,
         Err(e) => return super::fail(super::EXIT_USAGE, e),
@@ -160,4 +295,125 @@ pub async fn run(args: AgentArgs) -> ExitCode {
     });
     agent.run(shutdown).await;
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: AgentArgs,
+    }
+
+    fn with_file(text: &str, argv: &[&str]) -> Result<Settings, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, text).map_err(|e| e.to_string())?;
+        let mut full = vec!["agent", "--config", path.to_str().ok_or("path")?];
+        full.extend_from_slice(argv);
+        let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
+        cli.args.resolve()
+    }
+
+    #[test]
+    fn every_option_can_come_from_the_file() {
+        let s = with_file(
+            r#"
+listen = "0.0.0.0:7800"
+storage = "/var/lib/ferry/images"
+token-file = "/etc/ferry/token"
+qemu-binary = ["/usr/bin/qemu-system-x86_64"]
+allow-path = ["/usr/share/qemu", "/srv/kernels"]
+recover-window = 60
+state-dir = "/var/lib/ferry/state"
+tls-cert = "/etc/ferry/cert.pem"
+tls-key = "/etc/ferry/key.pem"
+tls-ca = "/etc/ferry/ca.pem"
+require-tls = true
+max-migrations = 2
+space-check = "data"
+metrics = "127.0.0.1:9780"
+"#,
+            &[],
+        )
+        .expect("valid file");
+        assert_eq!(s.listen.to_string(), "0.0.0.0:7800");
+        assert_eq!(s.storage, Path::new("/var/lib/ferry/images"));
+        assert_eq!(s.token_file, Path::new("/etc/ferry/token"));
+        assert_eq!(s.qemu_binary, [Path::new("/usr/bin/qemu-system-x86_64")]);
+        assert_eq!(s.allow_path.len(), 2);
+        assert_eq!(s.recover_window, 60);
+        assert_eq!(s.state_dir, Path::new("/var/lib/ferry/state"));
+        assert_eq!(
+            s.tls_cert.as_deref(),
+            Some(Path::new("/etc/ferry/cert.pem"))
+        );
+        assert_eq!(s.tls_key.as_deref(), Some(Path::new("/etc/ferry/key.pem")));
+        assert_eq!(s.tls_ca.as_deref(), Some(Path::new("/etc/ferry/ca.pem")));
+        assert!(s.require_tls);
+        assert_eq!(s.max_migrations, 2);
+        assert_eq!(s.space_check, SpaceCheck::Data);
+        assert_eq!(
+            s.metrics.map(|a| a.to_string()).as_deref(),
+            Some("127.0.0.1:9780")
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_the_rest() {
+        let s = with_file(
+            "listen = \"0.0.0.0:7800\"\nstorage = \"/a\"\ntoken-file = \"/t\"\nallow-path = [\"/x\"]\n",
+            &["--listen", "127.0.0.1:0", "--allow-path", "/y", "--allow-path", "/z"],
+        )
+        .expect("valid");
+        assert_eq!(s.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(s.storage, Path::new("/a"));
+        assert_eq!(
+            s.allow_path,
+            [Path::new("/y"), Path::new("/z")],
+            "the flags replace the list"
+        );
+        assert_eq!(s.recover_window, DEFAULT_RECOVER_WINDOW);
+        assert_eq!(s.state_dir, Path::new(DEFAULT_STATE_DIR));
+        assert!(!s.require_tls);
+        assert_eq!(s.max_migrations, crate::agent::DEFAULT_MAX_MIGRATIONS);
+        assert_eq!(s.space_check, SpaceCheck::Full);
+        assert_eq!(s.metrics, None);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named_on_one_line() {
+        let err = with_file("listen = \"0.0.0.0:1\"\nstorag = \"/a\"\n", &[])
+            .expect_err("a typo is refused");
+        assert!(
+            err.contains("line 2") && err.contains("unknown field `storag`"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        let err =
+            with_file("recover-window = \"soon\"\n", &[]).expect_err("a string is not a number");
+        assert!(err.contains("line 1"), "{err}");
+        let err = with_file("config = \"/etc/other.toml\"\n", &[])
+            .expect_err("no config file names another");
+        assert!(err.contains("unknown field `config`"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_required_option_names_the_flag_and_the_file() {
+        let err = with_file("listen = \"0.0.0.0:1\"\n", &["--token-file", "/t"])
+            .expect_err("storage is required");
+        assert!(
+            err.starts_with("--storage is missing: give it, or set `storage` in "),
+            "{err}"
+        );
+        let err = with_file(
+            "listen = \"0.0.0.0:1\"\ntls-cert = \"/c\"\n",
+            &["--storage", "/s", "--token-file", "/t"],
+        )
+        .expect_err("a certificate without its key");
+        assert!(err.contains("--tls-cert needs --tls-key"), "{err}");
+    }
 }

@@ -1,5 +1,5 @@
 //! `ferry migrate --qmp SOCKET --to HOST:PORT --token-file FILE [--json] [--insecure]
-//! [--tls-ca FILE [--tls-cert FILE --tls-key FILE]]`.
+//! [--dry-run] [--tls-ca FILE [--tls-cert FILE --tls-key FILE]]`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,6 +63,11 @@ pub struct MigrateArgs {
     /// networks and benchmarks; an agent started with --require-tls refuses it.
     #[arg(long)]
     insecure: bool,
+    /// Check everything and print what would move and how (disks, sizes, data, the destination
+    /// command line), changing nothing on either host: discovery, the agent's checks (space,
+    /// binary, command line) and the rewrite. Exit 0: the migration would start.
+    #[arg(long)]
+    dry_run: bool,
     #[command(flatten)]
     tls: super::tls::SourceTlsArgs,
 }
@@ -100,6 +105,9 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
     opts.parallel = args.parallel;
     opts.state_dir = args.state_dir;
     opts.agent_wait = Duration::from_secs(args.agent_wait);
+    if args.dry_run {
+        return dry_run(&opts, args.json).await;
+    }
     // An interrupted migration of the same VM is settled first; if it left the VM on the
     // destination there is nothing more to do.
     match recover(&opts, None).await {
@@ -121,13 +129,54 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
         super::terminated().await;
         on_signal.cancel();
     });
-    let mut json = JsonReporter;
-    let mut human = HumanReporter::default();
-    let reporter: &mut dyn Reporter = if args.json { &mut json } else { &mut human };
+    // Bars only where a person watches; pipes and files keep the line output.
+    let mut reporter: Box<dyn Reporter> = if args.json {
+        Box::new(JsonReporter)
+    } else if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        Box::new(super::progress::BarReporter::stderr())
+    } else {
+        Box::new(HumanReporter::default())
+    };
+    let reporter = reporter.as_mut();
     match migrate(&opts, reporter, &cancel).await {
         Ok(_) => ExitCode::SUCCESS,
         // The reporter has printed the failure (stderr, or the `failed` JSON event).
         Err(_) => ExitCode::from(super::EXIT_FAILED),
+    }
+}
+
+/// `--dry-run`: the plan on stdout (one JSON object with `--json`), exit 0; or why the migration
+/// would not start, exit 1.
+async fn dry_run(opts: &MigrateOptions, json: bool) -> ExitCode {
+    match crate::migrate::dry_run::dry_run(opts).await {
+        Ok(plan) if json => match serde_json::to_string(&plan) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => super::fail(super::EXIT_FAILED, e),
+        },
+        Ok(plan) => {
+            println!("{}", plan.human());
+            ExitCode::SUCCESS
+        }
+        Err(failure) if json => {
+            let failed = crate::migrate::report::Progress::Failed {
+                phase: failure.phase.to_string(),
+                error: failure.line(),
+                source_running: true,
+            };
+            crate::migrate::report::JsonReporter.report(&failed);
+            ExitCode::from(super::EXIT_FAILED)
+        }
+        Err(failure) => super::fail(
+            super::EXIT_FAILED,
+            format_args!(
+                "dry run: the migration would fail during {}: {} (nothing was changed)",
+                failure.phase,
+                failure.line()
+            ),
+        ),
     }
 }
 

@@ -6,17 +6,27 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod agent;
 #[cfg(feature = "demo")]
 mod demo;
+mod docs;
 mod migrate;
 mod nbd_serve;
+mod progress;
 mod qmp;
 mod recover;
 mod status;
 mod tls;
+
+/// The agent's files as the package installs them: `ferry agent --help` and its man page.
+const AGENT_FILES: &str = "Files, as the Debian package installs them: /etc/ferry/agent.toml \
+holds the options for --config (keys named like the flags: listen, storage, token-file, ...; a \
+flag on the command line wins); /etc/ferry/token the shared token (mode 0600, the same on every \
+source); /var/lib/ferry the agent's TLS key and certificate (--state-dir); /var/lib/ferry/images \
+the received disks (--storage). The package's ferry-agent.service runs `ferry agent --config \
+/etc/ferry/agent.toml`.";
 
 /// Exit code for "the operation ran and failed".
 pub const EXIT_FAILED: u8 = 1;
@@ -41,6 +51,7 @@ enum Command {
     /// Serve raw files or block devices over NBD until SIGINT/SIGTERM.
     NbdServe(nbd_serve::NbdServeArgs),
     /// Receive migrations on the destination host (long-running service).
+    #[command(after_long_help = AGENT_FILES)]
     Agent(agent::AgentArgs),
     /// Live-migrate the VM behind a QMP socket to a host running `ferry agent`.
     Migrate(migrate::MigrateArgs),
@@ -52,6 +63,9 @@ enum Command {
     /// Migrate the bundled test guest on this machine, both ends on localhost, and verify it.
     #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenDocs(docs::GenDocsArgs),
 }
 
 /// Parses the command line, runs the subcommand on a tokio runtime and returns its exit code.
@@ -80,6 +94,7 @@ pub fn main() -> ExitCode {
             Command::Status(args) => status::run(args).await,
             #[cfg(feature = "demo")]
             Command::Demo(args) => demo::run(args).await,
+            Command::GenDocs(args) => docs::run(args, Cli::command()),
         }
     })
 }

@@ -239,6 +239,33 @@ impl AgentLink {
         }
     }
 
+    /// `ferry migrate --dry-run`: asks the agent to run the checks of a `Prepare` for `vm`
+    /// without creating anything; returns its `Checked` (or its refusal as an error).
+    pub async fn check(&mut self, vm: &VmDescription, tls: bool) -> Result<Checked, ControlError> {
+        self.send(&SourceMessage::Check {
+            vm: vm.clone(),
+            tls,
+        })
+        .await?;
+        match self.recv_timeout(REPLY_TIMEOUT).await {
+            Ok(AgentMessage::Checked {
+                argv,
+                storage,
+                free_bytes,
+            }) => Ok(Checked {
+                argv,
+                storage,
+                free_bytes,
+            }),
+            Ok(other) => Err(unexpected(other)),
+            // An agent that predates `Check` cannot decode it and hangs up.
+            Err(ControlError::Lost(why)) => Err(ControlError::Lost(format!(
+                "{why} (an agent older than this ferry does not know dry runs: upgrade it)"
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Asks for the destination QEMU, expecting `parallel` RAM connections. The answer,
     /// `DestinationReady`, comes while the disks copy (see [`destination_ready`]).
     ///
@@ -308,6 +335,18 @@ pub struct Prepared {
     pub exports: Vec<protocol::ExportInfo>,
     /// The source QEMU's certificates, when the migration is encrypted.
     pub tls: Option<Box<crate::tls::migration::ClientBundle>>,
+}
+
+/// What the agent would do with a VM (`ferry migrate --dry-run`).
+#[derive(Debug)]
+pub struct Checked {
+    /// The destination command line, [`protocol::CHECK_DIR`] standing for the migration
+    /// directory.
+    pub argv: Vec<String>,
+    /// The agent's storage directory.
+    pub storage: String,
+    /// Its free bytes.
+    pub free_bytes: u64,
 }
 
 /// TCP, then TLS, to `to`; returns the stream and the session's exporter value.

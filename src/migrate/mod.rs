@@ -50,6 +50,7 @@
 //! ```
 
 pub mod control;
+pub mod dry_run;
 pub mod error;
 pub mod journal;
 pub mod mirror;

@@ -89,6 +89,39 @@ impl SourceQemu {
         })
     }
 
+    /// Bytes each disk's image allocates on this host (`query-block`'s `actual-size`), by root
+    /// node name; disks QEMU reports no figure for are missing. For `ferry migrate --dry-run`:
+    /// about what the mirror sends, since holes travel as holes.
+    pub async fn allocations(&self) -> Result<std::collections::HashMap<String, u64>, SourceError> {
+        let blocks = self
+            .qmp
+            .execute_raw("query-block", Value::Null)
+            .await
+            .map_err(ctx("query-block"))?;
+        Ok(blocks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| {
+                let inserted = b.get("inserted")?;
+                let node = inserted.get("node-name")?.as_str()?.to_string();
+                let size = inserted.get("image")?.get("actual-size")?.as_u64()?;
+                Some((node, size))
+            })
+            .collect())
+    }
+
+    /// The guest's RAM in bytes (`query-memory-size-summary`: base plus hot-plugged memory).
+    pub async fn ram_size(&self) -> Result<u64, SourceError> {
+        let summary = self
+            .qmp
+            .execute_raw("query-memory-size-summary", Value::Null)
+            .await
+            .map_err(ctx("query-memory-size-summary"))?;
+        let field = |name: &str| summary.get(name).and_then(Value::as_u64).unwrap_or(0);
+        Ok(field("base-memory").saturating_add(field("plugged-memory")))
+    }
+
     fn argv(&self) -> Result<Vec<String>, DiscoverError> {
         let pid = self.qmp.peer_pid().ok_or_else(|| {
             DiscoverError::Unsupported(

@@ -30,7 +30,8 @@ pub fn agent_with_metrics(
     std::fs::create_dir_all(storage).expect("create storage");
     let log = std::fs::File::create(agent_log(storage)).expect("agent log");
     let kernel = guest_images().kernel;
-    let mut child = ferry.command()
+    let mut child = ferry
+        .command()
         .args([
             "agent",
             "--listen",
@@ -106,7 +107,8 @@ pub fn sample(text: &str, series: &str) -> f64 {
 
 /// `ferry status ... --json`.
 pub fn status(ferry: Ferry, args: &[&std::ffi::OsStr]) -> Value {
-    let out = ferry.command()
+    let out = ferry
+        .command()
         .arg("status")
         .args(args)
         .arg("--json")
@@ -124,10 +126,10 @@ pub fn remote_status(ferry: Ferry, agent: &AgentProc, token: &Path) -> Value {
     status(
         ferry,
         &[
-        "--agent".as_ref(),
-        agent.addr.as_ref(),
-        "--token-file".as_ref(),
-        token.as_os_str(),
+            "--agent".as_ref(),
+            agent.addr.as_ref(),
+            "--token-file".as_ref(),
+            token.as_os_str(),
         ],
     )
 }
