@@ -64,6 +64,7 @@ async fn run_in(dir: &Path, qemu: &Path, cancel: &CancellationToken) -> anyhow::
             None,
         )?,
         require_tls: true,
+        xl_binary: "xl".into(),
     })
     .await?;
     let agent_addr = agent.local_addr()?;

@@ -136,6 +136,23 @@ pub enum SourceMessage {
         /// Whether the source QEMU completed the migration.
         commit: bool,
     },
+    /// Sent instead of `Prepare` by `ferry xl migrate`: storage for a Xen domain's qdisk disks.
+    /// Only `vm.disks` and `vm.running` count: the destination's device model is started by
+    /// `xl migrate-receive`, not by the agent, so there is no command line to check.
+    PrepareXl {
+        /// The disks (argv and machine are empty).
+        vm: VmDescription,
+        /// Whether the disks travel encrypted.
+        tls: bool,
+    },
+    /// `xl migrate` started its transport: run `xl migrate-receive` with these options and
+    /// carry its stream (the link switches to stream mode after `xl_receiving`, see
+    /// [`crate::xl::wire`]).
+    XlReceive {
+        /// The options `xl migrate` put after `migrate-receive` (`-e`, `-d`, `-p`, ...); the agent
+        /// accepts only those it knows.
+        options: Vec<String>,
+    },
     /// The source gives up: roll back everything.
     Abort {
         /// Why, for the agent's log.
@@ -171,6 +188,14 @@ pub enum AgentMessage {
         /// stream), when the source asked for TLS. Sent on the TLS control link only.
         tls: Option<Box<ClientBundle>>,
     },
+    /// After `Prepared`, for `PrepareXl`: where each disk's image is on this host, for the
+    /// domain config's `disk` lines.
+    XlPrepared {
+        /// One image per disk, in the order of the disks.
+        images: Vec<ImageInfo>,
+    },
+    /// `xl migrate-receive` runs; from the next byte on, the link is in stream mode.
+    XlReceiving,
     /// The destination QEMU waits for the RAM on this port (same address as the agent).
     DestinationReady {
         /// The port the destination QEMU picked.
@@ -210,6 +235,8 @@ impl SourceMessage {
             SourceMessage::Synced => "Synced",
             SourceMessage::Commit => "Commit",
             SourceMessage::Resolve { .. } => "Resolve",
+            SourceMessage::PrepareXl { .. } => "PrepareXl",
+            SourceMessage::XlReceive { .. } => "XlReceive",
             SourceMessage::Abort { .. } => "Abort",
         }
     }
@@ -222,6 +249,8 @@ impl AgentMessage {
             AgentMessage::Challenge { .. } => "Challenge",
             AgentMessage::Authenticated { .. } => "Authenticated",
             AgentMessage::Prepared { .. } => "Prepared",
+            AgentMessage::XlPrepared { .. } => "XlPrepared",
+            AgentMessage::XlReceiving => "XlReceiving",
             AgentMessage::DestinationReady { .. } => "DestinationReady",
             AgentMessage::Running { .. } => "Running",
             AgentMessage::Abandoned { .. } => "Abandoned",
@@ -237,6 +266,15 @@ pub struct ExportInfo {
     pub disk: String,
     /// The NBD export name: unguessable, so only the authenticated source can find it.
     pub export: String,
+}
+
+/// One disk's image on the agent's host (for `xl`'s domain config).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageInfo {
+    /// The disk's name in the VM description.
+    pub disk: String,
+    /// The image's absolute path on the agent's host.
+    pub path: String,
 }
 
 /// A control-protocol failure.

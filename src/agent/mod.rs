@@ -15,6 +15,7 @@ pub mod received;
 pub mod registry;
 pub mod session;
 pub mod storage;
+pub mod xl;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,6 +54,9 @@ pub struct AgentConfig {
     pub tls: Arc<rustls::ServerConfig>,
     /// Refuse migrations whose disks and RAM would travel in the clear (`--insecure` sources).
     pub require_tls: bool,
+    /// The `xl` this agent runs `migrate-receive` with for `ferry xl migrate` (its own choice,
+    /// never the source's).
+    pub xl_binary: PathBuf,
 }
 
 /// A bound agent, ready to [`run`](Agent::run).

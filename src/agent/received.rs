@@ -109,7 +109,93 @@ impl Received {
             received.rollback().await;
             return Err(e);
         }
+        match argv::rewrite(vm, &received.ctx) {
+            Ok(rewritten) => received.argv = rewritten.argv,
+            Err(e) => {
+                received.rollback().await;
+                return Err(e.to_string());
+            }
+        }
         Ok(received)
+    }
+
+    /// For `xl migrate`: preflight (space), then directory, images and NBD exports, as
+    /// [`prepare`](Self::prepare) but without a command line: `xl migrate-receive` starts the
+    /// device model. Refusals leave nothing behind.
+    pub async fn prepare_xl(
+        vm: &VmDescription,
+        tls: bool,
+        config: &AgentConfig,
+        ip: IpAddr,
+        source: IpAddr,
+    ) -> Result<Received, String> {
+        storage::preflight(&config.storage, vm).map_err(|e| e.to_string())?;
+        let credentials = if tls {
+            let made = tokio::task::spawn_blocking(MigrationCredentials::generate)
+                .await
+                .map_err(|e| format!("certificate task failed: {e}"))?;
+            Some(made.map_err(|e| format!("cannot make this migration's certificates: {e}"))?)
+        } else {
+            None
+        };
+        let dir = MigrationDir::create(&config.storage, vm.running).map_err(|e| e.to_string())?;
+        let ctx = context("", &dir.path, vm);
+        let mut received = Received {
+            argv: Vec::new(),
+            ctx,
+            disks: Vec::new(),
+            images: Vec::new(),
+            exports: Vec::new(),
+            nbd: None,
+            destination: None,
+            credentials,
+            record: Record {
+                phase: Phase::Receiving,
+                resume: vm.running,
+            },
+            may_have_run: false,
+            dir,
+        };
+        if let Err(e) = received.create_storage(vm, ip, source).await {
+            received.rollback().await;
+            return Err(e);
+        }
+        Ok(received)
+    }
+
+    /// Each disk's image path on this host, in the disks' order.
+    pub fn image_paths(&self) -> Vec<protocol::ImageInfo> {
+        self.disks
+            .iter()
+            .zip(&self.images)
+            .map(|(disk, path)| protocol::ImageInfo {
+                disk: disk.clone(),
+                path: path.display().to_string(),
+            })
+            .collect()
+    }
+
+    /// The images' paths.
+    pub fn images(&self) -> &[PathBuf] {
+        &self.images
+    }
+
+    /// `xl`'s point of no return passed (the go message goes to `xl migrate-receive` next): the
+    /// images belong to the domain from here, journaled before the message is passed on, and are
+    /// never removed by the agent again.
+    pub fn hand_over_to_domain(&mut self) -> Result<(), String> {
+        self.may_have_run = true;
+        self.journal(Phase::Running)?;
+        self.forget_credentials();
+        Ok(())
+    }
+
+    /// After the point of no return, `xl migrate-receive` reported that it could not start the
+    /// domain and destroyed its copy (the source resumes its own): the images are nobody's.
+    pub fn remove_after_receiver_gave_up(&mut self) {
+        if let Err(e) = self.dir.remove() {
+            warn!(error = %e, "removing the images of a domain the receiver destroyed");
+        }
     }
 
     /// A migration a previous agent left in `record.phase`, with its destination QEMU
@@ -217,9 +303,6 @@ impl Received {
             self.images.push(path);
             self.exports.push(export);
         }
-        self.argv = argv::rewrite(vm, &self.ctx)
-            .map_err(|e| e.to_string())?
-            .argv;
         Ok(())
     }
 

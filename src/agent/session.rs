@@ -57,6 +57,8 @@ pub enum SessionError {
 pub enum Request {
     /// A new migration of this VM; whether its disks and RAM travel encrypted.
     Prepare(Box<crate::vm::VmDescription>, bool),
+    /// Storage for a Xen domain's disks, for `ferry xl migrate` (see [`super::xl`]).
+    PrepareXl(Box<crate::vm::VmDescription>, bool),
     /// A verdict on an earlier migration.
     Resolve {
         /// The migration.
@@ -138,6 +140,7 @@ where
         Err(_) => Err(refuse(wr, "no request within 30 s of the handshake".into()).await),
         Ok(Err(e)) => Err(e.into()),
         Ok(Ok(SourceMessage::Prepare { vm, tls })) => Ok(Request::Prepare(Box::new(vm), tls)),
+        Ok(Ok(SourceMessage::PrepareXl { vm, tls })) => Ok(Request::PrepareXl(Box::new(vm), tls)),
         Ok(Ok(SourceMessage::Resolve {
             migration_id,
             commit,
@@ -174,6 +177,17 @@ pub async fn serve(
             info!(migration = %migration_id, reply = reply.kind(), "settled");
             protocol::write_message(&mut wr, &reply).await?;
             Ok(())
+        }
+        Request::PrepareXl(vm, tls) => {
+            if !tls && config.require_tls {
+                let reason = "this agent accepts encrypted migrations only (--require-tls): run ferry xl migrate without --insecure".to_string();
+                return Err(refuse(&mut wr, reason).await);
+            }
+            let received = match Received::prepare_xl(&vm, tls, config, local_ip, source_ip).await {
+                Ok(received) => received,
+                Err(reason) => return Err(refuse(&mut wr, reason).await),
+            };
+            super::xl::serve(&mut rd, &mut wr, received, config).await
         }
         Request::Prepare(vm, tls) => {
             if !tls && config.require_tls {

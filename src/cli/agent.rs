@@ -55,6 +55,10 @@ pub struct AgentArgs {
     /// --insecure`).
     #[arg(long)]
     require_tls: bool,
+    /// The `xl` to run `migrate-receive` with for `ferry xl migrate` sources (default: `xl` on
+    /// PATH). The source never chooses it.
+    #[arg(long, value_name = "PATH", default_value = "xl")]
+    xl_binary: PathBuf,
 }
 
 /// The control link's TLS: the operator's certificate, or the agent's own from `state_dir`;
@@ -114,6 +118,7 @@ pub async fn run(args: AgentArgs) -> ExitCode {
         token,
         policy,
         recover_window: std::time::Duration::from_secs(args.recover_window),
+        xl_binary: args.xl_binary,
     };
     let agent = match Agent::bind(config).await {
         Ok(a) => a,

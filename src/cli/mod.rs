@@ -16,6 +16,7 @@ mod nbd_serve;
 mod qmp;
 mod recover;
 mod tls;
+mod xl;
 
 /// Exit code for "the operation ran and failed".
 pub const EXIT_FAILED: u8 = 1;
@@ -46,6 +47,8 @@ enum Command {
     /// Settle a migration whose `ferry migrate` died or lost the agent: finish it on the
     /// destination or roll it back to the source, and remove its leftovers.
     Recover(recover::RecoverArgs),
+    /// Xen: `ferry xl migrate` moves a domain's qdisk disks and carries `xl migrate`'s stream.
+    Xl(xl::XlArgs),
     /// Migrate the bundled test guest on this machine, both ends on localhost, and verify it.
     #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
@@ -74,6 +77,7 @@ pub fn main() -> ExitCode {
             Command::Agent(args) => agent::run(args).await,
             Command::Migrate(args) => migrate::run(args).await,
             Command::Recover(args) => recover::run(args).await,
+            Command::Xl(args) => xl::run(args).await,
             #[cfg(feature = "demo")]
             Command::Demo(args) => demo::run(args).await,
         }

@@ -399,6 +399,35 @@ impl SourceQemu {
         Ok((status.running, state.unwrap_or_default()))
     }
 
+    /// Stops the guest (`ferry xl migrate`, for a PV/PVH domain's device model, which nothing
+    /// else stops before the disks are final).
+    pub async fn stop(&self) -> Result<(), SourceError> {
+        self.qmp.execute(q::stop {}).await.map_err(ctx("stop"))?;
+        Ok(())
+    }
+
+    /// The disks only, and whether the guest runs: a Xen device model's command line is xl's
+    /// business, not something ferry moves.
+    pub async fn discover_disks(&self) -> Result<VmDescription, DiscoverError> {
+        let (running, state) = self.status().await?;
+        if !matches!(state.as_str(), "running" | "paused") {
+            return Err(DiscoverError::Unsupported(format!(
+                "the device model is `{state}`; only a running or paused domain can be migrated"
+            )));
+        }
+        let blocks = self
+            .qmp
+            .execute_raw("query-block", Value::Null)
+            .await
+            .map_err(ctx("query-block"))?;
+        Ok(VmDescription {
+            argv: Vec::new(),
+            machine: None,
+            disks: disks_from_query_block(&blocks)?,
+            running,
+        })
+    }
+
     /// Resumes the guest.
     pub async fn cont(&self) -> Result<(), SourceError> {
         self.qmp.execute(q::cont {}).await.map_err(ctx("cont"))?;

@@ -1,0 +1,673 @@
+//! The driver of `ferry xl migrate`: mirrors a Xen domain's qdisk disks to the agent while the
+//! guest runs, then runs `xl migrate` with ferry as its transport and holds the stream's END
+//! record until every disk is final.
+//!
+//! ```text
+//!  ferry xl migrate            device model (QMP)       agent                 xl (source)
+//!  xl domid DOMAIN ───────────────────────────────────────────────────────────► domid
+//!  qmp-libxl-<domid>: query-status, query-block (qdisk nodes <vdev>-<format>)
+//!  PrepareXl, mirrors to READY (shared with ferry migrate) ─► images, NBD
+//!  Synced ──────────────────────────────────────────────────►
+//!  config with the agent's image paths; private socket
+//!  spawn: xl migrate -s "ferry xl relay --via SOCK" -C CFG DOMAIN HOST ──────► sh -c relay
+//!  ◄──────────────── relay: its argv (the migrate-receive options) ────────────┘
+//!  XlReceive{options} ──────────────────────────────────────► xl migrate-receive
+//!  stream mode: bytes both ways; the sender's parsed (stream.rs)
+//!  ... libxl END record seen: hold it ...
+//!    device model still running (PV/PVH)? stop it (HVM: libxl stopped it already)
+//!    final sync of every mirror; NBD nodes and TLS object removed
+//!    Final ─────────────────────────────────────────────────► flush, close exports
+//!    END ═══════════════════════════════════════════════════► receiver starts the domain
+//!  "domain received" ◄══════════════════════════════════════
+//!  before the go message: Go ───────────────────────────────► journal: the domain's images
+//!  "cleared to unpause" ════════════════════════════════════► (point of no return)
+//! ```
+//!
+//! Before the go message every failure ends in [`Settle`]: the mirrors and nodes go, the agent
+//! rolls back, the device model is resumed if ferry stopped it, and xl, whose transport broke,
+//! resumes the domain on the source. After it the domain belongs to the destination; xl's own
+//! report says whether it started there (if not, xl resumes it here, and ferry resumes the
+//! device model it stopped).
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::stream::{Found, SenderStream};
+use super::wire::{self, Chunk};
+use crate::migrate::error::{at, Failure, MigrateError};
+use crate::migrate::journal::Journal;
+use crate::migrate::report::Reporter;
+use crate::migrate::settle::{Outcome, Settle};
+use crate::migrate::source::SourceQemu;
+use crate::migrate::{mirror, Ask, MigrateOptions, Migration, PhaseName};
+use crate::protocol::SourceMessage;
+
+/// The report banner of `tools/xl/xl.h` (`migrate_report`), then one status byte.
+const REPORT: &[u8] = b"my copy unpause results are as follows\0";
+/// How long xl may take to start its transport.
+const RELAY_WAIT: Duration = Duration::from_secs(60);
+/// How long the final sync may take (the guest is stopped meanwhile).
+const FINAL_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long xl may take to exit once the stream ended.
+const XL_EXIT_WAIT: Duration = Duration::from_secs(60);
+
+/// What `ferry xl migrate` was asked to do.
+#[derive(Debug, Clone)]
+pub struct XlOptions {
+    /// The agent link, storage and mirror settings; `qmp_socket` is found from the domain.
+    pub base: MigrateOptions,
+    /// The `xl` to run on this host.
+    pub xl: PathBuf,
+    /// Where libxl keeps the device models' QMP sockets (`/var/run/xen`).
+    pub run_dir: PathBuf,
+    /// The domain, by name or id.
+    pub domain: String,
+    /// The domain's config file (xl.cfg), rewritten for the destination and given to `-C`.
+    pub config: PathBuf,
+    /// Options passed on to `xl migrate` (`-e`, `-p`, `-D`, `--debug`, `-F`).
+    pub xl_flags: Vec<String>,
+    /// How to run the relay: this program and its `xl relay` words.
+    pub relay: Vec<String>,
+}
+
+/// What a finished `ferry xl migrate` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct XlSummary {
+    /// The agent's migration id.
+    pub migration_id: String,
+    /// Bytes the mirrors copied before READY.
+    pub disk_bytes: u64,
+    /// Whether ferry stopped the device model itself (PV/PVH: nothing else does).
+    pub stopped_device_model: bool,
+    /// The final sync of every mirror, guest stopped, in milliseconds.
+    pub final_sync_ms: f64,
+    /// How long the END record was held: stop (if ferry's), final sync, node removal, the
+    /// agent's flush; what ferry adds to the guest's pause.
+    pub end_held_ms: f64,
+    /// When the disks were final (µs since the epoch): the destination may open them after.
+    pub disks_final_at_us: u64,
+    /// The whole run, in milliseconds.
+    pub total_ms: u64,
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn xl_err(phase: PhaseName, what: impl Into<String>) -> Failure {
+    Failure::new(phase, MigrateError::Xl(what.into()))
+}
+
+/// The domain's id, from `xl domid DOMAIN`.
+async fn domid(xl: &Path, domain: &str) -> Result<u32, Failure> {
+    let out = Command::new(xl)
+        .args(["domid", domain])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| {
+            xl_err(
+                PhaseName::Discover,
+                format!(
+                    "cannot run {} domid: {e} (is xl installed? --xl names it)",
+                    xl.display()
+                ),
+            )
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    match (out.status.success(), text.trim().parse::<u32>()) {
+        (true, Ok(id)) => Ok(id),
+        _ => Err(xl_err(
+            PhaseName::Discover,
+            format!(
+                "xl knows no domain {domain}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        )),
+    }
+}
+
+/// The qdisk's vdev from its node name `<vdev>-<format>` (QEMU's xen-block backend names them
+/// so).
+fn vdev_of(node: &str, format: &str) -> Option<String> {
+    node.strip_suffix(&format!("-{format}"))
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
+/// The device model's QMP socket for `domid`.
+pub fn qmp_socket(run_dir: &Path, domid: u32) -> PathBuf {
+    run_dir.join(format!("qmp-libxl-{domid}"))
+}
+
+/// Shell-quotes one word for the `-s` command xl gives to `sh -c`.
+fn shell_word(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+/// Runs one `ferry xl migrate`. On failure the domain runs on the source and nothing of the
+/// migration is left when this returns (unless the message says otherwise).
+pub async fn migrate(
+    opts: &XlOptions,
+    reporter: &mut dyn Reporter,
+    cancel: &CancellationToken,
+) -> Result<XlSummary, Failure> {
+    let started = Instant::now();
+    let domid = domid(&opts.xl, &opts.domain).await?;
+    let mut base = opts.base.clone();
+    base.qmp_socket = qmp_socket(&opts.run_dir, domid);
+    let qmp = qmp::Qmp::connect_unix(&base.qmp_socket).await.map_err(|e| {
+        xl_err(
+            PhaseName::Discover,
+            format!(
+                "cannot reach domain {}'s device model at {}: {e}; ferry moves only disks its QEMU serves (qdisk)",
+                opts.domain,
+                base.qmp_socket.display()
+            ),
+        )
+    })?;
+    let qemu = SourceQemu::new(qmp);
+    let mut vm = qemu
+        .discover_disks()
+        .await
+        .map_err(at(PhaseName::Discover))?;
+    let mut vdevs = HashMap::new();
+    for disk in &vm.disks {
+        let vdev = vdev_of(&disk.node_name, &disk.format).ok_or_else(|| {
+            xl_err(
+                PhaseName::Discover,
+                format!(
+                    "disk node {} of the device model is not a qdisk node (<vdev>-<format>)",
+                    disk.node_name
+                ),
+            )
+        })?;
+        vdevs.insert(disk.name.clone(), vdev);
+    }
+    let config = std::fs::read_to_string(&opts.config).map_err(|e| {
+        xl_err(
+            PhaseName::Discover,
+            format!(
+                "cannot read the domain config {}: {e}",
+                opts.config.display()
+            ),
+        )
+    })?;
+    // Refuse a config whose disks ferry would not move before anything is created.
+    let probe: HashMap<String, String> =
+        vdevs.values().map(|v| (v.clone(), String::new())).collect();
+    super::config::rewrite(&config, &probe)
+        .map_err(|e| xl_err(PhaseName::Discover, e.to_string()))?;
+    vm.disks.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let journal = Journal::for_socket(&base.state_dir, &base.qmp_socket);
+    if let Ok(Some(record)) = journal.read() {
+        return Err(Failure::new(
+            PhaseName::Discover,
+            MigrateError::Interrupted {
+                migration_id: record.migration_id,
+                socket: base.qmp_socket.clone(),
+            },
+        ));
+    }
+    let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let mut m = Migration::new(qemu, journal);
+    let mut run = Run {
+        opts,
+        base: &base,
+        tag,
+        vdevs,
+        config,
+        relay_socket: None,
+        config_file: None,
+        xl: None,
+        stopped: false,
+    };
+    let result = run.forward(&mut m, &vm, reporter, cancel, started).await;
+    run.cleanup_files();
+    let (mut failure, went) = match result {
+        Ok(summary) => return Ok(summary),
+        Err((f, went)) => (f, went),
+    };
+    if went {
+        // Past the point of no return: nothing of the migration is left in the device model (the
+        // nodes went before END); the journal goes.
+        if let Err(e) = m.journal.remove() {
+            warn!(error = %e, "removing the journal");
+        }
+        if let Some(tls) = m.record.as_ref().and_then(|r| r.tls.as_ref()) {
+            tls.remove_files();
+        }
+        failure.source_running = m.source_running().await;
+        return Err(failure);
+    }
+    if let Some(mut xl) = run.xl.take() {
+        // Its transport is gone: xl resumes the domain and exits.
+        wait_exit(&mut xl).await;
+    }
+    let Some(record) = m.record.take() else {
+        failure.source_running = m.source_running().await;
+        return Err(failure);
+    };
+    let outcome = Settle {
+        qemu: Some(&m.qemu),
+        journal: &m.journal,
+        auth: &base.auth,
+        link: m.link.take(),
+        agent_wait: base.agent_wait,
+        reason: format!("{}: {}", failure.phase, failure.line()),
+        known: None,
+    }
+    .run(record)
+    .await;
+    if let Outcome::Source { why } | Outcome::Undecided { why } = &outcome {
+        info!(%why, "settled on the source");
+    }
+    failure.source_running = m.source_running().await;
+    Err(failure)
+}
+
+async fn wait_exit(xl: &mut Child) -> Option<std::process::ExitStatus> {
+    match tokio::time::timeout(XL_EXIT_WAIT, xl.wait()).await {
+        Ok(Ok(status)) => Some(status),
+        _ => {
+            warn!("xl migrate did not exit; killing it");
+            let _ = xl.kill().await;
+            None
+        }
+    }
+}
+
+/// One run's state beyond the shared [`Migration`].
+struct Run<'a> {
+    opts: &'a XlOptions,
+    base: &'a MigrateOptions,
+    tag: String,
+    /// Disk name → vdev.
+    vdevs: HashMap<String, String>,
+    config: String,
+    relay_socket: Option<PathBuf>,
+    config_file: Option<PathBuf>,
+    xl: Option<Child>,
+    /// Whether ferry stopped the device model.
+    stopped: bool,
+}
+
+impl Run<'_> {
+    fn cleanup_files(&mut self) {
+        for path in [self.relay_socket.take(), self.config_file.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// Up to the end of xl's stream. The error says whether the go message went.
+    async fn forward(
+        &mut self,
+        m: &mut Migration,
+        vm: &crate::vm::VmDescription,
+        reporter: &mut dyn Reporter,
+        cancel: &CancellationToken,
+        started: Instant,
+    ) -> Result<XlSummary, (Failure, bool)> {
+        let before = |f: Failure| (f, false);
+        let mirrors = m
+            .start_mirrors(self.base, vm, &self.tag, reporter, cancel, started, Ask::Xl)
+            .await
+            .map_err(before)?;
+        let mut events = mirrors.events;
+        let jobs = mirrors.jobs;
+        let migration_id = mirrors.record.migration_id.clone();
+        let link = m
+            .link
+            .as_mut()
+            .ok_or_else(|| before(xl_err(PhaseName::Mirror, "no agent link")))?;
+        m.disk_bytes = mirror::wait_ready(
+            &m.qemu,
+            &jobs,
+            &mut events,
+            reporter,
+            cancel,
+            link,
+            self.base,
+        )
+        .await
+        .map_err(before)?;
+        link.send(&SourceMessage::Synced)
+            .await
+            .map_err(|e| before(Failure::new(PhaseName::Mirror, e)))?;
+
+        // The config for the receiver, and xl with ferry as its transport.
+        let images: HashMap<String, String> = mirrors
+            .images
+            .iter()
+            .filter_map(|i| Some((self.vdevs.get(&i.disk)?.clone(), i.path.clone())))
+            .collect();
+        let config = super::config::rewrite(&self.config, &images)
+            .map_err(|e| before(xl_err(PhaseName::Ram, e.to_string())))?;
+        let dir = self.base.state_dir.join("xl");
+        private_dir(&dir).map_err(|e| before(xl_err(PhaseName::Ram, e)))?;
+        let cfg_path = dir.join(format!("{}.cfg", self.tag));
+        self.config_file = Some(cfg_path.clone());
+        write_private(&cfg_path, config.as_bytes())
+            .map_err(|e| before(xl_err(PhaseName::Ram, e)))?;
+        let sock_path = dir.join(format!("{}.sock", self.tag));
+        let _ = std::fs::remove_file(&sock_path);
+        let listener = UnixListener::bind(&sock_path).map_err(|e| {
+            before(xl_err(
+                PhaseName::Ram,
+                format!("cannot listen on {}: {e}", sock_path.display()),
+            ))
+        })?;
+        self.relay_socket = Some(sock_path.clone());
+        let mut transport: Vec<String> = self.opts.relay.iter().map(|w| shell_word(w)).collect();
+        transport.push("--via".into());
+        transport.push(shell_word(&sock_path.display().to_string()));
+        let mut cmd = Command::new(&self.opts.xl);
+        cmd.arg("migrate")
+            .arg("-s")
+            .arg(transport.join(" "))
+            .arg("-C")
+            .arg(&cfg_path)
+            .args(&self.opts.xl_flags)
+            .arg(&self.opts.domain)
+            .arg(&self.base.to)
+            .stdin(Stdio::null());
+        info!(?cmd, "running xl migrate");
+        let xl = cmd.spawn().map_err(|e| {
+            before(xl_err(
+                PhaseName::Ram,
+                format!("cannot run {} migrate: {e}", self.opts.xl.display()),
+            ))
+        })?;
+        let xl = self.xl.insert(xl);
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return Err(before(Failure::new(PhaseName::Ram, MigrateError::Cancelled))),
+            status = xl.wait() => {
+                return Err(before(xl_err(PhaseName::Ram, format!(
+                    "xl migrate exited ({}) before it started its transport: see its messages above",
+                    status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
+                ))));
+            }
+            _ = tokio::time::sleep(RELAY_WAIT) => {
+                return Err(before(xl_err(PhaseName::Ram, "xl migrate did not start its transport within 60 s")));
+            }
+            accepted = listener.accept() => accepted,
+        };
+        let (relay, _) =
+            accepted.map_err(|e| before(xl_err(PhaseName::Ram, format!("relay: {e}"))))?;
+        drop(listener);
+        let (relay_rd, mut relay_wr) = relay.into_split();
+        let mut relay_rd = BufReader::new(relay_rd);
+        let options = relay_options(&mut relay_rd, &self.base.to)
+            .await
+            .map_err(|e| before(xl_err(PhaseName::Ram, e)))?;
+        let link = m
+            .link
+            .take()
+            .ok_or_else(|| before(xl_err(PhaseName::Ram, "no agent link")))?;
+        let (mut agent_rd, mut agent_wr) = link
+            .xl_receive(options)
+            .await
+            .map_err(|e| before(Failure::new(PhaseName::Ram, e)))?;
+        info!(%migration_id, "xl's stream flows");
+
+        // Stream mode.
+        let mut parser = SenderStream::new();
+        let mut up_buf = vec![0u8; 256 * 1024];
+        let mut up_out: Vec<u8> = Vec::new();
+        let (mut up_done, mut down_done, mut went) = (false, false, false);
+        let mut summary = XlSummary {
+            migration_id,
+            disk_bytes: m.disk_bytes,
+            stopped_device_model: false,
+            final_sync_ms: 0.0,
+            end_held_ms: 0.0,
+            disks_final_at_us: 0,
+            total_ms: 0,
+        };
+        let lost = |went: bool, what: String| (xl_err(PhaseName::Switchover, what), went);
+        while !(up_done && down_done) {
+            tokio::select! {
+                _ = cancel.cancelled(), if !went => {
+                    return Err((Failure::new(PhaseName::Switchover, MigrateError::Cancelled), false));
+                }
+                n = relay_rd.read(&mut up_buf), if !down_done => {
+                    let n = n.map_err(|e| lost(went, format!("reading xl's stream: {e}")))?;
+                    if n == 0 {
+                        down_done = true;
+                        wire::write_chunk(&mut agent_wr, &Chunk::Eof).await.map_err(|e| lost(went, format!("agent link: {e}")))?;
+                        if !parser.ended() {
+                            return Err(lost(false, "xl's stream ended before its END record: xl failed, see its messages".into()));
+                        }
+                        continue;
+                    }
+                    let data = &up_buf[..n];
+                    if parser.ended() {
+                        if !went {
+                            // The go message: the point of no return.
+                            wire::write_chunk(&mut agent_wr, &Chunk::Go).await.map_err(|e| lost(false, format!("agent link at the go message: {e}")))?;
+                            went = true;
+                            info!("point of no return: the domain belongs to the destination");
+                        }
+                        send_data(&mut agent_wr, data).await.map_err(|e| lost(went, e))?;
+                        continue;
+                    }
+                    match parser.feed(data).map_err(|e| lost(false, e.to_string()))? {
+                        Found::Nothing => send_data(&mut agent_wr, data).await.map_err(|e| lost(false, e))?,
+                        Found::End(at) => {
+                            send_data(&mut agent_wr, &data[..at]).await.map_err(|e| lost(false, e))?;
+                            let held = Instant::now();
+                            self.finish_disks(m, &jobs, &mut events, &mut summary).await.map_err(|f| (f, false))?;
+                            wire::write_chunk(&mut agent_wr, &Chunk::Final).await.map_err(|e| lost(false, format!("agent link: {e}")))?;
+                            summary.disks_final_at_us = now_us();
+                            send_data(&mut agent_wr, &data[at..]).await.map_err(|e| lost(false, e))?;
+                            summary.end_held_ms = held.elapsed().as_secs_f64() * 1000.0;
+                            info!(held_ms = summary.end_held_ms, "END forwarded");
+                        }
+                    }
+                }
+                chunk = wire::read_chunk(&mut agent_rd), if !up_done => {
+                    match chunk {
+                        Ok(Chunk::Data(bytes)) => {
+                            if up_out.len() < 4096 {
+                                up_out.extend_from_slice(&bytes);
+                            }
+                            relay_wr.write_all(&bytes).await.map_err(|e| lost(went, format!("writing to xl: {e}")))?;
+                        }
+                        Ok(Chunk::Eof) => {
+                            up_done = true;
+                            let _ = relay_wr.shutdown().await;
+                        }
+                        Ok(other) => return Err(lost(went, format!("the agent sent {other:?} in stream mode"))),
+                        Err(e) => {
+                            if went {
+                                up_done = true;
+                                down_done = true;
+                            } else {
+                                return Err(lost(false, format!("lost the agent: {}", crate::error_chain(&e))));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let status = match self.xl.as_mut() {
+            Some(xl) => wait_exit(xl).await,
+            None => None,
+        };
+        let receiver = report(&up_out);
+        if !went {
+            return Err(lost(
+                false,
+                "xl's stream ended before the go message".into(),
+            ));
+        }
+        if let Some(record) = m.record.as_ref() {
+            if let Some(tls) = &record.tls {
+                tls.remove_files();
+            }
+        }
+        if let Err(e) = m.journal.remove() {
+            warn!(error = %e, "removing the journal");
+        }
+        if receiver.is_some_and(|s| s != 0) && self.stopped {
+            // The receiver could not start the domain and destroyed its copy; xl resumes the
+            // domain here, and the device model ferry stopped must run with it.
+            let _ = m.qemu.cont().await;
+        }
+        match (status, receiver) {
+            (Some(s), Some(0)) if s.success() => {
+                summary.total_ms = started.elapsed().as_millis() as u64;
+                Ok(summary)
+            }
+            (_, Some(code)) if code != 0 => Err(lost(
+                true,
+                format!("the destination could not start the domain (status {code}); xl resumes it here"),
+            )),
+            (status, _) => Err(lost(
+                true,
+                format!(
+                    "xl migrate failed after the point of no return ({}): check the domain on both hosts, as xl says",
+                    status.map(|s| s.to_string()).unwrap_or_else(|| "did not exit".into())
+                ),
+            )),
+        }
+    }
+
+    /// The END record is held: stop the device model if it still runs, complete every mirror,
+    /// remove the NBD nodes and the TLS object.
+    async fn finish_disks(
+        &mut self,
+        m: &mut Migration,
+        jobs: &[mirror::MirrorJob],
+        events: &mut qmp::Events,
+        summary: &mut XlSummary,
+    ) -> Result<(), Failure> {
+        let fail = at::<MigrateError>(PhaseName::Switchover);
+        let (running, _) = m.qemu.status().await.map_err(|e| fail(e.into()))?;
+        if running {
+            // PV/PVH: nothing else stops the qdisk-only device model; its disks must be still.
+            m.qemu.stop().await.map_err(|e| fail(e.into()))?;
+            self.stopped = true;
+            summary.stopped_device_model = true;
+        }
+        let sync = Instant::now();
+        mirror::final_sync(&m.qemu, jobs, events, FINAL_SYNC_TIMEOUT).await?;
+        summary.final_sync_ms = sync.elapsed().as_secs_f64() * 1000.0;
+        let left = mirror::remove_nodes(&m.qemu, jobs).await;
+        if !left.is_empty() {
+            warn!(left = %left.join(", "), "NBD nodes left in the device model");
+        }
+        if let Some(tls) = m.record.as_ref().and_then(|r| r.tls.as_ref()) {
+            if let Some(left) = tls.remove(&m.qemu).await {
+                warn!(%left, "TLS object left in the device model");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sends stream bytes as Data chunks no bigger than a frame.
+async fn send_data<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> Result<(), String> {
+    for piece in data.chunks(crate::protocol::MAX_FRAME) {
+        wire::write_chunk(w, &Chunk::Data(piece.to_vec()))
+            .await
+            .map_err(|e| format!("agent link: {}", crate::error_chain(&e)))?;
+    }
+    Ok(())
+}
+
+/// The receiver's status byte after its report banner.
+fn report(output: &[u8]) -> Option<u8> {
+    let at = output.windows(REPORT.len()).position(|w| w == REPORT)?;
+    output.get(at + REPORT.len()).copied()
+}
+
+/// Reads the relay's arguments: `HOST xl [global options] migrate-receive [options]`; returns
+/// what follows `xl` (the agent checks it again).
+async fn relay_options<R: tokio::io::AsyncBufRead + Unpin>(
+    rd: &mut R,
+    host: &str,
+) -> Result<Vec<String>, String> {
+    let mut line = Vec::new();
+    let mut limited = (&mut *rd).take(super::relay::MAX_HELLO as u64);
+    limited
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|e| format!("reading the relay's arguments: {e}"))?;
+    let args: Vec<String> = serde_json::from_slice(&line)
+        .map_err(|e| format!("the relay's arguments are not what ferry xl relay sends: {e}"))?;
+    match args.as_slice() {
+        [h, xl, rest @ ..] if h == host && xl == "xl" => {
+            crate::agent::xl::check_options(rest)?;
+            Ok(rest.to_vec())
+        }
+        _ => Err(format!(
+            "xl ran its transport with {args:?}, not `{host} xl ... migrate-receive`"
+        )),
+    }
+}
+
+fn private_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| format!("cannot create {}: {e}; check --state-dir", dir.display()))
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    let mut file = std::os::unix::fs::OpenOptionsExt::mode(
+        std::fs::File::options()
+            .write(true)
+            .create(true)
+            .truncate(true),
+        0o600,
+    )
+    .open(path)
+    .and_then(|mut f| f.write_all(bytes).map(|()| f))
+    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    file.flush()
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vdevs_and_words() {
+        assert_eq!(vdev_of("xvda-qcow2", "qcow2").as_deref(), Some("xvda"));
+        assert_eq!(vdev_of("xvda-raw", "qcow2"), None);
+        assert_eq!(vdev_of("-raw", "raw"), None);
+        assert_eq!(shell_word("/a b/it's"), r"'/a b/it'\''s'");
+    }
+
+    #[tokio::test]
+    async fn relay_arguments() {
+        let mut ok = &b"[\"h:1\",\"xl\",\"-t\",\"migrate-receive\",\"-e\"]\n"[..];
+        assert_eq!(
+            relay_options(&mut ok, "h:1").await.unwrap(),
+            vec!["-t", "migrate-receive", "-e"]
+        );
+        let mut other_host = &b"[\"evil\",\"xl\",\"migrate-receive\"]\n"[..];
+        assert!(relay_options(&mut other_host, "h:1").await.is_err());
+        let mut bad = &b"[\"h:1\",\"xl\",\"destroy\",\"vm\"]\n"[..];
+        assert!(relay_options(&mut bad, "h:1").await.is_err());
+    }
+}
