@@ -235,8 +235,42 @@ pub async fn migrate(
         config_file: None,
         xl: None,
         stopped: false,
+        finisher: None,
     };
-    let result = run.forward(&mut m, &vm, reporter, cancel, started).await;
+    let mirrored = run.mirror(&mut m, &vm, reporter, cancel, started).await;
+    let mirrors = match mirrored {
+        Ok(mirrors) => mirrors,
+        Err(failure) => {
+            return Err(settle_on_source(
+                failure,
+                Some(m.qemu),
+                &m.journal,
+                m.record,
+                m.link,
+                &base,
+            )
+            .await)
+        }
+    };
+    // libxl talks to the device model over this same socket (logdirty, stop, saving its state,
+    // resume), and QEMU serves one client at a time: ferry lets go of it while xl runs and
+    // comes back only while END is held and libxl is done with it.
+    let Migration {
+        qemu,
+        journal,
+        record,
+        link,
+        disk_bytes,
+        ..
+    } = m;
+    drop(qemu);
+    let mut held = Held {
+        journal,
+        record,
+        link,
+        disk_bytes,
+    };
+    let result = run.stream(&mut held, mirrors, cancel, started).await;
     run.cleanup_files();
     let (mut failure, went) = match result {
         Ok(summary) => return Ok(summary),
@@ -245,39 +279,100 @@ pub async fn migrate(
     if went {
         // Past the point of no return: nothing of the migration is left in the device model (the
         // nodes went before END); the journal goes.
-        if let Err(e) = m.journal.remove() {
-            warn!(error = %e, "removing the journal");
-        }
-        if let Some(tls) = m.record.as_ref().and_then(|r| r.tls.as_ref()) {
-            tls.remove_files();
-        }
-        failure.source_running = m.source_running().await;
+        held.forget();
+        failure.source_running = source_running(&base.qmp_socket).await;
         return Err(failure);
+    }
+    if let Some(finisher) = run.finisher.take() {
+        // Its QMP connection must be gone before the settlement resumes the domain.
+        finisher.abort();
+        let _ = finisher.await;
     }
     if let Some(mut xl) = run.xl.take() {
-        // Its transport is gone: xl resumes the domain and exits.
+        // Its transport is gone: xl resumes the domain and exits, and lets go of the QMP socket.
         wait_exit(&mut xl).await;
     }
-    let Some(record) = m.record.take() else {
-        failure.source_running = m.source_running().await;
-        return Err(failure);
-    };
-    let outcome = Settle {
-        qemu: Some(&m.qemu),
-        journal: &m.journal,
-        auth: &base.auth,
-        link: m.link.take(),
-        agent_wait: base.agent_wait,
-        reason: format!("{}: {}", failure.phase, failure.line()),
-        known: None,
+    let qemu = reconnect(&base.qmp_socket).await.ok();
+    Err(settle_on_source(failure, qemu, &held.journal, held.record, held.link, &base).await)
+}
+
+/// The source keeps the domain: [`Settle`] removes jobs, nodes and the TLS object, tells the
+/// agent, and resumes the device model if the domain ran before and it is stopped.
+async fn settle_on_source(
+    mut failure: Failure,
+    qemu: Option<SourceQemu>,
+    journal: &Journal,
+    record: Option<crate::migrate::journal::SourceRecord>,
+    link: Option<crate::migrate::control::AgentLink>,
+    base: &MigrateOptions,
+) -> Failure {
+    if let Some(record) = record {
+        let outcome = Settle {
+            qemu: qemu.as_ref(),
+            journal,
+            auth: &base.auth,
+            link,
+            agent_wait: base.agent_wait,
+            reason: format!("{}: {}", failure.phase, failure.line()),
+            known: None,
+        }
+        .run(record)
+        .await;
+        if let Outcome::Source { why } | Outcome::Undecided { why } = &outcome {
+            info!(%why, "settled on the source");
+        }
     }
-    .run(record)
-    .await;
-    if let Outcome::Source { why } | Outcome::Undecided { why } = &outcome {
-        info!(%why, "settled on the source");
+    drop(qemu);
+    failure.source_running = source_running(&base.qmp_socket).await;
+    failure
+}
+
+/// Whether the device model runs (a short connection: libxl may need the socket next).
+async fn source_running(socket: &Path) -> bool {
+    match reconnect(socket).await {
+        Ok(q) => q
+            .status()
+            .await
+            .map(|(running, _)| running)
+            .unwrap_or(false),
+        Err(_) => false,
     }
-    failure.source_running = m.source_running().await;
-    Err(failure)
+}
+
+/// Connects to the device model again; waits while another client (libxl) holds the socket.
+async fn reconnect(socket: &Path) -> Result<SourceQemu, Failure> {
+    let qmp = qmp::Qmp::connect_unix_timeout(socket, Duration::from_secs(30))
+        .await
+        .map_err(|e| {
+            xl_err(
+                PhaseName::Switchover,
+                format!(
+                    "cannot reach the device model at {} again: {e}",
+                    socket.display()
+                ),
+            )
+        })?;
+    Ok(SourceQemu::new(qmp))
+}
+
+/// What a migration holds once ferry let go of the device model's QMP socket.
+struct Held {
+    journal: Journal,
+    record: Option<crate::migrate::journal::SourceRecord>,
+    link: Option<crate::migrate::control::AgentLink>,
+    disk_bytes: u64,
+}
+
+impl Held {
+    /// Settled: the journal and the certificate files go.
+    fn forget(&self) {
+        if let Some(tls) = self.record.as_ref().and_then(|r| r.tls.as_ref()) {
+            tls.remove_files();
+        }
+        if let Err(e) = self.journal.remove() {
+            warn!(error = %e, "removing the journal");
+        }
+    }
 }
 
 async fn wait_exit(xl: &mut Child) -> Option<std::process::ExitStatus> {
@@ -304,6 +399,8 @@ struct Run<'a> {
     xl: Option<Child>,
     /// Whether ferry stopped the device model.
     stopped: bool,
+    /// The final sync, running from the moment the guest is suspended (see [`finish_disks`]).
+    finisher: Option<tokio::task::JoinHandle<Result<Finished, Failure>>>,
 }
 
 impl Run<'_> {
@@ -316,42 +413,50 @@ impl Run<'_> {
         }
     }
 
-    /// Up to the end of xl's stream. The error says whether the go message went.
-    async fn forward(
+    /// Mirrors every disk to READY and tells the agent (`Synced`).
+    async fn mirror(
         &mut self,
         m: &mut Migration,
         vm: &crate::vm::VmDescription,
         reporter: &mut dyn Reporter,
         cancel: &CancellationToken,
         started: Instant,
-    ) -> Result<XlSummary, (Failure, bool)> {
-        let before = |f: Failure| (f, false);
-        let mirrors = m
+    ) -> Result<crate::migrate::Mirrors, Failure> {
+        let mut mirrors = m
             .start_mirrors(self.base, vm, &self.tag, reporter, cancel, started, Ask::Xl)
-            .await
-            .map_err(before)?;
-        let mut events = mirrors.events;
-        let jobs = mirrors.jobs;
-        let migration_id = mirrors.record.migration_id.clone();
+            .await?;
         let link = m
             .link
             .as_mut()
-            .ok_or_else(|| before(xl_err(PhaseName::Mirror, "no agent link")))?;
+            .ok_or_else(|| xl_err(PhaseName::Mirror, "no agent link"))?;
         m.disk_bytes = mirror::wait_ready(
             &m.qemu,
-            &jobs,
-            &mut events,
+            &mirrors.jobs,
+            &mut mirrors.events,
             reporter,
             cancel,
             link,
             self.base,
         )
-        .await
-        .map_err(before)?;
+        .await?;
         link.send(&SourceMessage::Synced)
             .await
-            .map_err(|e| before(Failure::new(PhaseName::Mirror, e)))?;
+            .map_err(|e| Failure::new(PhaseName::Mirror, e))?;
+        Ok(mirrors)
+    }
 
+    /// xl with ferry as its transport, to the end of its stream. The error says whether the go
+    /// message went.
+    async fn stream(
+        &mut self,
+        m: &mut Held,
+        mirrors: crate::migrate::Mirrors,
+        cancel: &CancellationToken,
+        started: Instant,
+    ) -> Result<XlSummary, (Failure, bool)> {
+        let before = |f: Failure| (f, false);
+        let jobs = mirrors.jobs;
+        let migration_id = mirrors.record.migration_id.clone();
         // The config for the receiver, and xl with ferry as its transport.
         let images: HashMap<String, String> = mirrors
             .images
@@ -468,17 +573,32 @@ impl Run<'_> {
                         send_data(&mut agent_wr, data).await.map_err(|e| lost(went, e))?;
                         continue;
                     }
-                    match parser.feed(data).map_err(|e| lost(false, e.to_string()))? {
+                    let found = parser.feed(data).map_err(|e| lost(false, e.to_string()))?;
+                    if parser.suspended() && self.finisher.is_none() {
+                        self.finisher = Some(tokio::spawn(finish_disks(
+                            self.base.qmp_socket.clone(),
+                            jobs.clone(),
+                            m.record.as_ref().and_then(|r| r.tls.clone()),
+                        )));
+                    }
+                    match found {
                         Found::Nothing => send_data(&mut agent_wr, data).await.map_err(|e| lost(false, e))?,
                         Found::End(at) => {
                             send_data(&mut agent_wr, &data[..at]).await.map_err(|e| lost(false, e))?;
                             let held = Instant::now();
-                            self.finish_disks(m, &jobs, &mut events, &mut summary).await.map_err(|f| (f, false))?;
+                            let finisher = self.finisher.take().ok_or_else(|| lost(false, "no final sync started".into()))?;
+                            let finished = finisher
+                                .await
+                                .map_err(|e| lost(false, format!("final sync task: {e}")))?
+                                .map_err(|f| (f, false))?;
+                            self.stopped = finished.stopped;
+                            summary.stopped_device_model = finished.stopped;
+                            summary.final_sync_ms = finished.final_sync_ms;
                             wire::write_chunk(&mut agent_wr, &Chunk::Final).await.map_err(|e| lost(false, format!("agent link: {e}")))?;
-                            summary.disks_final_at_us = now_us();
+                            summary.disks_final_at_us = finished.final_at_us;
                             send_data(&mut agent_wr, &data[at..]).await.map_err(|e| lost(false, e))?;
                             summary.end_held_ms = held.elapsed().as_secs_f64() * 1000.0;
-                            info!(held_ms = summary.end_held_ms, "END forwarded");
+                            info!(held_ms = summary.end_held_ms, final_sync_ms = summary.final_sync_ms, "END forwarded");
                         }
                     }
                 }
@@ -518,18 +638,13 @@ impl Run<'_> {
                 "xl's stream ended before the go message".into(),
             ));
         }
-        if let Some(record) = m.record.as_ref() {
-            if let Some(tls) = &record.tls {
-                tls.remove_files();
-            }
-        }
-        if let Err(e) = m.journal.remove() {
-            warn!(error = %e, "removing the journal");
-        }
+        m.forget();
         if receiver.is_some_and(|s| s != 0) && self.stopped {
             // The receiver could not start the domain and destroyed its copy; xl resumes the
             // domain here, and the device model ferry stopped must run with it.
-            let _ = m.qemu.cont().await;
+            if let Ok(q) = reconnect(&self.base.qmp_socket).await {
+                let _ = q.cont().await;
+            }
         }
         match (status, receiver) {
             (Some(s), Some(0)) if s.success() => {
@@ -549,38 +664,52 @@ impl Run<'_> {
             )),
         }
     }
+}
 
-    /// The END record is held: stop the device model if it still runs, complete every mirror,
-    /// remove the NBD nodes and the TLS object.
-    async fn finish_disks(
-        &mut self,
-        m: &mut Migration,
-        jobs: &[mirror::MirrorJob],
-        events: &mut qmp::Events,
-        summary: &mut XlSummary,
-    ) -> Result<(), Failure> {
-        let fail = at::<MigrateError>(PhaseName::Switchover);
-        let (running, _) = m.qemu.status().await.map_err(|e| fail(e.into()))?;
-        if running {
-            // PV/PVH: nothing else stops the qdisk-only device model; its disks must be still.
-            m.qemu.stop().await.map_err(|e| fail(e.into()))?;
-            self.stopped = true;
-            summary.stopped_device_model = true;
-        }
-        let sync = Instant::now();
-        mirror::final_sync(&m.qemu, jobs, events, FINAL_SYNC_TIMEOUT).await?;
-        summary.final_sync_ms = sync.elapsed().as_secs_f64() * 1000.0;
-        let left = mirror::remove_nodes(&m.qemu, jobs).await;
-        if !left.is_empty() {
-            warn!(left = %left.join(", "), "NBD nodes left in the device model");
-        }
-        if let Some(tls) = m.record.as_ref().and_then(|r| r.tls.as_ref()) {
-            if let Some(left) = tls.remove(&m.qemu).await {
-                warn!(%left, "TLS object left in the device model");
-            }
-        }
-        Ok(())
+/// What the final sync did.
+struct Finished {
+    /// Whether ferry stopped the device model (it still ran: PV/PVH).
+    stopped: bool,
+    final_sync_ms: f64,
+    /// When the disks were final (µs since the epoch).
+    final_at_us: u64,
+}
+
+/// The final sync, from the moment the guest is suspended ([`SenderStream::suspended`]): back
+/// on the device model's QMP socket (libxl is done with it until the go message), stop the
+/// device model if it still runs (PV/PVH: nothing else stops the qdisk-only QEMU), complete
+/// every mirror, remove the NBD nodes and the TLS object, and let go of the socket again. It
+/// runs while the rest of the stream (the emulator records) flows; END waits for it.
+async fn finish_disks(
+    socket: PathBuf,
+    jobs: Vec<mirror::MirrorJob>,
+    tls: Option<crate::migrate::tls::SourceTls>,
+) -> Result<Finished, Failure> {
+    let fail = at::<MigrateError>(PhaseName::Switchover);
+    let qemu = reconnect(&socket).await?;
+    let mut events = qemu.events();
+    let (running, _) = qemu.status().await.map_err(|e| fail(e.into()))?;
+    if running {
+        qemu.stop().await.map_err(|e| fail(e.into()))?;
     }
+    let sync = Instant::now();
+    mirror::final_sync(&qemu, &jobs, &mut events, FINAL_SYNC_TIMEOUT).await?;
+    let final_sync_ms = sync.elapsed().as_secs_f64() * 1000.0;
+    let final_at_us = now_us();
+    let left = mirror::remove_nodes(&qemu, &jobs).await;
+    if !left.is_empty() {
+        warn!(left = %left.join(", "), "NBD nodes left in the device model");
+    }
+    if let Some(tls) = &tls {
+        if let Some(left) = tls.remove(&qemu).await {
+            warn!(%left, "TLS object left in the device model");
+        }
+    }
+    Ok(Finished {
+        stopped: running,
+        final_sync_ms,
+        final_at_us,
+    })
 }
 
 /// Sends stream bytes as Data chunks no bigger than a frame.

@@ -88,6 +88,10 @@ pub struct SenderStream {
     /// The domain's JSON config, when [`SenderStream::keep_config`] asked for it.
     config: Option<Vec<u8>>,
     keep_config: bool,
+    /// The libxc stream ended.
+    libxc_ended: bool,
+    /// A libxl record header came after the libxc stream (see [`SenderStream::suspended`]).
+    after_libxc: bool,
 }
 
 impl Default for SenderStream {
@@ -119,7 +123,17 @@ impl SenderStream {
             offset: 0,
             config: None,
             keep_config: false,
+            libxc_ended: false,
+            after_libxc: false,
         }
+    }
+
+    /// Whether libxl wrote a record after the libxc stream: the guest is suspended (libxc's
+    /// last pass ran with it suspended and, for HVM, the device model stopped and saved) and
+    /// libxc's clean-up, which talks to the device model over QMP, is over. From here libxl does
+    /// not use the device model's QMP socket again before the go message.
+    pub fn suspended(&self) -> bool {
+        self.after_libxc
     }
 
     /// Also keep the xl header's option data (the domain config; capped at [`MAX_CONFIG`]).
@@ -243,6 +257,9 @@ impl SenderStream {
             }
             State::LibxlRecord => {
                 let (ty, len) = (le32(&h[..4]), le32(&h[4..8]));
+                if self.libxc_ended {
+                    self.after_libxc = true;
+                }
                 match ty {
                     REC_END => {
                         self.state = State::Tail;
@@ -282,6 +299,7 @@ impl SenderStream {
                 let (ty, len) = (le32(&h[..4]), le32(&h[4..8]));
                 if ty == REC_END {
                     self.state = State::LibxlRecord;
+                    self.libxc_ended = true;
                 } else {
                     self.skip = padded(len);
                     self.after = State::LibxcRecord;
@@ -399,6 +417,15 @@ mod tests {
         }
         let mut p = SenderStream::new();
         assert_eq!(p.feed(&s).unwrap(), Found::End(end));
+        assert!(p.suspended());
+        // Suspended only once libxl writes again after the libxc stream: the xenstore record
+        // (24 bytes) and the emulator record (1016) sit between the libxc END and END.
+        let mut p = SenderStream::new();
+        let cut = end - 1016 - 24;
+        assert_eq!(p.feed(&s[..cut]).unwrap(), Found::Nothing);
+        assert!(!p.suspended());
+        assert_eq!(p.feed(&s[cut..cut + 8]).unwrap(), Found::Nothing);
+        assert!(p.suspended());
     }
 
     #[test]
