@@ -39,6 +39,20 @@
 //!    │                Running{pid, qmp, resumed_at} | Abandoned  `running`, drop the exports
 //!    │◄─────────────────────────────────────────────────────│
 //!
+//!  `ferry xl migrate` (Xen, see crate::xl and docs/xen.md), after the handshake:
+//!    │ PrepareXl{vm: disks only, tls}                       │ preflight: space; images,
+//!    │─────────────────────────────────────────────────────►│ certificates, NBD server
+//!    │        Prepared{...}, then XlPrepared{image paths}   │ (no destination QEMU: xl's job)
+//!    │◄─────────────────────────────────────────────────────│
+//!    │   ... mirrors to READY ...  Synced ─────────────────►│ background fdatasync
+//!    │ XlReceive{options}                                   │ its own --xl-binary
+//!    │─────────────────────────────────────────────────────►│ migrate-receive OPTIONS
+//!    │                                      XlReceiving     │
+//!    │◄─────────────────────────────────────────────────────│
+//!    │ ══ stream mode (crate::xl::wire): chunks both ways ══ │ xl's stream ⇄ its stdin/stdout;
+//!    │    Data…, Final (disks final), Data (END), Go, Data… │ Final: flush, close exports;
+//!    │                                                      │ Go: journal `running`
+//!
 //!  a recovering source, on a new connection after the handshake:
 //!    │ Resolve{migration_id, commit}                        │ commit: as `Commit` above;
 //!    │─────────────────────────────────────────────────────►│ otherwise roll back
@@ -58,7 +72,11 @@
 //!
 //! Versioning: the source lists every version it speaks; the agent answers with the one it picked
 //! or refuses naming both lists. A new version may change any message after `Hello`. Version 3
-//! moved the link into TLS and bound the proofs to it; the plaintext version 2 is refused.
+//! moved the link into TLS and bound the proofs to it; the plaintext version 2 is refused. The
+//! xl messages were added to version 3 without a bump: nothing changed for `ferry migrate`, so
+//! hosts of either generation still migrate QEMU VMs with each other, and an agent that predates
+//! them only fails `ferry xl migrate` (it cannot decode `prepare_xl` and hangs up; the source
+//! says to upgrade it).
 //!
 //! Why the proofs cover the exporter value: the source may not be able to check the agent's
 //! certificate (a self-signed one, no `--tls-ca`), so TLS alone does not stop a man in the middle

@@ -222,12 +222,13 @@ where
                         }
                     }
                     Ok(Chunk::Final) => {
+                        let started = std::time::Instant::now();
                         let images = received.images().to_vec();
                         crate::agent::storage::sync_files(images)
                             .await
                             .map_err(|e| SessionError::Refused(format!("cannot flush the images: {}", crate::error_chain(&e))))?;
                         received.release_nbd().await;
-                        info!(migration = %received.dir.id, "disks final: images flushed, exports closed");
+                        info!(migration = %received.dir.id, ms = started.elapsed().as_secs_f64() * 1000.0, "disks final: images flushed, exports closed");
                     }
                     Ok(Chunk::Go) => {
                         received.hand_over_to_domain().map_err(SessionError::Refused)?;
@@ -317,7 +318,8 @@ mod tests {
     fn only_xls_own_options() {
         assert!(check_options(&s(&["migrate-receive"])).is_ok());
         assert!(check_options(&s(&["-t", "-vvv", "migrate-receive", "-e", "-p"])).is_ok());
-        let e = check_options(&s(&["migrate-receive", "-C", "/etc/passwd"])).unwrap_err();
+        let e =
+            check_options(&s(&["migrate-receive", "-C", "/etc/passwd"])).expect_err("must fail");
         assert!(e.contains("\"-C\""), "{e}");
         assert!(check_options(&s(&["destroy", "vm1"])).is_err());
         assert!(check_options(&s(&["-f", "migrate-receive"])).is_err());

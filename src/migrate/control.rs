@@ -231,7 +231,15 @@ impl AgentLink {
             tls,
         })
         .await?;
-        let prepared = self.prepared(tls).await?;
+        // Protocol 3 agents that predate `ferry xl migrate` cannot decode `prepare_xl` and hang
+        // up: say so rather than "connection closed".
+        let older = |e: ControlError| match e {
+            ControlError::Lost(why) => ControlError::Lost(format!(
+                "{why}; if the agent's ferry predates `ferry xl migrate`, upgrade it"
+            )),
+            other => other,
+        };
+        let prepared = self.prepared(tls).await.map_err(older)?;
         match self.recv_timeout(REPLY_TIMEOUT).await? {
             AgentMessage::XlPrepared { images } => Ok((prepared, images)),
             other => Err(unexpected(other)),

@@ -199,15 +199,17 @@ mod tests {
 
     #[test]
     fn parses_both_forms() {
-        let d = parse_disk("format=qcow2, vdev=xvda, access=rw, target=/v/a,b.qcow2").unwrap();
+        let d = parse_disk("format=qcow2, vdev=xvda, access=rw, target=/v/a,b.qcow2")
+            .expect("must succeed");
         assert_eq!(
             (d.vdev.as_str(), d.format.as_str(), d.target.as_str()),
             ("xvda", "qcow2", "/v/a,b.qcow2")
         );
-        let d = parse_disk("/v/img.raw,raw,xvdb,rw").unwrap();
+        let d = parse_disk("/v/img.raw,raw,xvdb,rw").expect("must succeed");
         assert_eq!((d.vdev.as_str(), d.access.as_deref()), ("xvdb", Some("rw")));
         assert_eq!(d.target, "/v/img.raw");
-        let d = parse_disk("vdev=hdc, devtype=disk, backendtype=qdisk, target=/x").unwrap();
+        let d = parse_disk("vdev=hdc, devtype=disk, backendtype=qdisk, target=/x")
+            .expect("must succeed");
         assert_eq!(d.format, "raw");
         assert_eq!(d.other, vec!["devtype=disk", "backendtype=qdisk"]);
         assert!(parse_disk("target=/x").is_err());
@@ -221,17 +223,17 @@ mod tests {
             ("xvdb".to_string(), "/srv/m1/disk-xvdb.raw".to_string()),
         ]
         .into();
-        let out = rewrite(cfg, &images).unwrap();
+        let out = rewrite(cfg, &images).expect("must succeed");
         assert!(out.starts_with("name = \"vm1\"\ntype = \"hvm\"\ndisk = [ "));
         assert!(out.ends_with(" ]\nmemory = 256\n"));
-        let d = disks(&out).unwrap();
+        let d = disks(&out).expect("must succeed");
         assert_eq!(d.len(), 2);
         assert_eq!(d[0].target, "/srv/m1/disk-xvda.raw");
         assert_eq!(d[0].format, "raw");
         assert_eq!(d[1].target, "/srv/m1/disk-xvdb.raw");
         assert_eq!(d[1].access.as_deref(), Some("rw"));
         let only_a: HashMap<String, String> = [("xvda".to_string(), "/x".to_string())].into();
-        let e = rewrite(cfg, &only_a).unwrap_err();
+        let e = rewrite(cfg, &only_a).expect_err("must fail");
         assert!(e.0.contains("xvdb"), "{e}");
         assert!(rewrite("name = \"x\"\n", &images).is_err());
     }

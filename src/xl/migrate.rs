@@ -236,6 +236,7 @@ pub async fn migrate(
         xl: None,
         stopped: false,
         finisher: None,
+        cleaner: None,
     };
     let mirrored = run.mirror(&mut m, &vm, reporter, cancel, started).await;
     let mirrors = match mirrored {
@@ -287,6 +288,9 @@ pub async fn migrate(
         // Its QMP connection must be gone before the settlement resumes the domain.
         finisher.abort();
         let _ = finisher.await;
+    }
+    if let Some(cleaner) = run.cleaner.take() {
+        let _ = cleaner.await;
     }
     if let Some(mut xl) = run.xl.take() {
         // Its transport is gone: xl resumes the domain and exits, and lets go of the QMP socket.
@@ -401,6 +405,8 @@ struct Run<'a> {
     stopped: bool,
     /// The final sync, running from the moment the guest is suspended (see [`finish_disks`]).
     finisher: Option<tokio::task::JoinHandle<Result<Finished, Failure>>>,
+    /// Removes the NBD nodes and the TLS object once END went (off the guest's pause).
+    cleaner: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Run<'_> {
@@ -578,7 +584,6 @@ impl Run<'_> {
                         self.finisher = Some(tokio::spawn(finish_disks(
                             self.base.qmp_socket.clone(),
                             jobs.clone(),
-                            m.record.as_ref().and_then(|r| r.tls.clone()),
                         )));
                     }
                     match found {
@@ -598,6 +603,11 @@ impl Run<'_> {
                             summary.disks_final_at_us = finished.final_at_us;
                             send_data(&mut agent_wr, &data[at..]).await.map_err(|e| lost(false, e))?;
                             summary.end_held_ms = held.elapsed().as_secs_f64() * 1000.0;
+                            self.cleaner = Some(tokio::spawn(remove_nodes(
+                                finished.qemu,
+                                jobs.clone(),
+                                m.record.as_ref().and_then(|r| r.tls.clone()),
+                            )));
                             info!(held_ms = summary.end_held_ms, final_sync_ms = summary.final_sync_ms, "END forwarded");
                         }
                     }
@@ -626,6 +636,9 @@ impl Run<'_> {
                     }
                 }
             }
+        }
+        if let Some(cleaner) = self.cleaner.take() {
+            let _ = cleaner.await;
         }
         let status = match self.xl.as_mut() {
             Some(xl) => wait_exit(xl).await,
@@ -668,6 +681,9 @@ impl Run<'_> {
 
 /// What the final sync did.
 struct Finished {
+    /// The QMP connection, for [`remove_nodes`] (dropped after it: libxl needs the socket once
+    /// the go message went).
+    qemu: SourceQemu,
     /// Whether ferry stopped the device model (it still ran: PV/PVH).
     stopped: bool,
     final_sync_ms: f64,
@@ -677,14 +693,9 @@ struct Finished {
 
 /// The final sync, from the moment the guest is suspended ([`SenderStream::suspended`]): back
 /// on the device model's QMP socket (libxl is done with it until the go message), stop the
-/// device model if it still runs (PV/PVH: nothing else stops the qdisk-only QEMU), complete
-/// every mirror, remove the NBD nodes and the TLS object, and let go of the socket again. It
-/// runs while the rest of the stream (the emulator records) flows; END waits for it.
-async fn finish_disks(
-    socket: PathBuf,
-    jobs: Vec<mirror::MirrorJob>,
-    tls: Option<crate::migrate::tls::SourceTls>,
-) -> Result<Finished, Failure> {
+/// device model if it still runs (PV/PVH: nothing else stops the qdisk-only QEMU) and complete
+/// every mirror. For HVM it runs while the emulator records flow; END waits for it.
+async fn finish_disks(socket: PathBuf, jobs: Vec<mirror::MirrorJob>) -> Result<Finished, Failure> {
     let fail = at::<MigrateError>(PhaseName::Switchover);
     let qemu = reconnect(&socket).await?;
     let mut events = qemu.events();
@@ -696,6 +707,21 @@ async fn finish_disks(
     mirror::final_sync(&qemu, &jobs, &mut events, FINAL_SYNC_TIMEOUT).await?;
     let final_sync_ms = sync.elapsed().as_secs_f64() * 1000.0;
     let final_at_us = now_us();
+    Ok(Finished {
+        qemu,
+        stopped: running,
+        final_sync_ms,
+        final_at_us,
+    })
+}
+
+/// After END went: the NBD nodes (idle since the final sync) and the TLS object leave the
+/// device model, then ferry lets go of its QMP socket. Not in the guest's pause.
+async fn remove_nodes(
+    qemu: SourceQemu,
+    jobs: Vec<mirror::MirrorJob>,
+    tls: Option<crate::migrate::tls::SourceTls>,
+) {
     let left = mirror::remove_nodes(&qemu, &jobs).await;
     if !left.is_empty() {
         warn!(left = %left.join(", "), "NBD nodes left in the device model");
@@ -705,11 +731,6 @@ async fn finish_disks(
             warn!(%left, "TLS object left in the device model");
         }
     }
-    Ok(Finished {
-        stopped: running,
-        final_sync_ms,
-        final_at_us,
-    })
 }
 
 /// Sends stream bytes as Data chunks no bigger than a frame.
@@ -791,7 +812,7 @@ mod tests {
     async fn relay_arguments() {
         let mut ok = &b"[\"h:1\",\"xl\",\"-t\",\"migrate-receive\",\"-e\"]\n"[..];
         assert_eq!(
-            relay_options(&mut ok, "h:1").await.unwrap(),
+            relay_options(&mut ok, "h:1").await.expect("must succeed"),
             vec!["-t", "migrate-receive", "-e"]
         );
         let mut other_host = &b"[\"evil\",\"xl\",\"migrate-receive\"]\n"[..];

@@ -402,7 +402,7 @@ mod tests {
             let mut fed = 0;
             let mut found = None;
             for piece in s.chunks(size) {
-                if let Found::End(at) = p.feed(piece).unwrap() {
+                if let Found::End(at) = p.feed(piece).expect("must succeed") {
                     found = Some(fed + at);
                     break;
                 }
@@ -413,18 +413,24 @@ mod tests {
             let at = found.unwrap_or_else(|| panic!("no END with pieces of {size}"));
             assert!(at >= end && at - end < 8, "size {size}: {at} vs {end}");
             assert!(p.ended());
-            assert_eq!(&p.config().unwrap()[4..], b"{\"c_info\":{}}\0");
+            assert_eq!(
+                &p.config().expect("must succeed")[4..],
+                b"{\"c_info\":{}}\0"
+            );
         }
         let mut p = SenderStream::new();
-        assert_eq!(p.feed(&s).unwrap(), Found::End(end));
+        assert_eq!(p.feed(&s).expect("must succeed"), Found::End(end));
         assert!(p.suspended());
         // Suspended only once libxl writes again after the libxc stream: the xenstore record
         // (24 bytes) and the emulator record (1016) sit between the libxc END and END.
         let mut p = SenderStream::new();
         let cut = end - 1016 - 24;
-        assert_eq!(p.feed(&s[..cut]).unwrap(), Found::Nothing);
+        assert_eq!(p.feed(&s[..cut]).expect("must succeed"), Found::Nothing);
         assert!(!p.suspended());
-        assert_eq!(p.feed(&s[cut..cut + 8]).unwrap(), Found::Nothing);
+        assert_eq!(
+            p.feed(&s[cut..cut + 8]).expect("must succeed"),
+            Found::Nothing
+        );
         assert!(p.suspended());
     }
 
@@ -434,13 +440,13 @@ mod tests {
         s[0] = b'x';
         assert!(SenderStream::new()
             .feed(&s)
-            .unwrap_err()
+            .expect_err("must fail")
             .0
             .contains("magic"));
         let mut s = xl_header(b"{}\0");
         s.extend(libxl_header());
         s.extend(record(REC_CHECKPOINT_STATE, &[0; 8]));
-        let e = SenderStream::new().feed(&s).unwrap_err();
+        let e = SenderStream::new().feed(&s).expect_err("must fail");
         assert!(e.0.contains("checkpoint"), "{e}");
         let mut s = xl_header(b"{}\0");
         let over = (MAX_CONFIG + 100).to_le_bytes();

@@ -92,16 +92,19 @@ mod tests {
             Chunk::Go,
             Chunk::Eof,
         ] {
-            write_chunk(&mut buf, &c).await.unwrap();
+            write_chunk(&mut buf, &c).await.expect("must succeed");
         }
         let mut r = &buf[..];
         assert_eq!(
-            read_chunk(&mut r).await.unwrap(),
+            read_chunk(&mut r).await.expect("must succeed"),
             Chunk::Data(b"abc".to_vec())
         );
-        assert_eq!(read_chunk(&mut r).await.unwrap(), Chunk::Final);
-        assert_eq!(read_chunk(&mut r).await.unwrap(), Chunk::Go);
-        assert_eq!(read_chunk(&mut r).await.unwrap(), Chunk::Eof);
+        assert_eq!(
+            read_chunk(&mut r).await.expect("must succeed"),
+            Chunk::Final
+        );
+        assert_eq!(read_chunk(&mut r).await.expect("must succeed"), Chunk::Go);
+        assert_eq!(read_chunk(&mut r).await.expect("must succeed"), Chunk::Eof);
         let mut over = vec![b'D'];
         over.extend_from_slice(&((MAX_FRAME as u32) + 1).to_be_bytes());
         assert!(matches!(

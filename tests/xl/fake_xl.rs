@@ -518,18 +518,15 @@ fn send_domain(
     // The last dirty pages, the libxc END, then the emulator records and END.
     w(send, &sw::record(1, &page))?;
     w(send, &sw::record(stream::REC_END, &[]))?;
-    w(
-        send,
-        &sw::record(
-            stream::REC_EMULATOR_XENSTORE_DATA,
-            &sw::emulator_body(b"physmap\0\0"),
-        ),
-    )?;
+    // libxl_stream_write.c writes the emulator records for HVM only.
     if let Some(bytes) = emulator {
+        let xenstore = sw::emulator_body(b"physmap\0\0");
         w(
             send,
-            &sw::record(stream::REC_EMULATOR_CONTEXT, &sw::emulator_body(&bytes)),
+            &sw::record(stream::REC_EMULATOR_XENSTORE_DATA, &xenstore),
         )?;
+        let context = sw::emulator_body(&bytes);
+        w(send, &sw::record(stream::REC_EMULATOR_CONTEXT, &context))?;
     }
     w(send, &sw::record(stream::REC_END, &[]))?;
     send.flush().map_err(|e| e.to_string())?;

@@ -20,17 +20,22 @@ use std::time::{Duration, Instant};
 use ferry_testkit::{Acks, GuestSpec, ImageFormat};
 use serde_json::{json, Value};
 
+/// One scenario: it panics on failure, as a test does.
+type Scenario = fn(&mut World);
+
 fn main() {
     if std::env::var_os("FERRY_FAKE_XL").is_some() {
         let args: Vec<String> = std::env::args().skip(1).collect();
         std::process::exit(fake_xl::main(args));
     }
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let scenarios: &[(&str, fn(&mut World))] = &[
+    let scenarios: &[(&str, Scenario)] = &[
         ("xl_fault_relay_killed", fault_relay_killed),
         ("xl_fault_receiver_dies", fault_receiver_dies),
         ("xl_fault_agent_killed", fault_agent_killed),
+        ("xl_refuses_unmoved_disk", refuses_unmoved_disk),
         ("xl_migrate_hvm", migrate_hvm),
+        ("xl_migrate_pv", migrate_pv),
     ];
     let chosen: Vec<_> = scenarios
         .iter()
@@ -64,14 +69,14 @@ struct World {
     token: PathBuf,
     src_xl: PathBuf,
     dst_xl: PathBuf,
+    /// The domain being migrated, and its config file.
+    name: String,
     cfg: PathBuf,
-    image: PathBuf,
     agent: Option<support::AgentProc>,
     /// Kept alive until the end of the run.
     rt: Option<tokio::runtime::Runtime>,
 }
 
-const NAME: &str = "vm1";
 /// The guest's name for the disk, in its acknowledgements.
 const GUEST_DISK: &str = "vda";
 
@@ -97,11 +102,35 @@ impl World {
             std::fs::create_dir_all(d).expect("run dir");
         }
         let token = support::token_file(&root, "0123456789abcdef0123456789abcdef");
-        let image = root.join("vm1-xvda.qcow2");
+        let mut w = World {
+            src_xl: root.join("src-xl"),
+            dst_xl: root.join("dst-xl"),
+            storage: root.join("storage"),
+            state: root.join("state"),
+            tmp,
+            src_run,
+            dst_run,
+            token,
+            name: String::new(),
+            cfg: PathBuf::new(),
+            agent: None,
+            rt: None,
+        };
+        w.wrappers("");
+        w.create_domain("vm1", "hvm").await;
+        w.start_agent();
+        w
+    }
+
+    /// Writes a config for domain `name` of `kind` (`hvm` or `pvh`) with one qcow2 qdisk
+    /// `xvda`, creates it with the stand-in xl and waits until its guest writes.
+    async fn create_domain(&mut self, name: &str, kind: &str) {
+        let root = self.tmp.path();
+        let image = root.join(format!("{name}-xvda.qcow2"));
         support::qcow2_image(&image, 64 << 20);
         let images = support::guest_images();
         let spec = GuestSpec::new(images.clone());
-        let dm_args: Vec<String> = [
+        let mut dm_args: Vec<String> = [
             "-accel",
             "tcg",
             "-M",
@@ -112,46 +141,34 @@ impl World {
             "-display",
             "none",
             "-no-reboot",
-            "-kernel",
         ]
         .iter()
         .map(|s| s.to_string())
-        .chain([images.kernel.display().to_string(), "-initrd".into()])
-        .chain([
+        .collect();
+        dm_args.extend([
+            "-kernel".to_string(),
+            images.kernel.display().to_string(),
+            "-initrd".into(),
             images.initrd.display().to_string(),
             "-append".into(),
             spec.kernel_cmdline(),
-        ])
-        .collect();
+        ]);
         let quoted: Vec<String> = dm_args.iter().map(|a| format!("'{a}'")).collect();
-        let cfg = root.join("vm1.cfg");
+        let cfg = root.join(format!("{name}.cfg"));
         std::fs::write(
             &cfg,
             format!(
-                "name = \"{NAME}\"\ntype = \"hvm\"\nmemory = 256\ndisk = [ 'format=qcow2, vdev=xvda, access=rw, target={}' ]\ndevice_model_args = [ {} ]\n",
+                "name = \"{name}\"\ntype = \"{kind}\"\nmemory = 256\ndisk = [ 'format=qcow2, vdev=xvda, access=rw, target={}' ]\ndevice_model_args = [ {} ]\n",
                 image.display(),
                 quoted.join(", ")
             ),
         )
         .expect("write config");
-        let mut w = World {
-            src_xl: root.join("src-xl"),
-            dst_xl: root.join("dst-xl"),
-            storage: root.join("storage"),
-            state: root.join("state"),
-            tmp,
-            src_run,
-            dst_run,
-            token,
-            cfg,
-            image,
-            agent: None,
-            rt: None,
-        };
-        w.wrappers("");
-        let out = Command::new(&w.src_xl)
+        self.name = name.to_string();
+        self.cfg = cfg;
+        let out = Command::new(&self.src_xl)
             .arg("create")
-            .arg(&w.cfg)
+            .arg(&self.cfg)
             .output()
             .expect("xl create");
         assert!(
@@ -159,11 +176,9 @@ impl World {
             "xl create: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        ferry_testkit::wait_for_acks(&w.src_serial(), GUEST_DISK, 5, Duration::from_secs(90))
+        ferry_testkit::wait_for_acks(&self.src_serial(), GUEST_DISK, 5, Duration::from_secs(90))
             .await
             .expect("the stand-in domain boots and writes");
-        w.start_agent();
-        w
     }
 
     /// (Re)writes the two xl wrappers; `dst_env` adds variables to the destination's.
@@ -188,7 +203,7 @@ impl World {
     }
 
     fn src_serial(&self) -> PathBuf {
-        self.src_run.join(format!("{NAME}.serial"))
+        self.src_run.join(format!("{}.serial", self.name))
     }
 
     fn events(&self) -> Vec<Value> {
@@ -205,8 +220,14 @@ impl World {
 
     /// `ferry xl migrate` of the domain; (exit code, JSON lines, stderr).
     fn ferry_xl_migrate(&self) -> (i32, Vec<Value>, String) {
+        self.ferry_xl_migrate_with(&[])
+    }
+
+    fn ferry_xl_migrate_with(&self, extra: &[&str]) -> (i32, Vec<Value>, String) {
         let out = Command::new(support::FERRY)
-            .args(["xl", "migrate", "--json", "-C"])
+            .args(["xl", "migrate", "--json"])
+            .args(extra)
+            .arg("-C")
             .arg(&self.cfg)
             .arg("--token-file")
             .arg(&self.token)
@@ -216,7 +237,7 @@ impl World {
             .arg(&self.src_run)
             .arg("--state-dir")
             .arg(&self.state)
-            .arg(NAME)
+            .arg(&self.name)
             .arg(self.agent_addr())
             .env("FERRY_LOG", "ferry=info")
             .stdin(Stdio::null())
@@ -231,7 +252,7 @@ impl World {
     }
 
     fn qmp(&self, run: &Path, cmd: &str) -> Value {
-        let (domid, _) = fake_xl::domain(run, NAME).expect("domain record");
+        let (domid, _) = fake_xl::domain(run, &self.name).expect("domain record");
         let sock = run.join(format!("qmp-libxl-{domid}"));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -281,7 +302,7 @@ impl World {
                 .as_ref()
                 .map(|a| a.leftovers())
                 .unwrap_or_default();
-            let dst_domain = fake_xl::domain(&self.dst_run, NAME);
+            let dst_domain = fake_xl::domain(&self.dst_run, &self.name);
             if left.is_empty() && dst_domain.is_none() {
                 break;
             }
@@ -463,24 +484,24 @@ fn migrate_hvm(w: &mut World) {
     );
     // The source domain is gone; the destination's runs and writes.
     assert!(
-        fake_xl::domain(&w.src_run, NAME).is_none(),
+        fake_xl::domain(&w.src_run, &w.name).is_none(),
         "xl destroyed the source domain"
     );
-    let dst_serial = w.dst_run.join(format!("{NAME}.serial"));
+    let dst_serial = w.dst_run.join(format!("{}.serial", w.name));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("rt");
     rt.block_on(support::still_acking(&dst_serial, GUEST_DISK, 5));
     // Stop it, then every acknowledged record, on either host, must be on its image.
-    let (domid, _) = fake_xl::domain(&w.dst_run, NAME).expect("destination domain");
+    let (domid, _) = fake_xl::domain(&w.dst_run, &w.name).expect("destination domain");
     rt.block_on(support::quit(&w.dst_run.join(format!("qmp-libxl-{domid}"))));
     let mut acks = Acks::parse(&std::fs::read_to_string(w.src_serial()).unwrap_or_default());
     acks.merge(&Acks::parse(
         &std::fs::read_to_string(&dst_serial).unwrap_or_default(),
     ));
     let record: Value = serde_json::from_str(
-        &std::fs::read_to_string(w.dst_run.join("domains").join(format!("{NAME}.json")))
+        &std::fs::read_to_string(w.dst_run.join("domains").join(format!("{}.json", w.name)))
             .expect("destination domain record"),
     )
     .expect("json");
@@ -505,5 +526,107 @@ fn migrate_hvm(w: &mut World) {
         "no journal, config or socket left: {:?}",
         walk(&w.state)
     );
-    let _ = &w.image;
+}
+
+/// A config naming a disk the device model does not serve (no qdisk node) is refused before
+/// anything is created: xl would open the source's path on the destination.
+fn refuses_unmoved_disk(w: &mut World) {
+    let text = std::fs::read_to_string(&w.cfg).expect("config");
+    let bad = text.replace(
+        "disk = [ 'format=qcow2,",
+        "disk = [ 'format=raw, vdev=xvdb, access=rw, target=/srv/other.raw', 'format=qcow2,",
+    );
+    assert_ne!(bad, text, "the config has the expected disk line");
+    let good = w.cfg.clone();
+    w.cfg = w.tmp.path().join("bad.cfg");
+    std::fs::write(&w.cfg, bad).expect("write config");
+    let (code, lines, stderr) = w.ferry_xl_migrate();
+    w.cfg = good;
+    assert_eq!(code, 1, "{lines:?} {stderr}");
+    let failed = lines.last().expect("a failed line");
+    let error = failed["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("xvdb") && error.contains("qdisk"),
+        "the error names the disk and why: {failed}"
+    );
+    assert_eq!(failed["phase"], "discover", "{failed}");
+    assert!(w.agent.as_ref().expect("agent").leftovers().is_empty());
+    assert!(walk(&w.state).is_empty(), "{:?}", walk(&w.state));
+    let status = w.qmp(&w.src_run, "query-status");
+    assert_eq!(status["status"], "running", "{status}");
+}
+
+/// A PV/PVH domain: nothing stops its (qdisk-only) device model, so ferry stops it itself
+/// before the final sync. The stand-in carries no guest memory for PV (see fake_xl), so the
+/// domain arrives paused (`-p`) and only its disk is checked.
+fn migrate_pv(w: &mut World) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(w.create_domain("vm2", "pvh"));
+    w.clear_events();
+    let (code, lines, stderr) = w.ferry_xl_migrate_with(&["-p"]);
+    assert_eq!(code, 0, "ferry xl migrate succeeds: {lines:?}\n{stderr}");
+    let done = lines
+        .iter()
+        .find(|l| l["event"] == "xl_completed")
+        .unwrap_or_else(|| panic!("no xl_completed line: {lines:?}"));
+    assert_eq!(
+        done["stopped_device_model"], true,
+        "ferry stopped the PV device model: {done}"
+    );
+    let events = w.events();
+    assert!(
+        event(&events, "source_not_stopped").is_some(),
+        "xl did not stop it: {events:?}"
+    );
+    let final_at = done["disks_final_at_us"]
+        .as_u64()
+        .expect("disks_final_at_us");
+    let dm_start = event(&events, "dm_starting")
+        .and_then(|e| e["at_us"].as_u64())
+        .expect("dm_starting");
+    assert!(
+        final_at < dm_start,
+        "disks final ({final_at}) before the destination opened them ({dm_start})"
+    );
+    let gap_ms = event(&events, "receiver_end_read")
+        .and_then(|e| e["gap_us"].as_u64())
+        .expect("gap") as f64
+        / 1000.0;
+    println!(
+        "xl migrate (PV): ferry held END {:.2} ms (stop + final sync {:.2} ms: for PV nothing in the stream tells that the guest is suspended before END)",
+        gap_ms,
+        done["final_sync_ms"].as_f64().unwrap_or(0.0)
+    );
+    assert!(
+        fake_xl::domain(&w.src_run, &w.name).is_none(),
+        "xl destroyed the source domain"
+    );
+    let (domid, _) = fake_xl::domain(&w.dst_run, &w.name).expect("destination domain");
+    let qmp = w.dst_run.join(format!("qmp-libxl-{domid}"));
+    let status = w.qmp(&w.dst_run, "query-status");
+    assert_eq!(
+        status["running"], false,
+        "-p: the domain stays paused: {status}"
+    );
+    rt.block_on(support::quit(&qmp));
+    let acks = Acks::parse(&std::fs::read_to_string(w.src_serial()).unwrap_or_default());
+    assert!(acks.count(GUEST_DISK) > 0);
+    let record: Value = serde_json::from_str(
+        &std::fs::read_to_string(w.dst_run.join("domains").join(format!("{}.json", w.name)))
+            .expect("destination domain record"),
+    )
+    .expect("json");
+    let image = PathBuf::from(
+        record["config"]["disks"][0]["pdev_path"]
+            .as_str()
+            .expect("pdev_path"),
+    );
+    let report =
+        ferry_testkit::verify_disk(&image, ImageFormat::Raw, GUEST_DISK, acks.seqs(GUEST_DISK))
+            .unwrap_or_else(|e| panic!("{e}"));
+    println!("xl migrate (PV): {report:?}");
+    assert!(walk(&w.state).is_empty(), "{:?}", walk(&w.state));
 }
