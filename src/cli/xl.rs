@@ -97,7 +97,8 @@ struct RelayArgs {
     rest: Vec<String>,
 }
 
-/// Runs `ferry xl ...`.
+/// Runs `ferry xl ...`. `migrate` exits 0 when the domain runs on the destination, 1 when the
+/// migration failed (the message says where the domain is), 2 on bad input (nothing done).
 pub async fn run(args: XlArgs) -> ExitCode {
     match args.command {
         XlCommand::Migrate(args) => run_migrate(*args).await,
@@ -206,8 +207,14 @@ async fn run_migrate(args: MigrateArgs) -> ExitCode {
                     serde_json::json!({"event": "failed", "phase": failure.phase.to_string(), "error": failure.line(), "source_running": failure.source_running})
                 );
             }
+            // A failure while reading the domain is bad input: nothing was done yet.
+            let code = if failure.phase == crate::migrate::PhaseName::Discover {
+                super::EXIT_USAGE
+            } else {
+                super::EXIT_FAILED
+            };
             super::fail(
-                super::EXIT_FAILED,
+                code,
                 format!(
                     "xl migrate of {} failed at {}: {}{}",
                     opts.domain,

@@ -571,8 +571,13 @@ impl Run<'_> {
                     let data = &up_buf[..n];
                     if parser.ended() {
                         if !went {
-                            // The go message: the point of no return.
-                            wire::write_chunk(&mut agent_wr, &Chunk::Go).await.map_err(|e| lost(false, format!("agent link at the go message: {e}")))?;
+                            // The go message: the point of no return. The journal goes first, so
+                            // that a `ferry recover` after a crash from here on cannot take the
+                            // domain back on the source.
+                            m.forget();
+                            wire::write_chunk(&mut agent_wr, &Chunk::Go)
+                                .await
+                                .map_err(|e| lost(true, format!("agent link at the go message: {e}")))?;
                             went = true;
                             info!("point of no return: the domain belongs to the destination");
                         }
@@ -651,7 +656,6 @@ impl Run<'_> {
                 "xl's stream ended before the go message".into(),
             ));
         }
-        m.forget();
         if receiver.is_some_and(|s| s != 0) && self.stopped {
             // The receiver could not start the domain and destroyed its copy; xl resumes the
             // domain here, and the device model ferry stopped must run with it.

@@ -391,8 +391,9 @@ fn fault_agent_killed(w: &mut World) {
         // Wait for the receiver to run (it holds 3 s), then kill the agent.
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(120) {
+            // The stand-in receiver, not the relay (whose arguments name migrate-receive too).
             let busy = Command::new("pgrep")
-                .args(["-f", "migrate-receive"])
+                .args(["-f", "deps/xl-[0-9a-f]+ (-t )?migrate-receive"])
                 .output()
                 .map(|o| o.status.success())
                 .unwrap_or(false);
@@ -542,7 +543,7 @@ fn refuses_unmoved_disk(w: &mut World) {
     std::fs::write(&w.cfg, bad).expect("write config");
     let (code, lines, stderr) = w.ferry_xl_migrate();
     w.cfg = good;
-    assert_eq!(code, 1, "{lines:?} {stderr}");
+    assert_eq!(code, 2, "bad input: {lines:?} {stderr}");
     let failed = lines.last().expect("a failed line");
     let error = failed["error"].as_str().unwrap_or("");
     assert!(
