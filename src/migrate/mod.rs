@@ -599,6 +599,7 @@ impl Migration {
             tls: bundle.as_ref().map(|b| {
                 tls::SourceTls::plan(&opts.state_dir, self.journal.path(), tag, &b.hostname)
             }),
+            files: Vec::new(),
         };
         self.journal(record.clone(), PhaseName::Mirror)?;
         self.encrypted = record.tls.is_some();

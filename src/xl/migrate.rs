@@ -370,8 +370,11 @@ struct Held {
 impl Held {
     /// Settled: the journal and the certificate files go.
     fn forget(&self) {
-        if let Some(tls) = self.record.as_ref().and_then(|r| r.tls.as_ref()) {
-            tls.remove_files();
+        if let Some(record) = &self.record {
+            if let Some(tls) = &record.tls {
+                tls.remove_files();
+            }
+            crate::migrate::settle::remove_files(&record.files);
         }
         if let Err(e) = self.journal.remove() {
             warn!(error = %e, "removing the journal");
@@ -474,10 +477,23 @@ impl Run<'_> {
         let dir = self.base.state_dir.join("xl");
         private_dir(&dir).map_err(|e| before(xl_err(PhaseName::Ram, e)))?;
         let cfg_path = dir.join(format!("{}.cfg", self.tag));
+        let sock_path = dir.join(format!("{}.sock", self.tag));
+        // Journaled before they exist, so that whoever settles the migration removes them.
+        if let Some(record) = m.record.as_mut() {
+            record.files = vec![cfg_path.clone(), sock_path.clone()];
+            m.journal.write(record).map_err(|e| {
+                before(xl_err(
+                    PhaseName::Ram,
+                    format!(
+                        "cannot write the journal {}: {e}; check --state-dir",
+                        m.journal.path().display()
+                    ),
+                ))
+            })?;
+        }
         self.config_file = Some(cfg_path.clone());
         write_private(&cfg_path, config.as_bytes())
             .map_err(|e| before(xl_err(PhaseName::Ram, e)))?;
-        let sock_path = dir.join(format!("{}.sock", self.tag));
         let _ = std::fs::remove_file(&sock_path);
         let listener = UnixListener::bind(&sock_path).map_err(|e| {
             before(xl_err(
@@ -701,12 +717,20 @@ struct Finished {
 /// every mirror. For HVM it runs while the emulator records flow; END waits for it.
 async fn finish_disks(socket: PathBuf, jobs: Vec<mirror::MirrorJob>) -> Result<Finished, Failure> {
     let fail = at::<MigrateError>(PhaseName::Switchover);
+    let started = Instant::now();
     let qemu = reconnect(&socket).await?;
+    let connected_ms = started.elapsed().as_secs_f64() * 1000.0;
     let mut events = qemu.events();
     let (running, _) = qemu.status().await.map_err(|e| fail(e.into()))?;
     if running {
         qemu.stop().await.map_err(|e| fail(e.into()))?;
     }
+    info!(
+        connected_ms,
+        stopped = running,
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "back on the device model for the final sync"
+    );
     let sync = Instant::now();
     mirror::final_sync(&qemu, &jobs, &mut events, FINAL_SYNC_TIMEOUT).await?;
     let final_sync_ms = sync.elapsed().as_secs_f64() * 1000.0;

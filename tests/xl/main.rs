@@ -33,6 +33,7 @@ fn main() {
         ("xl_fault_relay_killed", fault_relay_killed),
         ("xl_fault_receiver_dies", fault_receiver_dies),
         ("xl_fault_agent_killed", fault_agent_killed),
+        ("xl_fault_driver_killed", fault_driver_killed),
         ("xl_refuses_unmoved_disk", refuses_unmoved_disk),
         ("xl_migrate_hvm", migrate_hvm),
         ("xl_migrate_pv", migrate_pv),
@@ -224,8 +225,21 @@ impl World {
     }
 
     fn ferry_xl_migrate_with(&self, extra: &[&str]) -> (i32, Vec<Value>, String) {
-        let out = Command::new(support::FERRY)
-            .args(["xl", "migrate", "--json"])
+        let out = self
+            .ferry_xl_migrate_command(extra)
+            .output()
+            .expect("run ferry xl migrate");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let lines = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (out.status.code().unwrap_or(-1), lines, stderr)
+    }
+
+    fn ferry_xl_migrate_command(&self, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(support::FERRY);
+        cmd.args(["xl", "migrate", "--json"])
             .args(extra)
             .arg("-C")
             .arg(&self.cfg)
@@ -240,15 +254,35 @@ impl World {
             .arg(&self.name)
             .arg(self.agent_addr())
             .env("FERRY_LOG", "ferry=info")
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// The stand-in receivers running (not the relay, whose arguments name migrate-receive
+    /// too).
+    fn receivers() -> Vec<u32> {
+        Command::new("pgrep")
+            .args(["-f", "deps/xl-[0-9a-f]+ (-t )?migrate-receive"])
             .output()
-            .expect("run ferry xl migrate");
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        let lines = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        (out.status.code().unwrap_or(-1), lines, stderr)
+            .map(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A stand-in receiver's pid once one runs.
+    fn wait_receiver(within: Duration) -> Option<u32> {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Some(pid) = World::receivers().first() {
+                return Some(*pid);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     fn qmp(&self, run: &Path, cmd: &str) -> Value {
@@ -303,12 +337,13 @@ impl World {
                 .map(|a| a.leftovers())
                 .unwrap_or_default();
             let dst_domain = fake_xl::domain(&self.dst_run, &self.name);
-            if left.is_empty() && dst_domain.is_none() {
+            let receivers = World::receivers();
+            if left.is_empty() && dst_domain.is_none() && receivers.is_empty() {
                 break;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(30),
-                "{what}: left on the destination: storage {left:?}, domain {dst_domain:?}"
+                "{what}: left on the destination: storage {left:?}, domain {dst_domain:?}, xl migrate-receive {receivers:?}"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -387,26 +422,14 @@ fn fault_agent_killed(w: &mut World) {
     let addr = w.agent_addr();
     let pid = w.agent.as_ref().map(|a| a.child.id()).expect("agent pid");
     let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(200));
-        // Wait for the receiver to run (it holds 3 s), then kill the agent.
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(120) {
-            // The stand-in receiver, not the relay (whose arguments name migrate-receive too).
-            let busy = Command::new("pgrep")
-                .args(["-f", "deps/xl-[0-9a-f]+ (-t )?migrate-receive"])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false);
-            if busy {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
+        // Once the receiver runs (it holds the stream 3 s), kill the agent.
+        World::wait_receiver(Duration::from_secs(120)).is_some_and(|_| {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .is_ok()
+        })
     });
     let (code, lines, stderr) = w.ferry_xl_migrate();
     assert!(
@@ -569,6 +592,12 @@ fn migrate_pv(w: &mut World) {
     w.clear_events();
     let (code, lines, stderr) = w.ferry_xl_migrate_with(&["-p"]);
     assert_eq!(code, 0, "ferry xl migrate succeeds: {lines:?}\n{stderr}");
+    for line in stderr
+        .lines()
+        .filter(|l| l.contains("final sync") || l.contains("END forwarded"))
+    {
+        println!("  ferry: {line}");
+    }
     let done = lines
         .iter()
         .find(|l| l["event"] == "xl_completed")
@@ -630,4 +659,54 @@ fn migrate_pv(w: &mut World) {
             .unwrap_or_else(|e| panic!("{e}"));
     println!("xl migrate (PV): {report:?}");
     assert!(walk(&w.state).is_empty(), "{:?}", walk(&w.state));
+}
+
+/// `ferry xl migrate` itself is killed mid-stream: its relay's socket closes, xl resumes the
+/// domain, and `ferry recover` on the device model's QMP socket removes what the driver left
+/// (its mirror jobs, NBD nodes, journal); the agent rolls back by itself.
+fn fault_driver_killed(w: &mut World) {
+    w.clear_events();
+    w.wrappers("FAKE_XL_DIE=hold");
+    let mut child = w
+        .ferry_xl_migrate_command(&[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ferry xl migrate");
+    let receiver = World::wait_receiver(Duration::from_secs(120));
+    let _ = child.kill();
+    let _ = child.wait();
+    w.wrappers("");
+    assert!(
+        receiver.is_some(),
+        "the stream was flowing when ferry xl migrate was killed"
+    );
+    let journal = walk(&w.state.join("source"));
+    assert_eq!(
+        journal.len(),
+        1,
+        "the dead driver's journal is left for ferry recover: {journal:?}"
+    );
+    let (domid, _) = fake_xl::domain(&w.src_run, &w.name).expect("the source domain");
+    let out = Command::new(support::FERRY)
+        .args(["recover", "--json", "--qmp"])
+        .arg(w.src_run.join(format!("qmp-libxl-{domid}")))
+        .arg("--token-file")
+        .arg(&w.token)
+        .arg("--state-dir")
+        .arg(&w.state)
+        .output()
+        .expect("ferry recover");
+    assert!(
+        out.status.success(),
+        "ferry recover: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("source"),
+        "recover says the domain stays on the source: {said}"
+    );
+    w.assert_back_on_source("driver killed");
 }
