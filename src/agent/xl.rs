@@ -210,15 +210,13 @@ where
             chunk = wire::read_chunk(rd), if !down_done => {
                 match chunk {
                     Ok(Chunk::Data(bytes)) => {
-                        let written = match stdin.as_mut() {
-                            Some(s) => s.write_all(&bytes).await,
-                            None => Err(std::io::ErrorKind::BrokenPipe.into()),
-                        };
-                        if let Err(e) = written {
-                            // The receiver stopped reading: its stdout says why, and the source
-                            // hears it from xl; the chunks that follow are dropped.
-                            warn!(error = %e, "xl migrate-receive stopped reading its stdin");
-                            stdin = None;
+                        if let Some(input) = stdin.as_mut() {
+                            if let Err(e) = input.write_all(&bytes).await {
+                                // The receiver stopped reading: its stdout says why, and the
+                                // source hears it from xl; the chunks that follow are dropped.
+                                warn!(error = %e, "xl migrate-receive stopped reading its stdin");
+                                stdin = None;
+                            }
                         }
                     }
                     Ok(Chunk::Final) => {

@@ -30,12 +30,11 @@
 //! device model it stopped).
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
@@ -54,10 +53,6 @@ use crate::protocol::SourceMessage;
 
 /// The report banner of `tools/xl/xl.h` (`migrate_report`), then one status byte.
 const REPORT: &[u8] = b"my copy unpause results are as follows\0";
-/// How long xl may take to start its transport.
-const RELAY_WAIT: Duration = Duration::from_secs(60);
-/// How long the final sync may take (the guest is stopped meanwhile).
-const FINAL_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long xl may take to exit once the stream ended.
 const XL_EXIT_WAIT: Duration = Duration::from_secs(60);
 
@@ -100,14 +95,7 @@ pub struct XlSummary {
     pub total_ms: u64,
 }
 
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-fn xl_err(phase: PhaseName, what: impl Into<String>) -> Failure {
+pub(super) fn xl_err(phase: PhaseName, what: impl Into<String>) -> Failure {
     Failure::new(phase, MigrateError::Xl(what.into()))
 }
 
@@ -151,11 +139,6 @@ fn vdev_of(node: &str, format: &str) -> Option<String> {
 /// The device model's QMP socket for `domid`.
 pub fn qmp_socket(run_dir: &Path, domid: u32) -> PathBuf {
     run_dir.join(format!("qmp-libxl-{domid}"))
-}
-
-/// Shell-quotes one word for the `-s` command xl gives to `sh -c`.
-fn shell_word(word: &str) -> String {
-    format!("'{}'", word.replace('\'', r"'\''"))
 }
 
 /// Runs one `ferry xl migrate`. On failure the domain runs on the source and nothing of the
@@ -296,7 +279,7 @@ pub async fn migrate(
         // Its transport is gone: xl resumes the domain and exits, and lets go of the QMP socket.
         wait_exit(&mut xl).await;
     }
-    let qemu = reconnect(&base.qmp_socket).await.ok();
+    let qemu = super::finish::reconnect(&base.qmp_socket).await.ok();
     Err(settle_on_source(failure, qemu, &held.journal, held.record, held.link, &base).await)
 }
 
@@ -333,7 +316,7 @@ async fn settle_on_source(
 
 /// Whether the device model runs (a short connection: libxl may need the socket next).
 async fn source_running(socket: &Path) -> bool {
-    match reconnect(socket).await {
+    match super::finish::reconnect(socket).await {
         Ok(q) => q
             .status()
             .await
@@ -341,22 +324,6 @@ async fn source_running(socket: &Path) -> bool {
             .unwrap_or(false),
         Err(_) => false,
     }
-}
-
-/// Connects to the device model again; waits while another client (libxl) holds the socket.
-async fn reconnect(socket: &Path) -> Result<SourceQemu, Failure> {
-    let qmp = qmp::Qmp::connect_unix_timeout(socket, Duration::from_secs(30))
-        .await
-        .map_err(|e| {
-            xl_err(
-                PhaseName::Switchover,
-                format!(
-                    "cannot reach the device model at {} again: {e}",
-                    socket.display()
-                ),
-            )
-        })?;
-    Ok(SourceQemu::new(qmp))
 }
 
 /// What a migration holds once ferry let go of the device model's QMP socket.
@@ -407,7 +374,7 @@ struct Run<'a> {
     /// Whether ferry stopped the device model.
     stopped: bool,
     /// The final sync, running from the moment the guest is suspended (see [`finish_disks`]).
-    finisher: Option<tokio::task::JoinHandle<Result<Finished, Failure>>>,
+    finisher: Option<tokio::task::JoinHandle<Result<super::finish::Finished, Failure>>>,
     /// Removes the NBD nodes and the TLS object once END went (off the guest's pause).
     cleaner: Option<tokio::task::JoinHandle<()>>,
 }
@@ -475,7 +442,7 @@ impl Run<'_> {
         let config = super::config::rewrite(&self.config, &images)
             .map_err(|e| before(xl_err(PhaseName::Ram, e.to_string())))?;
         let dir = self.base.state_dir.join("xl");
-        private_dir(&dir).map_err(|e| before(xl_err(PhaseName::Ram, e)))?;
+        super::transport::private_dir(&dir).map_err(|e| before(xl_err(PhaseName::Ram, e)))?;
         let cfg_path = dir.join(format!("{}.cfg", self.tag));
         let sock_path = dir.join(format!("{}.sock", self.tag));
         // Journaled before they exist, so that whoever settles the migration removes them.
@@ -492,7 +459,7 @@ impl Run<'_> {
             })?;
         }
         self.config_file = Some(cfg_path.clone());
-        write_private(&cfg_path, config.as_bytes())
+        super::transport::write_private(&cfg_path, config.as_bytes())
             .map_err(|e| before(xl_err(PhaseName::Ram, e)))?;
         let _ = std::fs::remove_file(&sock_path);
         let listener = UnixListener::bind(&sock_path).map_err(|e| {
@@ -502,48 +469,22 @@ impl Run<'_> {
             ))
         })?;
         self.relay_socket = Some(sock_path.clone());
-        let mut transport: Vec<String> = self.opts.relay.iter().map(|w| shell_word(w)).collect();
-        transport.push("--via".into());
-        transport.push(shell_word(&sock_path.display().to_string()));
-        let mut cmd = Command::new(&self.opts.xl);
-        cmd.arg("migrate")
-            .arg("-s")
-            .arg(transport.join(" "))
-            .arg("-C")
-            .arg(&cfg_path)
-            .args(&self.opts.xl_flags)
-            .arg(&self.opts.domain)
-            .arg(&self.base.to)
-            .stdin(Stdio::null());
-        info!(?cmd, "running xl migrate");
-        let xl = cmd.spawn().map_err(|e| {
-            before(xl_err(
-                PhaseName::Ram,
-                format!("cannot run {} migrate: {e}", self.opts.xl.display()),
-            ))
-        })?;
-        let xl = self.xl.insert(xl);
-        let accepted = tokio::select! {
-            _ = cancel.cancelled() => return Err(before(Failure::new(PhaseName::Ram, MigrateError::Cancelled))),
-            status = xl.wait() => {
-                return Err(before(xl_err(PhaseName::Ram, format!(
-                    "xl migrate exited ({}) before it started its transport: see its messages above",
-                    status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
-                ))));
-            }
-            _ = tokio::time::sleep(RELAY_WAIT) => {
-                return Err(before(xl_err(PhaseName::Ram, "xl migrate did not start its transport within 60 s")));
-            }
-            accepted = listener.accept() => accepted,
-        };
-        let (relay, _) =
-            accepted.map_err(|e| before(xl_err(PhaseName::Ram, format!("relay: {e}"))))?;
-        drop(listener);
-        let (relay_rd, mut relay_wr) = relay.into_split();
-        let mut relay_rd = BufReader::new(relay_rd);
-        let options = relay_options(&mut relay_rd, &self.base.to)
-            .await
-            .map_err(|e| before(xl_err(PhaseName::Ram, e)))?;
+        let (mut relay_rd, mut relay_wr, options) = super::transport::start(
+            super::transport::XlCommand {
+                xl: &self.opts.xl,
+                relay: &self.opts.relay,
+                flags: &self.opts.xl_flags,
+                domain: &self.opts.domain,
+                host: &self.base.to,
+                config: &cfg_path,
+            },
+            listener,
+            &sock_path,
+            &mut self.xl,
+            cancel,
+        )
+        .await
+        .map_err(before)?;
         let link = m
             .link
             .take()
@@ -602,7 +543,7 @@ impl Run<'_> {
                     }
                     let found = parser.feed(data).map_err(|e| lost(false, e.to_string()))?;
                     if parser.suspended() && self.finisher.is_none() {
-                        self.finisher = Some(tokio::spawn(finish_disks(
+                        self.finisher = Some(tokio::spawn(super::finish::finish_disks(
                             self.base.qmp_socket.clone(),
                             jobs.clone(),
                         )));
@@ -624,7 +565,7 @@ impl Run<'_> {
                             summary.disks_final_at_us = finished.final_at_us;
                             send_data(&mut agent_wr, &data[at..]).await.map_err(|e| lost(false, e))?;
                             summary.end_held_ms = held.elapsed().as_secs_f64() * 1000.0;
-                            self.cleaner = Some(tokio::spawn(remove_nodes(
+                            self.cleaner = Some(tokio::spawn(super::finish::remove_nodes(
                                 finished.qemu,
                                 jobs.clone(),
                                 m.record.as_ref().and_then(|r| r.tls.clone()),
@@ -675,7 +616,7 @@ impl Run<'_> {
         if receiver.is_some_and(|s| s != 0) && self.stopped {
             // The receiver could not start the domain and destroyed its copy; xl resumes the
             // domain here, and the device model ferry stopped must run with it.
-            if let Ok(q) = reconnect(&self.base.qmp_socket).await {
+            if let Ok(q) = super::finish::reconnect(&self.base.qmp_socket).await {
                 let _ = q.cont().await;
             }
         }
@@ -699,68 +640,6 @@ impl Run<'_> {
     }
 }
 
-/// What the final sync did.
-struct Finished {
-    /// The QMP connection, for [`remove_nodes`] (dropped after it: libxl needs the socket once
-    /// the go message went).
-    qemu: SourceQemu,
-    /// Whether ferry stopped the device model (it still ran: PV/PVH).
-    stopped: bool,
-    final_sync_ms: f64,
-    /// When the disks were final (µs since the epoch).
-    final_at_us: u64,
-}
-
-/// The final sync, from the moment the guest is suspended ([`SenderStream::suspended`]): back
-/// on the device model's QMP socket (libxl is done with it until the go message), stop the
-/// device model if it still runs (PV/PVH: nothing else stops the qdisk-only QEMU) and complete
-/// every mirror. For HVM it runs while the emulator records flow; END waits for it.
-async fn finish_disks(socket: PathBuf, jobs: Vec<mirror::MirrorJob>) -> Result<Finished, Failure> {
-    let fail = at::<MigrateError>(PhaseName::Switchover);
-    let started = Instant::now();
-    let qemu = reconnect(&socket).await?;
-    let connected_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let mut events = qemu.events();
-    let (running, _) = qemu.status().await.map_err(|e| fail(e.into()))?;
-    if running {
-        qemu.stop().await.map_err(|e| fail(e.into()))?;
-    }
-    info!(
-        connected_ms,
-        stopped = running,
-        ms = started.elapsed().as_secs_f64() * 1000.0,
-        "back on the device model for the final sync"
-    );
-    let sync = Instant::now();
-    mirror::final_sync(&qemu, &jobs, &mut events, FINAL_SYNC_TIMEOUT).await?;
-    let final_sync_ms = sync.elapsed().as_secs_f64() * 1000.0;
-    let final_at_us = now_us();
-    Ok(Finished {
-        qemu,
-        stopped: running,
-        final_sync_ms,
-        final_at_us,
-    })
-}
-
-/// After END went: the NBD nodes (idle since the final sync) and the TLS object leave the
-/// device model, then ferry lets go of its QMP socket. Not in the guest's pause.
-async fn remove_nodes(
-    qemu: SourceQemu,
-    jobs: Vec<mirror::MirrorJob>,
-    tls: Option<crate::migrate::tls::SourceTls>,
-) {
-    let left = mirror::remove_nodes(&qemu, &jobs).await;
-    if !left.is_empty() {
-        warn!(left = %left.join(", "), "NBD nodes left in the device model");
-    }
-    if let Some(tls) = &tls {
-        if let Some(left) = tls.remove(&qemu).await {
-            warn!(%left, "TLS object left in the device model");
-        }
-    }
-}
-
 /// Sends stream bytes as Data chunks no bigger than a frame.
 async fn send_data<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> Result<(), String> {
     for piece in data.chunks(crate::protocol::MAX_FRAME) {
@@ -777,75 +656,14 @@ fn report(output: &[u8]) -> Option<u8> {
     output.get(at + REPORT.len()).copied()
 }
 
-/// Reads the relay's arguments: `HOST xl [global options] migrate-receive [options]`; returns
-/// what follows `xl` (the agent checks it again).
-async fn relay_options<R: tokio::io::AsyncBufRead + Unpin>(
-    rd: &mut R,
-    host: &str,
-) -> Result<Vec<String>, String> {
-    let mut line = Vec::new();
-    let mut limited = (&mut *rd).take(super::relay::MAX_HELLO as u64);
-    limited
-        .read_until(b'\n', &mut line)
-        .await
-        .map_err(|e| format!("reading the relay's arguments: {e}"))?;
-    let args: Vec<String> = serde_json::from_slice(&line)
-        .map_err(|e| format!("the relay's arguments are not what ferry xl relay sends: {e}"))?;
-    match args.as_slice() {
-        [h, xl, rest @ ..] if h == host && xl == "xl" => {
-            crate::agent::xl::check_options(rest)?;
-            Ok(rest.to_vec())
-        }
-        _ => Err(format!(
-            "xl ran its transport with {args:?}, not `{host} xl ... migrate-receive`"
-        )),
-    }
-}
-
-fn private_dir(dir: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir)
-        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
-        .map_err(|e| format!("cannot create {}: {e}; check --state-dir", dir.display()))
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    use std::io::Write;
-    let mut file = std::os::unix::fs::OpenOptionsExt::mode(
-        std::fs::File::options()
-            .write(true)
-            .create(true)
-            .truncate(true),
-        0o600,
-    )
-    .open(path)
-    .and_then(|mut f| f.write_all(bytes).map(|()| f))
-    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    file.flush()
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn vdevs_and_words() {
+    fn vdevs() {
         assert_eq!(vdev_of("xvda-qcow2", "qcow2").as_deref(), Some("xvda"));
         assert_eq!(vdev_of("xvda-raw", "qcow2"), None);
         assert_eq!(vdev_of("-raw", "raw"), None);
-        assert_eq!(shell_word("/a b/it's"), r"'/a b/it'\''s'");
-    }
-
-    #[tokio::test]
-    async fn relay_arguments() {
-        let mut ok = &b"[\"h:1\",\"xl\",\"-t\",\"migrate-receive\",\"-e\"]\n"[..];
-        assert_eq!(
-            relay_options(&mut ok, "h:1").await.expect("must succeed"),
-            vec!["-t", "migrate-receive", "-e"]
-        );
-        let mut other_host = &b"[\"evil\",\"xl\",\"migrate-receive\"]\n"[..];
-        assert!(relay_options(&mut other_host, "h:1").await.is_err());
-        let mut bad = &b"[\"h:1\",\"xl\",\"destroy\",\"vm\"]\n"[..];
-        assert!(relay_options(&mut bad, "h:1").await.is_err());
     }
 }

@@ -1,6 +1,8 @@
 //! `ferry xl migrate`: ferry as the storage half of a Xen `xl migrate`. See `docs/xen.md`.
 //!
 //! - [`migrate`]: the driver (mirrors, then `xl migrate -s "ferry xl relay ..."`, holding END).
+//! - [`transport`]: starting `xl migrate` and meeting its relay.
+//! - [`finish`]: the final sync while the stream flows.
 //! - [`relay`]: the transport xl runs; it only carries bytes to the driver.
 //! - [`stream`]: the sender's framing (xl header, libxl and libxc records), enough to find END.
 //! - [`wire`]: stream mode of the agent link.
@@ -9,7 +11,9 @@
 //! The agent's half is `crate::agent::xl`.
 
 pub mod config;
+pub mod finish;
 pub mod migrate;
 pub mod relay;
 pub mod stream;
+pub mod transport;
 pub mod wire;
