@@ -492,14 +492,24 @@ impl Received {
 
     /// Stops serving the disks (after the switchover: the source's mirrors are done).
     pub async fn release_nbd(&mut self) {
-        if let Some(nbd) = self.nbd.take() {
-            for export in &self.exports {
-                if let Err(e) = nbd.remove_export(export).await {
-                    warn!(%export, error = %e, "removing export");
+        self.release_nbd_later().await
+    }
+
+    /// What [`release_nbd`](Self::release_nbd) does, as a future that owns what it needs (to
+    /// run beside other work).
+    pub fn release_nbd_later(&mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let nbd = self.nbd.take();
+        let exports = self.exports.clone();
+        async move {
+            if let Some(nbd) = nbd {
+                for export in &exports {
+                    if let Err(e) = nbd.remove_export(export).await {
+                        warn!(%export, error = %e, "removing export");
+                    }
                 }
-            }
-            if let Err(e) = nbd.shutdown().await {
-                warn!(error = %e, "stopping NBD server");
+                if let Err(e) = nbd.shutdown().await {
+                    warn!(error = %e, "stopping NBD server");
+                }
             }
         }
     }

@@ -11,7 +11,9 @@
 //!          ◄──────────────── XlReceiving   (stream mode from here, see crate::xl::wire)
 //!          ◄═══ Data: banner, "domain received", report ═════════════ its stdout
 //!  Data ══ xl header, config, libxl records ══════════════════════════► its stdin
-//!  Final ─────────────────────────────────► fdatasync images, stop serving them
+//!  Final ─────────────────────────────────► fdatasync images, stop serving them (beside the
+//!                                           stream: the final sync may end mid-record)
+//!  Barrier ───────────────────────────────► waits for that
 //!  Data ══ END record ════════════════════════════════════════════════► opens the images
 //!  Go ────────────────────────────────────► journal `running`: the images are the domain's
 //!  Data ══ "domain is yours, you are cleared to unpause" ═════════════►
@@ -184,6 +186,7 @@ where
     let mut went = false;
     let mut buf = vec![0u8; 64 * 1024];
     let mut failure: Option<SessionError> = None;
+    let mut finishing: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
     while !(up_done && down_done) {
         tokio::select! {
             n = stdout.read(&mut buf), if !up_done => {
@@ -220,13 +223,23 @@ where
                         }
                     }
                     Ok(Chunk::Final) => {
-                        let started = std::time::Instant::now();
+                        // Flush and stop serving beside the stream; the barrier waits for it.
                         let images = received.images().to_vec();
-                        crate::agent::storage::sync_files(images)
-                            .await
-                            .map_err(|e| SessionError::Refused(format!("cannot flush the images: {}", crate::error_chain(&e))))?;
-                        received.release_nbd().await;
-                        info!(migration = %received.dir.id, ms = started.elapsed().as_secs_f64() * 1000.0, "disks final: images flushed, exports closed");
+                        let release = received.release_nbd_later();
+                        let id = received.dir.id.clone();
+                        finishing = Some(tokio::spawn(async move {
+                            let started = std::time::Instant::now();
+                            let (flushed, ()) = tokio::join!(crate::agent::storage::sync_files(images), release);
+                            info!(migration = %id, ms = started.elapsed().as_secs_f64() * 1000.0, "disks final: images flushed, exports closed");
+                            flushed.map_err(|e| format!("cannot flush the images: {}", crate::error_chain(&e)))
+                        }));
+                    }
+                    Ok(Chunk::Barrier) => {
+                        let done = match finishing.take() {
+                            Some(task) => task.await.map_err(|e| e.to_string()).and_then(|r| r),
+                            None => Err("the source sent the barrier before its disks were final".into()),
+                        };
+                        done.map_err(SessionError::Refused)?;
                     }
                     Ok(Chunk::Go) => {
                         received.hand_over_to_domain().map_err(SessionError::Refused)?;

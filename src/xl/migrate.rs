@@ -389,6 +389,44 @@ impl Run<'_> {
         }
     }
 
+    /// The final sync ended: on success, tell the agent (`Final`: it flushes the images and
+    /// closes the exports) and remove the NBD nodes and the TLS object in the background.
+    async fn disks_final<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        finished: Result<Result<super::finish::Finished, Failure>, tokio::task::JoinError>,
+        agent_wr: &mut W,
+        summary: &mut XlSummary,
+        m: &Held,
+        jobs: &[mirror::MirrorJob],
+    ) -> Result<(), (Failure, bool)> {
+        let finished = finished
+            .map_err(|e| {
+                (
+                    xl_err(PhaseName::Switchover, format!("final sync task: {e}")),
+                    false,
+                )
+            })?
+            .map_err(|f| (f, false))?;
+        self.stopped = finished.stopped;
+        summary.stopped_device_model = finished.stopped;
+        summary.final_sync_ms = finished.final_sync_ms;
+        summary.disks_final_at_us = finished.final_at_us;
+        wire::write_chunk(agent_wr, &Chunk::Final)
+            .await
+            .map_err(|e| {
+                (
+                    xl_err(PhaseName::Switchover, format!("agent link: {e}")),
+                    false,
+                )
+            })?;
+        self.cleaner = Some(tokio::spawn(super::finish::remove_nodes(
+            finished.qemu,
+            jobs.to_vec(),
+            m.record.as_ref().and_then(|r| r.tls.clone()),
+        )));
+        Ok(())
+    }
+
     /// Mirrors every disk to READY and tells the agent (`Synced`).
     async fn mirror(
         &mut self,
@@ -510,6 +548,7 @@ impl Run<'_> {
             total_ms: 0,
         };
         let lost = |went: bool, what: String| (xl_err(PhaseName::Switchover, what), went);
+        let mut final_sent = false;
         while !(up_done && down_done) {
             tokio::select! {
                 _ = cancel.cancelled(), if !went => {
@@ -553,26 +592,27 @@ impl Run<'_> {
                         Found::End(at) => {
                             send_data(&mut agent_wr, &data[..at]).await.map_err(|e| lost(false, e))?;
                             let held = Instant::now();
-                            let finisher = self.finisher.take().ok_or_else(|| lost(false, "no final sync started".into()))?;
-                            let finished = finisher
-                                .await
-                                .map_err(|e| lost(false, format!("final sync task: {e}")))?
-                                .map_err(|f| (f, false))?;
-                            self.stopped = finished.stopped;
-                            summary.stopped_device_model = finished.stopped;
-                            summary.final_sync_ms = finished.final_sync_ms;
-                            wire::write_chunk(&mut agent_wr, &Chunk::Final).await.map_err(|e| lost(false, format!("agent link: {e}")))?;
-                            summary.disks_final_at_us = finished.final_at_us;
+                            if !final_sent {
+                                let finisher = self.finisher.take().ok_or_else(|| lost(false, "no final sync started".into()))?;
+                                let finished = finisher.await;
+                                self.disks_final(finished, &mut agent_wr, &mut summary, m, &jobs).await?;
+                                final_sent = true;
+                            }
+                            // What follows reaches the receiver only once the agent's images are
+                            // flushed and no longer served.
+                            wire::write_chunk(&mut agent_wr, &Chunk::Barrier).await.map_err(|e| lost(false, format!("agent link: {e}")))?;
                             send_data(&mut agent_wr, &data[at..]).await.map_err(|e| lost(false, e))?;
                             summary.end_held_ms = held.elapsed().as_secs_f64() * 1000.0;
-                            self.cleaner = Some(tokio::spawn(super::finish::remove_nodes(
-                                finished.qemu,
-                                jobs.clone(),
-                                m.record.as_ref().and_then(|r| r.tls.clone()),
-                            )));
                             info!(held_ms = summary.end_held_ms, final_sync_ms = summary.final_sync_ms, "END forwarded");
                         }
                     }
+                }
+                // The final sync done while the stream flows (HVM): the agent can flush and close
+                // its exports meanwhile, and END will only wait for the barrier.
+                finished = wait_task(&mut self.finisher), if self.finisher.is_some() && !final_sent => {
+                    self.finisher = None;
+                    self.disks_final(finished, &mut agent_wr, &mut summary, m, &jobs).await?;
+                    final_sent = true;
                 }
                 chunk = wire::read_chunk(&mut agent_rd), if !up_done => {
                     match chunk {
@@ -637,6 +677,16 @@ impl Run<'_> {
                 ),
             )),
         }
+    }
+}
+
+/// Waits for a spawned task in `slot` (pending forever when there is none).
+async fn wait_task<T>(
+    slot: &mut Option<tokio::task::JoinHandle<T>>,
+) -> Result<T, tokio::task::JoinError> {
+    match slot.as_mut() {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
     }
 }
 

@@ -4,9 +4,10 @@
 //! ```text
 //!  chunk = tag u8, length u32 BE, length bytes (only for Data; at most MAX_FRAME)
 //!  Data   'D'  bytes of xl's stream, in order
-//!  Final  'F'  source → agent: every mirror finished its final sync and the source let go of
-//!              the exports; the agent flushes the images and stops serving them, then goes on
-//!              (the libxl END record follows, and only after it does the receiver open them)
+//!  Final  'F'  source → agent: every mirror finished its final sync; the agent flushes the
+//!              images and stops serving them, in the background (the stream goes on)
+//!  Barrier 'B' source → agent: nothing after this reaches the receiver before that flush and
+//!              stop are done (the libxl END record follows, after which it opens the images)
 //!  Go     'G'  source → agent: the next bytes are "domain is yours, you are cleared to
 //!              unpause": the point of no return; the agent journals that the images now belong
 //!              to the domain, and keeps them whatever happens to the link
@@ -27,6 +28,8 @@ pub enum Chunk {
     Data(Vec<u8>),
     /// The disks are final (source → agent).
     Final,
+    /// What follows waits for the work `Final` started (source → agent).
+    Barrier,
     /// The point of no return follows (source → agent).
     Go,
     /// This direction ended.
@@ -49,6 +52,7 @@ pub async fn write_chunk<W: AsyncWrite + Unpin>(
             w.write_all(bytes).await?;
         }
         Chunk::Final => w.write_all(b"F").await?,
+        Chunk::Barrier => w.write_all(b"B").await?,
         Chunk::Go => w.write_all(b"G").await?,
         Chunk::Eof => w.write_all(b"E").await?,
     }
@@ -70,6 +74,7 @@ pub async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R) -> Result<Chunk, Protoc
             Ok(Chunk::Data(bytes))
         }
         b'F' => Ok(Chunk::Final),
+        b'B' => Ok(Chunk::Barrier),
         b'G' => Ok(Chunk::Go),
         b'E' => Ok(Chunk::Eof),
         other => Err(ProtocolError::Io(std::io::Error::new(

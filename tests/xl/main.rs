@@ -29,7 +29,6 @@ fn main() {
         let args: Vec<String> = std::env::args().skip(1).collect();
         std::process::exit(fake_xl::main(args));
     }
-    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let scenarios: &[(&str, Scenario)] = &[
         ("xl_fault_relay_killed", faults::fault_relay_killed),
         ("xl_fault_receiver_dies", faults::fault_receiver_dies),
@@ -39,10 +38,42 @@ fn main() {
         ("xl_migrate_hvm", migrate_hvm),
         ("xl_migrate_pv", migrate_pv),
     ];
+    // The arguments libtest takes, as far as they matter here: a filter, `--exact`, `--skip`,
+    // `--list` (so that `cargo test -- --list` and test runners do not start the scenarios).
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut filter = None;
+    let (mut exact, mut list) = (false, false);
+    let mut skip = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--list" => list = true,
+            "--exact" => exact = true,
+            "--skip" => {
+                i += 1;
+                skip.extend(args.get(i).cloned());
+            }
+            "--format" | "--test-threads" | "--color" | "--logfile" | "-Z" => i += 1,
+            a if a.starts_with('-') => {}
+            a => filter = Some(a.to_string()),
+        }
+        i += 1;
+    }
     let chosen: Vec<_> = scenarios
         .iter()
-        .filter(|(name, _)| filter.as_deref().is_none_or(|f| name.contains(f)))
+        .filter(|(name, _)| match &filter {
+            Some(f) if exact => name == f,
+            Some(f) => name.contains(f.as_str()),
+            None => true,
+        })
+        .filter(|(name, _)| !skip.iter().any(|s| name.contains(s.as_str())))
         .collect();
+    if list {
+        for (name, _) in &chosen {
+            println!("{name}: test");
+        }
+        return;
+    }
     if chosen.is_empty() {
         println!("no xl scenario matches");
         return;
@@ -353,6 +384,27 @@ impl World {
             journal_left.is_empty(),
             "{what}: left in the source state dir: {journal_left:?}"
         );
+    }
+}
+
+impl Drop for World {
+    /// The stand-in's device models run detached from this process (as xl's do): whatever a
+    /// scenario left, pass or fail, is killed here.
+    fn drop(&mut self) {
+        for run in [&self.src_run, &self.dst_run] {
+            for file in walk(&run.join("domains")) {
+                let pid = std::fs::read_to_string(&file)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                    .and_then(|v| v["pid"].as_u64());
+                if let Some(pid) = pid {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
     }
 }
 
