@@ -1,6 +1,7 @@
 //! The final sync, run while xl's stream flows (see [`super::migrate`]): back on the device
 //! model's QMP socket once libxl is done with it, stop a device model that still runs, complete
-//! every mirror; after END, remove the NBD nodes and the TLS object and let go of the socket.
+//! every mirror; then, off the critical path, remove the NBD nodes and the TLS object and let go
+//! of the socket before libxl needs it again (after the go message).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -86,8 +87,8 @@ pub async fn finish_disks(
     })
 }
 
-/// After END went: the NBD nodes (idle since the final sync) and the TLS object leave the
-/// device model, then ferry lets go of its QMP socket. Not in the guest's pause.
+/// After the final sync: the NBD nodes (idle since) and the TLS object leave the device model,
+/// then ferry lets go of its QMP socket. Beside the stream, not in its way.
 pub async fn remove_nodes(
     qemu: SourceQemu,
     jobs: Vec<mirror::MirrorJob>,

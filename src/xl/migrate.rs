@@ -13,15 +13,22 @@
 //!  ◄──────────────── relay: its argv (the migrate-receive options) ────────────┘
 //!  XlReceive{options} ──────────────────────────────────────► xl migrate-receive
 //!  stream mode: bytes both ways; the sender's parsed (stream.rs)
-//!  ... libxl END record seen: hold it ...
-//!    device model still running (PV/PVH)? stop it (HVM: libxl stopped it already)
-//!    final sync of every mirror; NBD nodes and TLS object removed
+//!  ... first libxl record after the libxc stream: the guest is suspended and libxl is done
+//!      with QMP (finish.rs, beside the stream) ...
+//!    reconnect; device model still running (PV/PVH)? stop it (HVM: libxl stopped it)
+//!    final sync of every mirror
 //!    Final ─────────────────────────────────────────────────► flush, close exports
+//!    NBD nodes and TLS object removed; QMP released
+//!  ... libxl END record seen: hold it until the final sync is done ...
+//!    Barrier ───────────────────────────────────────────────► waits for the flush
 //!    END ═══════════════════════════════════════════════════► receiver starts the domain
 //!  "domain received" ◄══════════════════════════════════════
 //!  before the go message: Go ───────────────────────────────► journal: the domain's images
 //!  "cleared to unpause" ════════════════════════════════════► (point of no return)
 //! ```
+//!
+//! Both directions are served by one loop, one chunk at a time: the receiver's side of xl's
+//! protocol is a few messages of under a hundred bytes, so neither end can block the other.
 //!
 //! Before the go message every failure ends in [`Settle`]: the mirrors and nodes go, the agent
 //! rolls back, the device model is resumed if ferry stopped it, and xl, whose transport broke,
