@@ -52,7 +52,7 @@ pub struct Finished {
     pub final_at_us: u64,
 }
 
-/// The final sync, from the moment the guest is suspended ([`SenderStream::suspended`]): back
+/// The final sync, from the moment the guest is suspended ([`super::stream::SenderStream::suspended`]): back
 /// on the device model's QMP socket (libxl is done with it until the go message), stop the
 /// device model if it still runs (PV/PVH: nothing else stops the qdisk-only QEMU) and complete
 /// every mirror. For HVM it runs while the emulator records flow; END waits for it.

@@ -380,7 +380,7 @@ struct Run<'a> {
     xl: Option<Child>,
     /// Whether ferry stopped the device model.
     stopped: bool,
-    /// The final sync, running from the moment the guest is suspended (see [`finish_disks`]).
+    /// The final sync, running from the moment the guest is suspended (see [`super::finish::finish_disks`]).
     finisher: Option<tokio::task::JoinHandle<Result<super::finish::Finished, Failure>>>,
     /// Removes the NBD nodes and the TLS object once END went (off the guest's pause).
     cleaner: Option<tokio::task::JoinHandle<()>>,
