@@ -241,8 +241,8 @@ async fn run(
         ));
     }
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let mut m = Migration::new(qemu, journal);
-    let forward = m.forward(opts, &vm, &tag, reporter, cancel, started).await;
+    let mut m = Migration::new(qemu, journal, started);
+    let forward = m.forward(opts, &vm, &tag, reporter, cancel).await;
     let Some(record) = m.record.take() else {
         // Nothing was created in the source QEMU; dropping the connection makes the agent roll
         // back whatever it prepared.
@@ -376,11 +376,14 @@ pub(crate) struct Migration {
     pub(crate) disk_bytes: u64,
     /// Whether the disks and RAM travel encrypted (known once the agent prepared).
     pub(crate) encrypted: bool,
+    /// When the migration started (the negotiation's time is measured from it).
+    started: Instant,
 }
 
 impl Migration {
-    /// A migration of the VM behind `qemu`, journaled in `journal`; nothing created yet.
-    pub(crate) fn new(qemu: SourceQemu, journal: Journal) -> Migration {
+    /// A migration of the VM behind `qemu`, journaled in `journal`, that began at `started`;
+    /// nothing created yet.
+    pub(crate) fn new(qemu: SourceQemu, journal: Journal, started: Instant) -> Migration {
         Migration {
             stops: qemu.events(),
             qemu,
@@ -390,6 +393,7 @@ impl Migration {
             phases: PhaseTimes::default(),
             disk_bytes: 0,
             encrypted: false,
+            started,
         }
     }
 
@@ -429,7 +433,6 @@ impl Migration {
         tag: &str,
         reporter: &mut dyn Reporter,
         cancel: &CancellationToken,
-        started: Instant,
     ) -> Result<MigrationInfo, Failure> {
         let mirror_start = Instant::now();
         let Mirrors {
@@ -439,7 +442,7 @@ impl Migration {
             mut events,
             ..
         } = self
-            .start_mirrors(opts, vm, tag, reporter, cancel, started, Ask::Qemu)
+            .start_mirrors(opts, vm, tag, reporter, cancel, Ask::Qemu)
             .await?;
         let fail_mirror = at::<MigrateError>(PhaseName::Mirror);
         let interrupted = |phase| Failure::new(phase, MigrateError::Cancelled);
@@ -539,7 +542,6 @@ impl Migration {
     /// Everything up to running mirrors: the agent link, its storage, the journal, the TLS
     /// object and the NBD nodes and mirror jobs (shared by `ferry migrate` and
     /// `ferry xl migrate`, which differ in what follows: QEMU's RAM migration, or xl's stream).
-    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn start_mirrors(
         &mut self,
         opts: &MigrateOptions,
@@ -547,7 +549,6 @@ impl Migration {
         tag: &str,
         reporter: &mut dyn Reporter,
         cancel: &CancellationToken,
-        started: Instant,
         ask: Ask,
     ) -> Result<Mirrors, Failure> {
         let negotiate = at::<ControlError>(PhaseName::Negotiate);
@@ -582,7 +583,7 @@ impl Migration {
                 })
                 .collect(),
         });
-        self.phases.negotiation = started.elapsed().as_millis() as u64;
+        self.phases.negotiation = self.started.elapsed().as_millis() as u64;
 
         // Mirror every disk.
         let fail_mirror = at::<MigrateError>(PhaseName::Mirror);

@@ -214,7 +214,7 @@ pub async fn migrate(
         ));
     }
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let mut m = Migration::new(qemu, journal);
+    let mut m = Migration::new(qemu, journal, started);
     let mut run = Run {
         opts,
         base: &base,
@@ -228,7 +228,7 @@ pub async fn migrate(
         finisher: None,
         cleaner: None,
     };
-    let mirrored = run.mirror(&mut m, &vm, reporter, cancel, started).await;
+    let mirrored = run.mirror(&mut m, &vm, reporter, cancel).await;
     let mirrors = match mirrored {
         Ok(mirrors) => mirrors,
         Err(failure) => {
@@ -441,10 +441,9 @@ impl Run<'_> {
         vm: &crate::vm::VmDescription,
         reporter: &mut dyn Reporter,
         cancel: &CancellationToken,
-        started: Instant,
     ) -> Result<crate::migrate::Mirrors, Failure> {
         let mut mirrors = m
-            .start_mirrors(self.base, vm, &self.tag, reporter, cancel, started, Ask::Xl)
+            .start_mirrors(self.base, vm, &self.tag, reporter, cancel, Ask::Xl)
             .await?;
         let link = m
             .link
