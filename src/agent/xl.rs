@@ -40,9 +40,6 @@ use super::AgentConfig;
 use crate::protocol::{self, AgentMessage, SourceMessage};
 use crate::xl::wire::{self, Chunk};
 
-/// The report banner of `tools/xl/xl.h` (`migrate_report`), sent with its NUL, then one status
-/// byte (0: the domain runs on the receiver).
-const REPORT: &[u8] = b"my copy unpause results are as follows\0";
 /// How long `xl migrate-receive` may take to exit once its stdin closed.
 const EXIT_WAIT: Duration = Duration::from_secs(20);
 /// Receiver output kept to find the report (xl's messages are a few hundred bytes).
@@ -276,17 +273,11 @@ where
             "the xl stream ended before the point of no return".into(),
         ));
     }
-    Ok(match report(&output) {
+    Ok(match crate::xl::stream::receiver_report(&output) {
         Some(0) => Ended::Kept,
         Some(_) => Ended::ReceiverGaveUp,
         None => Ended::Undecided,
     })
-}
-
-/// The receiver's status byte after its report banner, if it sent one.
-fn report(output: &[u8]) -> Option<u8> {
-    let at = output.windows(REPORT.len()).position(|w| w == REPORT)?;
-    output.get(at + REPORT.len()).copied()
 }
 
 fn spawn(binary: &Path, options: &[String], dir: &Path) -> Result<Child, SessionError> {
@@ -340,8 +331,9 @@ mod tests {
     fn reads_the_report() {
         let mut out = b"xl migration receiver ready, send binary domain data.\n".to_vec();
         out.extend_from_slice(b"domain received, ready to unpause\0");
+        let report = crate::xl::stream::receiver_report;
         assert_eq!(report(&out), None);
-        out.extend_from_slice(REPORT);
+        out.extend_from_slice(crate::xl::stream::REPORT);
         assert_eq!(report(&out), None);
         out.push(0);
         assert_eq!(report(&out), Some(0));

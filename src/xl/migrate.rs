@@ -38,19 +38,18 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::stream::{Found, SenderStream};
 use super::wire::{self, Chunk};
-use crate::migrate::error::{at, Failure, MigrateError};
+use crate::migrate::error::{Failure, MigrateError};
 use crate::migrate::journal::Journal;
 use crate::migrate::report::Reporter;
 use crate::migrate::settle::{Outcome, Settle};
@@ -58,8 +57,6 @@ use crate::migrate::source::SourceQemu;
 use crate::migrate::{mirror, Ask, MigrateOptions, Migration, PhaseName};
 use crate::protocol::SourceMessage;
 
-/// The report banner of `tools/xl/xl.h` (`migrate_report`), then one status byte.
-const REPORT: &[u8] = b"my copy unpause results are as follows\0";
 /// How long xl may take to exit once the stream ended.
 const XL_EXIT_WAIT: Duration = Duration::from_secs(60);
 
@@ -106,48 +103,6 @@ pub(super) fn xl_err(phase: PhaseName, what: impl Into<String>) -> Failure {
     Failure::new(phase, MigrateError::Xl(what.into()))
 }
 
-/// The domain's id, from `xl domid DOMAIN`.
-async fn domid(xl: &Path, domain: &str) -> Result<u32, Failure> {
-    let out = Command::new(xl)
-        .args(["domid", domain])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| {
-            xl_err(
-                PhaseName::Discover,
-                format!(
-                    "cannot run {} domid: {e} (is xl installed? --xl names it)",
-                    xl.display()
-                ),
-            )
-        })?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    match (out.status.success(), text.trim().parse::<u32>()) {
-        (true, Ok(id)) => Ok(id),
-        _ => Err(xl_err(
-            PhaseName::Discover,
-            format!(
-                "xl knows no domain {domain}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        )),
-    }
-}
-
-/// The qdisk's vdev from its node name `<vdev>-<format>` (QEMU's xen-block backend names them
-/// so).
-fn vdev_of(node: &str, format: &str) -> Option<String> {
-    node.strip_suffix(&format!("-{format}"))
-        .filter(|v| !v.is_empty())
-        .map(str::to_string)
-}
-
-/// The device model's QMP socket for `domid`.
-pub fn qmp_socket(run_dir: &Path, domid: u32) -> PathBuf {
-    run_dir.join(format!("qmp-libxl-{domid}"))
-}
-
 /// Runs one `ferry xl migrate`. On failure the domain runs on the source and nothing of the
 /// migration is left when this returns (unless the message says otherwise).
 pub async fn migrate(
@@ -156,52 +111,15 @@ pub async fn migrate(
     cancel: &CancellationToken,
 ) -> Result<XlSummary, Failure> {
     let started = Instant::now();
-    let domid = domid(&opts.xl, &opts.domain).await?;
+    let super::domain::Found {
+        socket,
+        qemu,
+        vm,
+        vdevs,
+        config,
+    } = super::domain::find(opts).await?;
     let mut base = opts.base.clone();
-    base.qmp_socket = qmp_socket(&opts.run_dir, domid);
-    let qmp = qmp::Qmp::connect_unix(&base.qmp_socket).await.map_err(|e| {
-        xl_err(
-            PhaseName::Discover,
-            format!(
-                "cannot reach domain {}'s device model at {}: {e}; ferry moves only disks its QEMU serves (qdisk)",
-                opts.domain,
-                base.qmp_socket.display()
-            ),
-        )
-    })?;
-    let qemu = SourceQemu::new(qmp);
-    let mut vm = qemu
-        .discover_disks()
-        .await
-        .map_err(at(PhaseName::Discover))?;
-    let mut vdevs = HashMap::new();
-    for disk in &vm.disks {
-        let vdev = vdev_of(&disk.node_name, &disk.format).ok_or_else(|| {
-            xl_err(
-                PhaseName::Discover,
-                format!(
-                    "disk node {} of the device model is not a qdisk node (<vdev>-<format>)",
-                    disk.node_name
-                ),
-            )
-        })?;
-        vdevs.insert(disk.name.clone(), vdev);
-    }
-    let config = std::fs::read_to_string(&opts.config).map_err(|e| {
-        xl_err(
-            PhaseName::Discover,
-            format!(
-                "cannot read the domain config {}: {e}",
-                opts.config.display()
-            ),
-        )
-    })?;
-    // Refuse a config whose disks ferry would not move before anything is created.
-    let probe: HashMap<String, String> =
-        vdevs.values().map(|v| (v.clone(), String::new())).collect();
-    super::config::rewrite(&config, &probe)
-        .map_err(|e| xl_err(PhaseName::Discover, e.to_string()))?;
-    vm.disks.sort_by(|a, b| a.name.cmp(&b.name));
+    base.qmp_socket = socket;
 
     let journal = Journal::for_socket(&base.state_dir, &base.qmp_socket);
     if let Ok(Some(record)) = journal.read() {
@@ -583,7 +501,7 @@ impl Run<'_> {
                             went = true;
                             info!("point of no return: the domain belongs to the destination");
                         }
-                        send_data(&mut agent_wr, data).await.map_err(|e| lost(went, e))?;
+                        wire::send_data(&mut agent_wr, data).await.map_err(|e| lost(went, e))?;
                         continue;
                     }
                     let found = parser.feed(data).map_err(|e| lost(false, e.to_string()))?;
@@ -594,9 +512,9 @@ impl Run<'_> {
                         )));
                     }
                     match found {
-                        Found::Nothing => send_data(&mut agent_wr, data).await.map_err(|e| lost(false, e))?,
+                        Found::Nothing => wire::send_data(&mut agent_wr, data).await.map_err(|e| lost(false, e))?,
                         Found::End(at) => {
-                            send_data(&mut agent_wr, &data[..at]).await.map_err(|e| lost(false, e))?;
+                            wire::send_data(&mut agent_wr, &data[..at]).await.map_err(|e| lost(false, e))?;
                             let held = Instant::now();
                             if !final_sent {
                                 let finisher = self.finisher.take().ok_or_else(|| lost(false, "no final sync started".into()))?;
@@ -607,7 +525,7 @@ impl Run<'_> {
                             // What follows reaches the receiver only once the agent's images are
                             // flushed and no longer served.
                             wire::write_chunk(&mut agent_wr, &Chunk::Barrier).await.map_err(|e| lost(false, format!("agent link: {e}")))?;
-                            send_data(&mut agent_wr, &data[at..]).await.map_err(|e| lost(false, e))?;
+                            wire::send_data(&mut agent_wr, &data[at..]).await.map_err(|e| lost(false, e))?;
                             summary.end_held_ms = held.elapsed().as_secs_f64() * 1000.0;
                             info!(held_ms = summary.end_held_ms, final_sync_ms = summary.final_sync_ms, "END forwarded");
                         }
@@ -652,7 +570,7 @@ impl Run<'_> {
             Some(xl) => wait_exit(xl).await,
             None => None,
         };
-        let receiver = report(&up_out);
+        let receiver = super::stream::receiver_report(&up_out);
         if !went {
             return Err(lost(
                 false,
@@ -693,33 +611,5 @@ async fn wait_task<T>(
     match slot.as_mut() {
         Some(handle) => handle.await,
         None => std::future::pending().await,
-    }
-}
-
-/// Sends stream bytes as Data chunks no bigger than a frame.
-async fn send_data<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> Result<(), String> {
-    for piece in data.chunks(crate::protocol::MAX_FRAME) {
-        wire::write_chunk(w, &Chunk::Data(piece.to_vec()))
-            .await
-            .map_err(|e| format!("agent link: {}", crate::error_chain(&e)))?;
-    }
-    Ok(())
-}
-
-/// The receiver's status byte after its report banner.
-fn report(output: &[u8]) -> Option<u8> {
-    let at = output.windows(REPORT.len()).position(|w| w == REPORT)?;
-    output.get(at + REPORT.len()).copied()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn vdevs() {
-        assert_eq!(vdev_of("xvda-qcow2", "qcow2").as_deref(), Some("xvda"));
-        assert_eq!(vdev_of("xvda-raw", "qcow2"), None);
-        assert_eq!(vdev_of("-raw", "raw"), None);
     }
 }

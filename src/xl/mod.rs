@@ -1,6 +1,7 @@
 //! `ferry xl migrate`: ferry as the storage half of a Xen `xl migrate`. See `docs/xen.md`.
 //!
 //! - [`migrate`]: the driver (mirrors, then `xl migrate -s "ferry xl relay ..."`, holding END).
+//! - [`domain`]: finding the domain, its device model and disks, and checking its config.
 //! - [`transport`]: starting `xl migrate` and meeting its relay.
 //! - [`finish`]: the final sync while the stream flows.
 //! - [`relay`]: the transport xl runs; it only carries bytes to the driver.
@@ -11,6 +12,7 @@
 //! The agent's half is `crate::agent::xl`.
 
 pub mod config;
+pub mod domain;
 pub mod finish;
 pub mod migrate;
 pub mod relay;

@@ -311,6 +311,16 @@ impl SenderStream {
     }
 }
 
+/// The receiver's report banner (`migrate_report` in `tools/xl/xl.h`, sent with its NUL), then
+/// one status byte: 0 when the domain runs on the receiver.
+pub const REPORT: &[u8] = b"my copy unpause results are as follows\0";
+
+/// The status byte after the report banner in what the receiver sent, if it came.
+pub fn receiver_report(output: &[u8]) -> Option<u8> {
+    let at = output.windows(REPORT.len()).position(|w| w == REPORT)?;
+    output.get(at + REPORT.len()).copied()
+}
+
 /// Writers for the framing, shared by the tests' stand-in for `xl` and the unit tests.
 pub mod write {
     use super::*;

@@ -84,6 +84,19 @@ pub async fn read_chunk<R: AsyncRead + Unpin>(r: &mut R) -> Result<Chunk, Protoc
     }
 }
 
+/// Sends stream bytes as Data chunks no bigger than a frame.
+pub async fn send_data<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    data: &[u8],
+) -> Result<(), String> {
+    for piece in data.chunks(crate::protocol::MAX_FRAME) {
+        write_chunk(w, &Chunk::Data(piece.to_vec()))
+            .await
+            .map_err(|e| format!("agent link: {}", crate::error_chain(&e)))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
