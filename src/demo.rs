@@ -67,6 +67,7 @@ async fn run_in(dir: &Path, qemu: &Path, cancel: &CancellationToken) -> anyhow::
         max_migrations: crate::agent::DEFAULT_MAX_MIGRATIONS.into(),
         space_check: crate::agent::space::SpaceCheck::Full,
         metrics: None,
+        xl_binary: "xl".into(),
     })
     .await?;
     let agent_addr = agent.local_addr()?;

@@ -28,6 +28,7 @@ pub mod protocol;
 pub mod status;
 pub mod tls;
 pub mod vm;
+pub mod xl;
 
 /// An error and its causes on one line, `outer: inner: root`, as the CLI prints them.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {

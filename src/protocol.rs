@@ -39,6 +39,20 @@
 //!    │                Running{pid, qmp, resumed_at} | Abandoned  `running`, drop the exports
 //!    │◄─────────────────────────────────────────────────────│
 //!
+//!  `ferry xl migrate` (Xen, see crate::xl and docs/xen.md), after the handshake:
+//!    │ PrepareXl{vm: disks only, tls}                       │ preflight: space; images,
+//!    │─────────────────────────────────────────────────────►│ certificates, NBD server
+//!    │        Prepared{...}, then XlPrepared{image paths}   │ (no destination QEMU: xl's job)
+//!    │◄─────────────────────────────────────────────────────│
+//!    │   ... mirrors to READY ...  Synced ─────────────────►│ background fdatasync
+//!    │ XlReceive{options}                                   │ its own --xl-binary
+//!    │─────────────────────────────────────────────────────►│ migrate-receive OPTIONS
+//!    │                                      XlReceiving     │
+//!    │◄─────────────────────────────────────────────────────│
+//!    │ ══ stream mode (crate::xl::wire): chunks both ways ══ │ xl's stream ⇄ its stdin/stdout;
+//!    │    Data…, Final (disks final), Data (END), Go, Data… │ Final: flush, close exports;
+//!    │                                                      │ Go: journal `running`
+//!
 //!  a recovering source, on a new connection after the handshake:
 //!    │ Resolve{migration_id, commit}                        │ commit: as `Commit` above;
 //!    │─────────────────────────────────────────────────────►│ otherwise roll back
@@ -69,7 +83,11 @@
 //!
 //! Versioning: the source lists every version it speaks; the agent answers with the one it picked
 //! or refuses naming both lists. A new version may change any message after `Hello`. Version 3
-//! moved the link into TLS and bound the proofs to it; the plaintext version 2 is refused.
+//! moved the link into TLS and bound the proofs to it; the plaintext version 2 is refused. The
+//! xl messages were added to version 3 without a bump: nothing changed for `ferry migrate`, so
+//! hosts of either generation still migrate QEMU VMs with each other, and an agent that predates
+//! them only fails `ferry xl migrate` (it cannot decode `prepare_xl` and hangs up; the source
+//! says to upgrade it).
 //!
 //! Why the proofs cover the exporter value: the source may not be able to check the agent's
 //! certificate (a self-signed one, no `--tls-ca`), so TLS alone does not stop a man in the middle
@@ -164,6 +182,23 @@ pub enum SourceMessage {
         /// As in `Prepare`.
         tls: bool,
     },
+    /// Sent instead of `Prepare` by `ferry xl migrate`: storage for a Xen domain's qdisk disks.
+    /// Only `vm.disks` and `vm.running` count: the destination's device model is started by
+    /// `xl migrate-receive`, not by the agent, so there is no command line to check.
+    PrepareXl {
+        /// The disks (argv and machine are empty).
+        vm: VmDescription,
+        /// Whether the disks travel encrypted.
+        tls: bool,
+    },
+    /// `xl migrate` started its transport: run `xl migrate-receive` with these options and
+    /// carry its stream (the link switches to stream mode after `xl_receiving`, see
+    /// [`crate::xl::wire`]).
+    XlReceive {
+        /// The options `xl migrate` put after `migrate-receive` (`-e`, `-d`, `-p`, ...); the agent
+        /// accepts only those it knows.
+        options: Vec<String>,
+    },
     /// The source gives up: roll back everything.
     Abort {
         /// Why, for the agent's log.
@@ -199,6 +234,14 @@ pub enum AgentMessage {
         /// stream), when the source asked for TLS. Sent on the TLS control link only.
         tls: Option<Box<ClientBundle>>,
     },
+    /// After `Prepared`, for `PrepareXl`: where each disk's image is on this host, for the
+    /// domain config's `disk` lines.
+    XlPrepared {
+        /// One image per disk, in the order of the disks.
+        images: Vec<ImageInfo>,
+    },
+    /// `xl migrate-receive` runs; from the next byte on, the link is in stream mode.
+    XlReceiving,
     /// The destination QEMU waits for the RAM on this port (same address as the agent).
     DestinationReady {
         /// The port the destination QEMU picked.
@@ -257,6 +300,8 @@ impl SourceMessage {
             SourceMessage::Resolve { .. } => "Resolve",
             SourceMessage::Status => "Status",
             SourceMessage::Check { .. } => "Check",
+            SourceMessage::PrepareXl { .. } => "PrepareXl",
+            SourceMessage::XlReceive { .. } => "XlReceive",
             SourceMessage::Abort { .. } => "Abort",
         }
     }
@@ -269,6 +314,8 @@ impl AgentMessage {
             AgentMessage::Challenge { .. } => "Challenge",
             AgentMessage::Authenticated { .. } => "Authenticated",
             AgentMessage::Prepared { .. } => "Prepared",
+            AgentMessage::XlPrepared { .. } => "XlPrepared",
+            AgentMessage::XlReceiving => "XlReceiving",
             AgentMessage::DestinationReady { .. } => "DestinationReady",
             AgentMessage::Running { .. } => "Running",
             AgentMessage::Abandoned { .. } => "Abandoned",
@@ -286,6 +333,15 @@ pub struct ExportInfo {
     pub disk: String,
     /// The NBD export name: unguessable, so only the authenticated source can find it.
     pub export: String,
+}
+
+/// One disk's image on the agent's host (for `xl`'s domain config).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageInfo {
+    /// The disk's name in the VM description.
+    pub disk: String,
+    /// The image's absolute path on the agent's host.
+    pub path: String,
 }
 
 /// A control-protocol failure.

@@ -38,7 +38,7 @@ proptest! {
     /// Framed JSON that looks like the protocol (a tag and fields of the wrong shapes).
     #[test]
     fn framed_near_messages_never_panic(
-        tag in prop::sample::select(vec!["hello", "auth", "prepare", "start_destination", "switched", "abort", "x"]),
+        tag in prop::sample::select(vec!["hello", "auth", "prepare", "prepare_xl", "xl_receive", "start_destination", "switched", "abort", "x"]),
         field in "[a-z_]{0,12}",
         value in prop_oneof![
             Just("null".to_string()),
@@ -84,4 +84,21 @@ fn deep_nesting_is_malformed_not_a_crash() {
         read(&frame(body.len() as u32, body.as_bytes())),
         Err(ProtocolError::Malformed(_))
     ));
+}
+
+proptest! {
+    /// Stream mode (`ferry xl migrate`): any bytes give a chunk or an error, never a panic, and
+    /// a data length over the cap is refused before anything is allocated.
+    #[test]
+    fn stream_chunks_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let mut reader = &bytes[..];
+        let result = rt.block_on(ferry::xl::wire::read_chunk(&mut reader));
+        if bytes.first() == Some(&b'D') && bytes.len() >= 5 {
+            let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+            if len > MAX_FRAME {
+                prop_assert!(matches!(result, Err(ProtocolError::FrameTooLarge { .. })), "{result:?}");
+            }
+        }
+    }
 }

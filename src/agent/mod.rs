@@ -19,6 +19,7 @@ pub mod scrape;
 pub mod session;
 pub mod space;
 pub mod storage;
+pub mod xl;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,6 +68,9 @@ pub struct AgentConfig {
     pub space_check: space::SpaceCheck,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// The `xl` this agent runs `migrate-receive` with for `ferry xl migrate` (its own choice,
+    /// never the source's).
+    pub xl_binary: PathBuf,
 }
 
 /// A bound agent, ready to [`run`](Agent::run).
@@ -211,7 +215,8 @@ impl Agent {
                     // Only a new migration takes a place: a recovering source or a status
                     // request must get through to a full agent.
                     let permit = match request {
-                        session::Request::Prepare(..) => match sessions.try_acquire_owned() {
+                        session::Request::Prepare(..) | session::Request::PrepareXl(..) => {
+                            match sessions.try_acquire_owned() {
                             Ok(permit) => Some(permit),
                             Err(_) => {
                                 registry.metrics.outcome(metrics::Outcome::Refused);
@@ -221,7 +226,8 @@ impl Agent {
                                 let _ = session::refuse(&mut stream, reason).await;
                                 return;
                             }
-                        },
+                            }
+                        }
                         _ => None,
                     };
                     let _permit = permit;

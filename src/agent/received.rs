@@ -79,6 +79,51 @@ impl Received {
             .reserve(vm, config.space_check)
             .map_err(|e| crate::error_chain(&e))?;
         let binary = check_vm(vm, config).await?.binary;
+        let mut received =
+            Received::admit(vm, tls, config, registry, reservation, &binary, ip, source).await?;
+        match argv::rewrite(vm, &received.ctx) {
+            Ok(rewritten) => received.argv = rewritten.argv,
+            Err(e) => {
+                received.tracked.discard();
+                received.rollback().await;
+                return Err(e.to_string());
+            }
+        }
+        Ok(received)
+    }
+
+    /// For `xl migrate`: preflight (space), then directory, images and NBD exports, as
+    /// [`prepare`](Self::prepare) but without a command line: `xl migrate-receive` starts the
+    /// device model. Refusals leave nothing behind.
+    pub async fn prepare_xl(
+        vm: &VmDescription,
+        tls: bool,
+        config: &AgentConfig,
+        registry: &Registry,
+        ip: IpAddr,
+        source: IpAddr,
+    ) -> Result<Received, String> {
+        let reservation = registry
+            .ledger
+            .reserve(vm, config.space_check)
+            .map_err(|e| crate::error_chain(&e))?;
+        Received::admit(vm, tls, config, registry, reservation, "", ip, source).await
+    }
+
+    /// What both preparations share once the checks passed: the credentials, the directory with
+    /// its `migration.json`, the images and the NBD exports; the reservation then follows what
+    /// the images allocate. Refusals leave nothing behind.
+    #[allow(clippy::too_many_arguments)] // one private step of the two `prepare`s
+    async fn admit(
+        vm: &VmDescription,
+        tls: bool,
+        config: &AgentConfig,
+        registry: &Registry,
+        reservation: Reservation,
+        binary: &str,
+        ip: IpAddr,
+        source: IpAddr,
+    ) -> Result<Received, String> {
         let credentials = if tls {
             let made = tokio::task::spawn_blocking(MigrationCredentials::generate)
                 .await
@@ -89,7 +134,7 @@ impl Received {
         };
         let dir = MigrationDir::create(&config.storage, vm.running).map_err(|e| e.to_string())?;
         let tracked = registry.metrics.track(&dir.id, Phase::Receiving);
-        let ctx = context(&binary, &dir.path, vm);
+        let ctx = context(binary, &dir.path, vm);
         let mut received = Received {
             reservation: None,
             tracked,
@@ -138,6 +183,41 @@ impl Received {
             "admitted"
         );
         Ok(received)
+    }
+
+    /// Each disk's image path on this host, in the disks' order.
+    pub fn image_paths(&self) -> Vec<protocol::ImageInfo> {
+        self.disks
+            .iter()
+            .zip(&self.images)
+            .map(|(disk, path)| protocol::ImageInfo {
+                disk: disk.clone(),
+                path: path.display().to_string(),
+            })
+            .collect()
+    }
+
+    /// The images' paths.
+    pub fn images(&self) -> &[PathBuf] {
+        &self.images
+    }
+
+    /// `xl`'s point of no return passed (the go message goes to `xl migrate-receive` next): the
+    /// images belong to the domain from here, journaled before the message is passed on, and are
+    /// never removed by the agent again.
+    pub fn hand_over_to_domain(&mut self) -> Result<(), String> {
+        self.may_have_run = true;
+        self.journal(Phase::Running)?;
+        self.forget_credentials();
+        Ok(())
+    }
+
+    /// After the point of no return, `xl migrate-receive` reported that it could not start the
+    /// domain and destroyed its copy (the source resumes its own): the images are nobody's.
+    pub fn remove_after_receiver_gave_up(&mut self) {
+        if let Err(e) = self.dir.remove() {
+            warn!(error = %e, "removing the images of a domain the receiver destroyed");
+        }
     }
 
     /// A migration a previous agent left in `record.phase`, with its destination QEMU
@@ -260,9 +340,6 @@ impl Received {
             self.images.push(path);
             self.exports.push(export);
         }
-        self.argv = argv::rewrite(vm, &self.ctx)
-            .map_err(|e| e.to_string())?
-            .argv;
         Ok(())
     }
 
@@ -457,14 +534,24 @@ impl Received {
 
     /// Stops serving the disks (after the switchover: the source's mirrors are done).
     pub async fn release_nbd(&mut self) {
-        if let Some(nbd) = self.nbd.take() {
-            for export in &self.exports {
-                if let Err(e) = nbd.remove_export(export).await {
-                    warn!(%export, error = %e, "removing export");
+        self.release_nbd_later().await
+    }
+
+    /// What [`release_nbd`](Self::release_nbd) does, as a future that owns what it needs (to
+    /// run beside other work).
+    pub fn release_nbd_later(&mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let nbd = self.nbd.take();
+        let exports = self.exports.clone();
+        async move {
+            if let Some(nbd) = nbd {
+                for export in &exports {
+                    if let Err(e) = nbd.remove_export(export).await {
+                        warn!(%export, error = %e, "removing export");
+                    }
                 }
-            }
-            if let Err(e) = nbd.shutdown().await {
-                warn!(error = %e, "stopping NBD server");
+                if let Err(e) = nbd.shutdown().await {
+                    warn!(error = %e, "stopping NBD server");
+                }
             }
         }
     }

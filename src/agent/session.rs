@@ -60,6 +60,8 @@ pub enum Request {
     Prepare(Box<crate::vm::VmDescription>, bool),
     /// `ferry migrate --dry-run`: the checks of a `Prepare`, nothing created.
     Check(Box<crate::vm::VmDescription>, bool),
+    /// Storage for a Xen domain's disks, for `ferry xl migrate` (see [`super::xl`]).
+    PrepareXl(Box<crate::vm::VmDescription>, bool),
     /// A verdict on an earlier migration.
     Resolve {
         /// The migration.
@@ -144,6 +146,7 @@ where
         Ok(Err(e)) => Err(e.into()),
         Ok(Ok(SourceMessage::Prepare { vm, tls })) => Ok(Request::Prepare(Box::new(vm), tls)),
         Ok(Ok(SourceMessage::Check { vm, tls })) => Ok(Request::Check(Box::new(vm), tls)),
+        Ok(Ok(SourceMessage::PrepareXl { vm, tls })) => Ok(Request::PrepareXl(Box::new(vm), tls)),
         Ok(Ok(SourceMessage::Resolve {
             migration_id,
             commit,
@@ -209,6 +212,23 @@ pub async fn serve(
             };
             protocol::write_message(&mut wr, &reply).await?;
             Ok(())
+        }
+        Request::PrepareXl(vm, tls) => {
+            if !tls && config.require_tls {
+                registry.metrics.outcome(Outcome::Refused);
+                let reason = "this agent accepts encrypted migrations only (--require-tls): run ferry xl migrate without --insecure".to_string();
+                return Err(refuse(&mut wr, reason).await);
+            }
+            let prepared =
+                Received::prepare_xl(&vm, tls, config, registry, local_ip, source_ip).await;
+            let received = match prepared {
+                Ok(received) => received,
+                Err(reason) => {
+                    registry.metrics.outcome(Outcome::Refused);
+                    return Err(refuse(&mut wr, reason).await);
+                }
+            };
+            super::xl::serve(&mut rd, &mut wr, received, config).await
         }
         Request::Prepare(vm, tls) => {
             if let Err(reason) = tls_policy(tls, config) {

@@ -89,6 +89,10 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. `127.0.0.1:9780`).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// The `xl` to run `migrate-receive` with for `ferry xl migrate` sources. The source never
+    /// chooses it. Default: `xl` on PATH.
+    #[arg(long, value_name = "PATH")]
+    xl_binary: Option<PathBuf>,
 }
 
 /// The agent's options once the command line and the config file are merged and the defaults
@@ -109,6 +113,7 @@ struct Settings {
     max_migrations: u16,
     space_check: SpaceCheck,
     metrics: Option<SocketAddr>,
+    xl_binary: PathBuf,
 }
 
 /// `recover-window` when neither the command line nor the file sets it.
@@ -166,6 +171,10 @@ impl AgentArgs {
                 .or(file.space_check)
                 .unwrap_or(SpaceCheck::Full),
             metrics: self.metrics.or(file.metrics),
+            xl_binary: self
+                .xl_binary
+                .or(file.xl_binary)
+                .unwrap_or_else(|| PathBuf::from("xl")),
         };
         if settings.max_migrations == 0 {
             return Err("max-migrations must be 1 or more".into());
@@ -266,6 +275,7 @@ pub async fn run(args: AgentArgs) -> ExitCode {
         max_migrations: usize::from(args.max_migrations),
         space_check: args.space_check,
         metrics: args.metrics,
+        xl_binary: args.xl_binary,
     };
     let agent = match Agent::bind(config).await {
         Ok(a) => a,

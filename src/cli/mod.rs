@@ -19,6 +19,7 @@ mod qmp;
 mod recover;
 mod status;
 mod tls;
+mod xl;
 
 /// The agent's files as the package installs them: `ferry agent --help` and its man page.
 const AGENT_FILES: &str = "Files, as the Debian package installs them: /etc/ferry/agent.toml \
@@ -60,6 +61,8 @@ enum Command {
     Recover(recover::RecoverArgs),
     /// List the migrations an agent holds: phase, VM, disks, bytes received, age, QEMU pid.
     Status(status::StatusArgs),
+    /// Xen: `ferry xl migrate` moves a domain's qdisk disks and carries `xl migrate`'s stream.
+    Xl(xl::XlArgs),
     /// Migrate the bundled test guest on this machine, both ends on localhost, and verify it.
     #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
@@ -92,6 +95,7 @@ pub fn main() -> ExitCode {
             Command::Migrate(args) => migrate::run(args).await,
             Command::Recover(args) => recover::run(args).await,
             Command::Status(args) => status::run(args).await,
+            Command::Xl(args) => xl::run(args).await,
             #[cfg(feature = "demo")]
             Command::Demo(args) => demo::run(args).await,
             Command::GenDocs(args) => docs::run(args, Cli::command()),

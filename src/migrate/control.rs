@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
-use tokio::io::WriteHalf;
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -91,9 +91,12 @@ impl From<ProtocolError> for ControlError {
 
 /// An authenticated control connection.
 pub struct AgentLink {
-    writer: WriteHalf<ClientStream>,
+    /// None only once handed over to stream mode.
+    writer: Option<WriteHalf<ClientStream>>,
     incoming: mpsc::Receiver<Result<AgentMessage, String>>,
-    reader: tokio::task::JoinHandle<()>,
+    /// Reads messages into `incoming`; hands the read half back after `XlReceiving` (stream
+    /// mode follows, see [`crate::xl::wire`]).
+    reader: tokio::task::JoinHandle<Option<ReadHalf<ClientStream>>>,
     /// The agent's host as given by the operator (NBD and RAM connect there too).
     pub host: String,
     /// The destination's RAM port, when `DestinationReady` came during the mirror.
@@ -145,18 +148,22 @@ impl AgentLink {
             loop {
                 let msg = protocol::read_message::<_, AgentMessage>(&mut rd).await;
                 let stop = msg.is_err();
+                let stream_mode = matches!(msg, Ok(AgentMessage::XlReceiving));
                 if tx
                     .send(msg.map_err(|e| crate::error_chain(&e)))
                     .await
                     .is_err()
                     || stop
                 {
-                    return;
+                    return None;
+                }
+                if stream_mode {
+                    return Some(rd);
                 }
             }
         });
         Ok(AgentLink {
-            writer,
+            writer: Some(writer),
             incoming,
             reader,
             host,
@@ -167,7 +174,11 @@ impl AgentLink {
 
     /// Sends one message.
     pub async fn send(&mut self, msg: &SourceMessage) -> Result<(), ControlError> {
-        protocol::write_message(&mut self.writer, msg)
+        let writer = self
+            .writer
+            .as_mut()
+            .ok_or_else(|| ControlError::Lost("the link is in stream mode".into()))?;
+        protocol::write_message(writer, msg)
             .await
             .map_err(Into::into)
     }
@@ -216,6 +227,58 @@ impl AgentLink {
             tls,
         })
         .await?;
+        self.prepared(tls).await
+    }
+
+    /// Asks for storage for a Xen domain's disks (`ferry xl migrate`); returns what the agent
+    /// prepared and where each disk's image is on its host.
+    pub async fn prepare_xl(
+        &mut self,
+        vm: &VmDescription,
+        tls: bool,
+    ) -> Result<(Prepared, Vec<protocol::ImageInfo>), ControlError> {
+        self.send(&SourceMessage::PrepareXl {
+            vm: vm.clone(),
+            tls,
+        })
+        .await?;
+        // Protocol 3 agents that predate `ferry xl migrate` cannot decode `prepare_xl` and hang
+        // up: say so rather than "connection closed".
+        let older = |e: ControlError| match e {
+            ControlError::Lost(why) => ControlError::Lost(format!(
+                "{why}; if the agent's ferry predates `ferry xl migrate`, upgrade it"
+            )),
+            other => other,
+        };
+        let prepared = self.prepared(tls).await.map_err(older)?;
+        match self.recv_timeout(REPLY_TIMEOUT).await? {
+            AgentMessage::XlPrepared { images } => Ok((prepared, images)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks the agent to run `xl migrate-receive OPTIONS`; once it does, returns the link's two
+    /// halves for stream mode ([`crate::xl::wire`]).
+    pub async fn xl_receive(
+        mut self,
+        options: Vec<String>,
+    ) -> Result<(ReadHalf<ClientStream>, WriteHalf<ClientStream>), ControlError> {
+        self.send(&SourceMessage::XlReceive { options }).await?;
+        match self.recv_timeout(REPLY_TIMEOUT).await? {
+            AgentMessage::XlReceiving => {}
+            other => return Err(unexpected(other)),
+        }
+        let lost = || ControlError::Lost("the control link closed as stream mode began".into());
+        let writer = self.writer.take().ok_or_else(lost)?;
+        // The reader task ends by itself after `XlReceiving`, handing back the read half.
+        let reader = std::mem::replace(&mut self.reader, tokio::spawn(async { None }));
+        match reader.await {
+            Ok(Some(rd)) => Ok((rd, writer)),
+            _ => Err(lost()),
+        }
+    }
+
+    async fn prepared(&mut self, tls: bool) -> Result<Prepared, ControlError> {
         match self.recv_timeout(REPLY_TIMEOUT).await? {
             AgentMessage::Prepared {
                 migration_id,

@@ -76,7 +76,6 @@ pub async fn dry_run(opts: &MigrateOptions) -> Result<Plan, Failure> {
     let qemu = connect(opts, PhaseName::Discover).await?;
     let vm = qemu.discover().await.map_err(at(PhaseName::Discover))?;
     let discover = at::<super::source::SourceError>(PhaseName::Discover);
-    let allocations = qemu.allocations().await.map_err(&discover)?;
     let ram_bytes = qemu.ram_size().await.map_err(&discover)?;
     let journal = Journal::for_socket(&opts.state_dir, &opts.qmp_socket);
     let interrupted = journal
@@ -105,7 +104,7 @@ pub async fn dry_run(opts: &MigrateOptions) -> Result<Plan, Failure> {
                 file: d.file.clone(),
                 format: d.format.clone(),
                 size: d.size,
-                allocated_bytes: allocations.get(&d.node_name).copied(),
+                allocated_bytes: d.allocated,
                 read_only: d.read_only,
             })
             .collect(),

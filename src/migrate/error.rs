@@ -107,6 +107,9 @@ pub enum MigrateError {
     /// do).
     #[error("{0}")]
     Undecided(String),
+    /// `ferry xl migrate`: xl, its stream or its transport failed (the text says which).
+    #[error("{0}")]
+    Xl(String),
 }
 
 /// A failed migration: the phase, the error, and whether the source VM runs after settling.

@@ -54,6 +54,10 @@ pub struct SourceRecord {
     /// The TLS object and files of an encrypted migration.
     #[serde(default)]
     pub tls: Option<super::tls::SourceTls>,
+    /// Other files made for the migration (`ferry xl migrate`'s config for the receiver and
+    /// its relay's socket), removed when it is settled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<PathBuf>,
 }
 
 /// The journal file of one VM.
@@ -128,6 +132,7 @@ mod tests {
             resume: true,
             qemu_pid: Some(1),
             tls: None,
+            files: Vec::new(),
             parameters: None,
         };
         a.write(&record).expect("write");

@@ -242,17 +242,8 @@ async fn run(
         ));
     }
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let mut m = Migration {
-        stops: qemu.events(),
-        qemu,
-        journal,
-        record: None,
-        link: None,
-        phases: PhaseTimes::default(),
-        disk_bytes: 0,
-        encrypted: false,
-    };
-    let forward = m.forward(opts, &vm, &tag, reporter, cancel, started).await;
+    let mut m = Migration::new(qemu, journal, started);
+    let forward = m.forward(opts, &vm, &tag, reporter, cancel).await;
     let Some(record) = m.record.take() else {
         // Nothing was created in the source QEMU; dropping the connection makes the agent roll
         // back whatever it prepared.
@@ -338,24 +329,81 @@ async fn run(
     }
 }
 
+/// What the agent is asked to prepare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ask {
+    /// Storage and a destination QEMU (`Prepare`).
+    Qemu,
+    /// Storage only, for `xl migrate-receive` (`PrepareXl`).
+    Xl,
+}
+
+async fn prepare(
+    link: &mut AgentLink,
+    vm: &crate::vm::VmDescription,
+    tls: bool,
+    ask: Ask,
+) -> Result<(control::Prepared, Vec<protocol::ImageInfo>), ControlError> {
+    match ask {
+        Ask::Qemu => Ok((link.prepare(vm, tls).await?, Vec::new())),
+        Ask::Xl => link.prepare_xl(vm, tls).await,
+    }
+}
+
+/// The mirrors running, and what they need next.
+pub(crate) struct Mirrors {
+    /// The NBD nodes and jobs.
+    pub jobs: Vec<mirror::MirrorJob>,
+    /// What the journal holds.
+    pub record: SourceRecord,
+    /// The agent's host.
+    pub host: String,
+    /// Where each disk's image is on the agent's host (xl only).
+    pub images: Vec<protocol::ImageInfo>,
+    /// The source QEMU's events, subscribed before the first job started (none is missed).
+    pub events: qmp::Events,
+}
+
 /// One migration on the source: what exists and the journal that names it.
-struct Migration {
-    qemu: SourceQemu,
-    journal: Journal,
+pub(crate) struct Migration {
+    pub(crate) qemu: SourceQemu,
+    pub(crate) journal: Journal,
     /// What the journal holds (None until something is created in the source QEMU).
-    record: Option<SourceRecord>,
-    link: Option<AgentLink>,
+    pub(crate) record: Option<SourceRecord>,
+    pub(crate) link: Option<AgentLink>,
     /// Subscribed before the migration, so the source's STOP event is not missed.
     stops: qmp::Events,
     phases: PhaseTimes,
-    disk_bytes: u64,
+    pub(crate) disk_bytes: u64,
     /// Whether the disks and RAM travel encrypted (known once the agent prepared).
-    encrypted: bool,
+    pub(crate) encrypted: bool,
+    /// When the migration started (the negotiation's time is measured from it).
+    started: Instant,
 }
 
 impl Migration {
+    /// A migration of the VM behind `qemu`, journaled in `journal`, that began at `started`;
+    /// nothing created yet.
+    pub(crate) fn new(qemu: SourceQemu, journal: Journal, started: Instant) -> Migration {
+        Migration {
+            stops: qemu.events(),
+            qemu,
+            journal,
+            record: None,
+            link: None,
+            phases: PhaseTimes::default(),
+            disk_bytes: 0,
+            encrypted: false,
+            started,
+        }
+    }
+
     /// Journals `record` before acting on it: a failure to write stops the migration.
-    fn journal(&mut self, record: SourceRecord, phase: PhaseName) -> Result<(), Failure> {
+    pub(crate) fn journal(
+        &mut self,
+        record: SourceRecord,
+        phase: PhaseName,
+    ) -> Result<(), Failure> {
         self.journal.write(&record).map_err(|source| {
             Failure::new(
                 phase,
@@ -369,7 +417,7 @@ impl Migration {
         Ok(())
     }
 
-    async fn source_running(&self) -> bool {
+    pub(crate) async fn source_running(&self) -> bool {
         self.qemu
             .status()
             .await
@@ -386,103 +434,19 @@ impl Migration {
         tag: &str,
         reporter: &mut dyn Reporter,
         cancel: &CancellationToken,
-        started: Instant,
     ) -> Result<MigrationInfo, Failure> {
-        let negotiate = at::<ControlError>(PhaseName::Negotiate);
-        let interrupted = |phase| Failure::new(phase, MigrateError::Cancelled);
-        let link = tokio::select! {
-            _ = cancel.cancelled() => return Err(interrupted(PhaseName::Negotiate)),
-            link = AgentLink::connect(&opts.to, &opts.auth) => link.map_err(&negotiate)?,
-        };
-        let link = self.link.insert(link);
-        let control::Prepared {
-            migration_id,
-            nbd_port,
-            exports,
-            tls: bundle,
-        } = tokio::select! {
-            _ = cancel.cancelled() => return Err(interrupted(PhaseName::Negotiate)),
-            prepared = link.prepare(vm, opts.tls) => prepared.map_err(&negotiate)?,
-        };
-        let host = link.host.clone();
-        info!(%migration_id, nbd_port, "agent prepared storage");
-        reporter.report(&Progress::Prepared {
-            migration_id: migration_id.clone(),
-            disks: vm
-                .disks
-                .iter()
-                .map(|d| DiskSize {
-                    disk: d.name.clone(),
-                    size: d.size,
-                })
-                .collect(),
-        });
-        self.phases.negotiation = started.elapsed().as_millis() as u64;
-
-        // Mirror every disk.
         let mirror_start = Instant::now();
+        let Mirrors {
+            jobs,
+            mut record,
+            host,
+            mut events,
+            ..
+        } = self
+            .start_mirrors(opts, vm, tag, reporter, cancel, Ask::Qemu)
+            .await?;
         let fail_mirror = at::<MigrateError>(PhaseName::Mirror);
-        let jobs = mirror::plan(&vm.disks, tag);
-        let mut record = SourceRecord {
-            phase: SourcePhase::Mirror,
-            migration_id,
-            to: opts.to.clone(),
-            jobs: jobs.clone(),
-            capabilities: Vec::new(),
-            resume: vm.running,
-            qemu_pid: self.qemu.pid(),
-            parameters: None,
-            tls: bundle.as_ref().map(|b| {
-                tls::SourceTls::plan(&opts.state_dir, self.journal.path(), tag, &b.hostname)
-            }),
-        };
-        self.journal(record.clone(), PhaseName::Mirror)?;
-        self.encrypted = record.tls.is_some();
-        if let (Some(tls), Some(bundle)) = (&record.tls, &bundle) {
-            tls.write(bundle)
-                .map_err(|e| fail_mirror(MigrateError::Tls(e)))?;
-            self.qemu
-                .add_tls_creds(tls)
-                .await
-                .map_err(|e| fail_mirror(e.into()))?;
-        }
-        let mut events = self.qemu.events();
-        for job in &jobs {
-            let no_export = || {
-                fail_mirror(MigrateError::NoExport {
-                    disk: job.disk.clone(),
-                })
-            };
-            let export = exports
-                .iter()
-                .find(|x| x.disk == job.disk)
-                .ok_or_else(no_export)?;
-            self.qemu
-                .add_nbd_target(
-                    &job.node,
-                    &host,
-                    nbd_port,
-                    &export.export,
-                    record.tls.as_ref(),
-                )
-                .await
-                .map_err(|e| fail_mirror(e.into()))?;
-            let disk = vm
-                .disks
-                .iter()
-                .find(|d| d.name == job.disk)
-                .ok_or_else(no_export)?;
-            self.qemu
-                .start_mirror(
-                    &job.job,
-                    disk,
-                    &job.node,
-                    opts.sync_writes,
-                    opts.mirror_speed,
-                )
-                .await
-                .map_err(|e| fail_mirror(e.into()))?;
-        }
+        let interrupted = |phase| Failure::new(phase, MigrateError::Cancelled);
         let link = self
             .link
             .as_mut()
@@ -574,6 +538,125 @@ impl Migration {
         }
         crate::faults::hold("source-completed").await;
         Ok(info)
+    }
+
+    /// Everything up to running mirrors: the agent link, its storage, the journal, the TLS
+    /// object and the NBD nodes and mirror jobs (shared by `ferry migrate` and
+    /// `ferry xl migrate`, which differ in what follows: QEMU's RAM migration, or xl's stream).
+    pub(crate) async fn start_mirrors(
+        &mut self,
+        opts: &MigrateOptions,
+        vm: &crate::vm::VmDescription,
+        tag: &str,
+        reporter: &mut dyn Reporter,
+        cancel: &CancellationToken,
+        ask: Ask,
+    ) -> Result<Mirrors, Failure> {
+        let negotiate = at::<ControlError>(PhaseName::Negotiate);
+        let interrupted = |phase| Failure::new(phase, MigrateError::Cancelled);
+        let link = tokio::select! {
+            _ = cancel.cancelled() => return Err(interrupted(PhaseName::Negotiate)),
+            link = AgentLink::connect(&opts.to, &opts.auth) => link.map_err(&negotiate)?,
+        };
+        let link = self.link.insert(link);
+        let (
+            control::Prepared {
+                migration_id,
+                nbd_port,
+                exports,
+                tls: bundle,
+            },
+            images,
+        ) = tokio::select! {
+            _ = cancel.cancelled() => return Err(interrupted(PhaseName::Negotiate)),
+            prepared = prepare(link, vm, opts.tls, ask) => prepared.map_err(&negotiate)?,
+        };
+        let host = link.host.clone();
+        info!(%migration_id, nbd_port, "agent prepared storage");
+        reporter.report(&Progress::Prepared {
+            migration_id: migration_id.clone(),
+            disks: vm
+                .disks
+                .iter()
+                .map(|d| DiskSize {
+                    disk: d.name.clone(),
+                    size: d.size,
+                })
+                .collect(),
+        });
+        self.phases.negotiation = self.started.elapsed().as_millis() as u64;
+
+        // Mirror every disk.
+        let fail_mirror = at::<MigrateError>(PhaseName::Mirror);
+        let jobs = mirror::plan(&vm.disks, tag);
+        let record = SourceRecord {
+            phase: SourcePhase::Mirror,
+            migration_id,
+            to: opts.to.clone(),
+            jobs: jobs.clone(),
+            capabilities: Vec::new(),
+            resume: vm.running,
+            qemu_pid: self.qemu.pid(),
+            parameters: None,
+            tls: bundle.as_ref().map(|b| {
+                tls::SourceTls::plan(&opts.state_dir, self.journal.path(), tag, &b.hostname)
+            }),
+            files: Vec::new(),
+        };
+        self.journal(record.clone(), PhaseName::Mirror)?;
+        self.encrypted = record.tls.is_some();
+        if let (Some(tls), Some(bundle)) = (&record.tls, &bundle) {
+            tls.write(bundle)
+                .map_err(|e| fail_mirror(MigrateError::Tls(e)))?;
+            self.qemu
+                .add_tls_creds(tls)
+                .await
+                .map_err(|e| fail_mirror(e.into()))?;
+        }
+        let events = self.qemu.events();
+        for job in &jobs {
+            let no_export = || {
+                fail_mirror(MigrateError::NoExport {
+                    disk: job.disk.clone(),
+                })
+            };
+            let export = exports
+                .iter()
+                .find(|x| x.disk == job.disk)
+                .ok_or_else(no_export)?;
+            self.qemu
+                .add_nbd_target(
+                    &job.node,
+                    &host,
+                    nbd_port,
+                    &export.export,
+                    record.tls.as_ref(),
+                )
+                .await
+                .map_err(|e| fail_mirror(e.into()))?;
+            let disk = vm
+                .disks
+                .iter()
+                .find(|d| d.name == job.disk)
+                .ok_or_else(no_export)?;
+            self.qemu
+                .start_mirror(
+                    &job.job,
+                    disk,
+                    &job.node,
+                    opts.sync_writes,
+                    opts.mirror_speed,
+                )
+                .await
+                .map_err(|e| fail_mirror(e.into()))?;
+        }
+        Ok(Mirrors {
+            jobs,
+            record,
+            host,
+            images,
+            events,
+        })
     }
 
     /// Waits for the migration's final status after `migrate-continue`, the guest paused: woken

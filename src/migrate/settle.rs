@@ -292,8 +292,20 @@ impl Settle<'_> {
         if let Some(tls) = &record.tls {
             tls.remove_files();
         }
+        remove_files(&record.files);
         if let Err(e) = self.journal.remove() {
             warn!(path = %self.journal.path().display(), error = %e, "cannot remove the journal");
+        }
+    }
+}
+
+/// Removes a migration's other files (see [`SourceRecord::files`]); a missing one is fine.
+pub fn remove_files(files: &[std::path::PathBuf]) {
+    for file in files {
+        match std::fs::remove_file(file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(file = %file.display(), error = %e, "cannot remove"),
         }
     }
 }

@@ -89,28 +89,6 @@ impl SourceQemu {
         })
     }
 
-    /// Bytes each disk's image allocates on this host (`query-block`'s `actual-size`), by root
-    /// node name; disks QEMU reports no figure for are missing. For `ferry migrate --dry-run`:
-    /// about what the mirror sends, since holes travel as holes.
-    pub async fn allocations(&self) -> Result<std::collections::HashMap<String, u64>, SourceError> {
-        let blocks = self
-            .qmp
-            .execute_raw("query-block", Value::Null)
-            .await
-            .map_err(ctx("query-block"))?;
-        Ok(blocks
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|b| {
-                let inserted = b.get("inserted")?;
-                let node = inserted.get("node-name")?.as_str()?.to_string();
-                let size = inserted.get("image")?.get("actual-size")?.as_u64()?;
-                Some((node, size))
-            })
-            .collect())
-    }
-
     /// The guest's RAM in bytes (`query-memory-size-summary`: base plus hot-plugged memory).
     pub async fn ram_size(&self) -> Result<u64, SourceError> {
         let summary = self
@@ -430,6 +408,35 @@ impl SourceQemu {
             .ok()
             .and_then(|v| v.as_str().map(str::to_string));
         Ok((status.running, state.unwrap_or_default()))
+    }
+
+    /// Stops the guest (`ferry xl migrate`, for a PV/PVH domain's device model, which nothing
+    /// else stops before the disks are final).
+    pub async fn stop(&self) -> Result<(), SourceError> {
+        self.qmp.execute(q::stop {}).await.map_err(ctx("stop"))?;
+        Ok(())
+    }
+
+    /// The disks only, and whether the guest runs: a Xen device model's command line is xl's
+    /// business, not something ferry moves.
+    pub async fn discover_disks(&self) -> Result<VmDescription, DiscoverError> {
+        let (running, state) = self.status().await?;
+        if !matches!(state.as_str(), "running" | "paused") {
+            return Err(DiscoverError::Unsupported(format!(
+                "the device model is `{state}`; only a running or paused domain can be migrated"
+            )));
+        }
+        let blocks = self
+            .qmp
+            .execute_raw("query-block", Value::Null)
+            .await
+            .map_err(ctx("query-block"))?;
+        Ok(VmDescription {
+            argv: Vec::new(),
+            machine: None,
+            disks: disks_from_query_block(&blocks)?,
+            running,
+        })
     }
 
     /// Resumes the guest.
