@@ -221,7 +221,10 @@ fn hold_memory(mut it: impl Iterator<Item = String>) -> ExitCode {
     }
     let _ = out.line(&console::memfilled(mib as u64));
     if let Err(e) = std::fs::write(&marker, b"") {
-        let _ = out.line(&console::error("mem", &format!("cannot create {marker}: {e}")));
+        let _ = out.line(&console::error(
+            "mem",
+            &format!("cannot create {marker}: {e}"),
+        ));
         return ExitCode::FAILURE;
     }
     loop {
