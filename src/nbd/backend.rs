@@ -6,9 +6,10 @@
 //! connections run at once on the same open file.
 //!
 //! Three descriptors of the one file: the main one (reads, small or unaligned writes, through
-//! the page cache), one with `O_DIRECT` (large page-aligned writes go straight to the disk, see
-//! [`Backend::write_at`]) and one with `O_DSYNC` (FUA writes: durable on return without syncing
-//! the rest of the file). The kernel keeps cached and direct views coherent.
+//! the page cache), one with `O_DIRECT` (large page-aligned writes over allocated blocks go
+//! straight to the disk; into holes they go through the page cache, see [`Backend::write_at`])
+//! and one with `O_DSYNC` (FUA writes: durable on return without syncing the rest of the
+//! file). The kernel keeps cached and direct views coherent.
 //!
 //! Durability: `flush` is `fdatasync`, which covers every write completed before it on any
 //! connection (one file, one page cache, direct writes already on the device) and the metadata
