@@ -38,6 +38,32 @@ pub fn create(path: &Path, size: u64, data: u64) -> Result<()> {
     Ok(())
 }
 
+/// Creates `path` as a sparse file of `size` bytes holding `count` extents of `extent` bytes of
+/// random data, spread evenly (extent `i` starts at `i * size / count`, rounded down to
+/// [`CHUNK`]), and syncs it: the "few large extents" layout, where the mirror sends long runs of
+/// large requests, against [`create`]'s many scattered chunks.
+pub fn create_extents(path: &Path, size: u64, count: u64, extent: u64) -> Result<()> {
+    anyhow::ensure!(
+        count > 0 && count * extent <= size,
+        "{count} extents of {extent} bytes do not fit in {size}"
+    );
+    let file = File::create(path).with_context(|| format!("create {}", path.display()))?;
+    file.set_len(size)?;
+    let mut rng = XorShift::new(0x5851_f42d_4c95_7f2d ^ size ^ extent);
+    let mut buf = vec![0u8; CHUNK as usize];
+    for i in 0..count {
+        let start = (i * (size / count)) / CHUNK * CHUNK;
+        let mut at = 0;
+        while at < extent {
+            let n = (extent - at).min(CHUNK) as usize;
+            rng.fill(&mut buf[..n]);
+            file.write_all_at(&buf[..n], start + at)?;
+            at += n as u64;
+        }
+    }
+    file.sync_all()?;
+    Ok(())
+}
 /// Bytes the file occupies on disk.
 pub fn allocated(path: &Path) -> Result<u64> {
     let meta = std::fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
@@ -135,6 +161,19 @@ mod tests {
             .open(&b)?
             .write_all_at(b"x", 5)?;
         assert!(!identical(&a, &b)?, "one changed byte in a hole is seen");
+        create_extents(&a, 64 << 20, 4, 4 << 20)?;
+        let alloc = allocated(&a)?;
+        assert!((16 << 20..=17 << 20).contains(&alloc), "{alloc}");
+        let f = File::open(&a)?;
+        assert_eq!(
+            extents(&f)?,
+            vec![
+                (0, 4 << 20),
+                (16 << 20, 20 << 20),
+                (32 << 20, 36 << 20),
+                (48 << 20, 52 << 20)
+            ]
+        );
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

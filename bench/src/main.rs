@@ -5,16 +5,19 @@
 //! 2. mirror throughput into ferry, qemu-nbd (page cache and direct), nbdkit and QEMU's built-in
 //!    server ([`mirror`]), each in plaintext and with TLS (per-migration-style x509 credentials,
 //!    client certificate required);
-//! 3. a sparse giant (20 GiB, 256 MiB of data) into each;
-//! 4. a whole migration of the test guest, ferry vs QEMU alone the libvirt way ([`migration`],
-//!    [`native`]);
-//! 5. the same with the guest writing as fast as it can (convergence);
-//! 6. ferry's own phase times.
+//! 3. the same with the few-large-extents layout (`extents`: eight 128 MiB extents in 4 GiB);
+//! 4. a sparse giant (20 GiB, 256 MiB of data) into each;
+//! 5. a whole migration of the test guest, ferry vs QEMU alone the libvirt way ([`migration`],
+//!    [`native`]); then of a guest with 2 GiB of RAM, 1.5 GiB of it non-zero (`filled`); then
+//!    over a link shaped to 400 Mbit/s and 2 Gbit/s (`shaped`, [`link`]);
+//! 6. the same with the guest writing as fast as it can (convergence);
+//! 7. ferry's own phase times.
 //!
 //! Prints a table, checks the targets of BENCHMARKS.md, and with `--json` writes every row.
 
 mod acks;
 mod image;
+mod link;
 mod migration;
 mod mirror;
 mod native;
@@ -23,7 +26,7 @@ mod report;
 mod servers;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -37,7 +40,8 @@ use servers::{Target, TlsDirs};
     about = "Benchmark ferry against qemu-nbd, nbdkit, QEMU's NBD server and a QEMU-only migration"
 )]
 struct Args {
-    /// Smaller images and fewer repeats: under 3 minutes.
+    /// Smaller images and fewer repeats, without the filled and shaped sections unless named
+    /// with --section: under 3 minutes.
     #[arg(long)]
     quick: bool,
     /// Also write every row as JSON to FILE.
@@ -54,13 +58,21 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     perf: Option<PathBuf>,
     /// Sections to skip: physical (the machine limits, measured within mirror), mirror, tls (the
-    /// mirror section's TLS rows), giant, migration, convergence (repeatable).
+    /// mirror section's TLS rows), extents, giant, migration, filled, shaped, convergence
+    /// (repeatable).
     #[arg(long, value_name = "SECTION")]
     skip: Vec<String>,
+    /// Run only these sections (repeatable; same names as --skip), e.g. `--section shaped`.
+    #[arg(long, value_name = "SECTION")]
+    section: Vec<String>,
     /// Only these mirror rows (repeatable), e.g. `--only ferry --only ferry-tls`: for quick
     /// comparisons while working on one server. The targets then compare with what ran.
     #[arg(long, value_name = "ROW")]
     only: Vec<String>,
+    /// The source mirror's `buf-size` in the mirror sections (default: QEMU's 16 MiB, which
+    /// sends 1 MiB requests; the requests grow with it, `BYTES / 16`).
+    #[arg(long, value_name = "BYTES")]
+    mirror_buf_size: Option<u64>,
 }
 
 const MIB: u64 = 1 << 20;
@@ -71,12 +83,29 @@ struct Plan {
     mirror_size: u64,
     mirror_data: u64,
     repeats: usize,
+    /// The few-large-extents image: size, extents, bytes per extent.
+    extents: (u64, u64, u64),
     migration_repeats: usize,
     giant_size: u64,
     giant_data: u64,
     migration: Setup,
+    /// The 2 GiB guest with its RAM filled.
+    filled: Setup,
     convergence: Setup,
+    /// The flows of each migration section, in the order they run within a round.
+    flows: Flows,
 }
+
+/// Which flows each migration section runs.
+struct Flows {
+    migration: &'static [&'static str],
+    filled: &'static [&'static str],
+    shaped: &'static [&'static str],
+    convergence: &'static [&'static str],
+}
+
+/// The shaped links, Mbit/s.
+const LINKS: [u32; 2] = [400, 2000];
 
 impl Plan {
     fn new(quick: bool) -> Self {
@@ -85,20 +114,19 @@ impl Plan {
                 mirror_size: 2 * GIB,
                 mirror_data: 512 * MIB,
                 repeats: 3,
-                migration_repeats: 2,
+                extents: (2 * GIB, 8, 64 * MIB),
+                migration_repeats: 1,
                 giant_size: 20 * GIB,
                 giant_data: 256 * MIB,
-                migration: Setup {
-                    disk: GIB,
-                    data: 128 * MIB,
-                    rate: 100,
-                    mirror_timeout: Duration::from_secs(120),
-                },
-                convergence: Setup {
-                    disk: GIB,
-                    data: 128 * MIB,
-                    rate: 0,
-                    mirror_timeout: Duration::from_secs(30),
+                migration: Setup::guest(GIB, 128 * MIB, 100, 120),
+                filled: Setup::filled(GIB, 128 * MIB),
+                convergence: Setup::guest(GIB, 128 * MIB, 0, 30),
+                // One round of the flows the targets compare; the full run has the rest.
+                flows: Flows {
+                    migration: &["ferry", "ferry --insecure", "native"],
+                    filled: &["ferry --insecure", "native"],
+                    shaped: &["ferry", "ferry --insecure", "native"],
+                    convergence: &["ferry", "native"],
                 },
             }
         } else {
@@ -106,20 +134,24 @@ impl Plan {
                 mirror_size: 8 * GIB,
                 mirror_data: 2 * GIB,
                 repeats: 3,
+                extents: (4 * GIB, 8, 128 * MIB),
                 migration_repeats: 3,
                 giant_size: 20 * GIB,
                 giant_data: 256 * MIB,
-                migration: Setup {
-                    disk: 2 * GIB,
-                    data: 512 * MIB,
-                    rate: 100,
-                    mirror_timeout: Duration::from_secs(300),
-                },
-                convergence: Setup {
-                    disk: 2 * GIB,
-                    data: 512 * MIB,
-                    rate: 0,
-                    mirror_timeout: Duration::from_secs(120),
+                migration: Setup::guest(2 * GIB, 512 * MIB, 100, 300),
+                filled: Setup::filled(2 * GIB, 512 * MIB),
+                convergence: Setup::guest(2 * GIB, 512 * MIB, 0, 120),
+                flows: Flows {
+                    migration: &[
+                        "ferry",
+                        "ferry --insecure",
+                        "ferry --parallel 2",
+                        "native",
+                        "native --tls",
+                    ],
+                    filled: &["ferry", "ferry --insecure", "native"],
+                    shaped: &["ferry", "ferry --insecure", "native"],
+                    convergence: &["ferry", "ferry --insecure", "native"],
                 },
             }
         }
@@ -187,7 +219,18 @@ async fn run_all(
     dir: &Path,
     report: &mut Report,
 ) -> Result<()> {
-    let on = |s: &str| !args.skip.iter().any(|x| x == s);
+    let named = |s: &str| args.section.iter().any(|x| x == s);
+    // The filled guest and the shaped links take about three minutes each here: the quick run
+    // (under three minutes in all) leaves them out unless named with --section.
+    let heavy = |s: &str| args.quick && ["filled", "shaped"].contains(&s);
+    let on = |s: &str| {
+        !args.skip.iter().any(|x| x == s)
+            && if args.section.is_empty() {
+                !heavy(s)
+            } else {
+                named(s)
+            }
+    };
     let server_cmd = servers::FerryCmd {
         bin: ferry.to_path_buf(),
         perf: args.perf.clone(),
@@ -218,10 +261,44 @@ async fn run_all(
             data: plan.mirror_data,
             targets,
             tls: tls.as_ref(),
+            buf_size: args.mirror_buf_size,
         };
         mirror_section(case, &server_cmd, dir, report).await?;
     }
     let _ = std::fs::remove_file(&source);
+    if on("extents") {
+        let (size, count, extent) = plan.extents;
+        let source = dir.join("extents-src.raw");
+        note(&format!(
+            "creating a {} GiB image with {count} extents of {} MiB of random data",
+            size / GIB,
+            extent / MIB
+        ));
+        image::create_extents(&source, size, count, extent)?;
+        let mut targets = Target::plain();
+        if !args.only.is_empty() {
+            targets.retain(|t| args.only.contains(&t.name()));
+        }
+        // Like the giant, one round in a quick run, unless the section is asked for by name.
+        let repeats = if args.quick && !named("extents") {
+            1
+        } else {
+            plan.repeats
+        };
+        let case = MirrorCase {
+            section: "extents",
+            limits: false,
+            repeats,
+            source: &source,
+            data: count * extent,
+            targets,
+            tls: None,
+            buf_size: args.mirror_buf_size,
+        };
+        let result = mirror_section(case, &server_cmd, dir, report).await;
+        let _ = std::fs::remove_file(&source);
+        result?;
+    }
     if on("giant") {
         let giant = dir.join("giant-src.raw");
         note(&format!(
@@ -239,42 +316,91 @@ async fn run_all(
             data: plan.giant_data,
             targets: Target::plain(),
             tls: None,
+            buf_size: args.mirror_buf_size,
         };
         mirror_section(case, &server_cmd, dir, report).await?;
         let _ = std::fs::remove_file(&giant);
     }
-    for (section, setup) in [
-        ("migration", &plan.migration),
-        ("convergence", &plan.convergence),
-    ] {
-        if !on(section) {
-            continue;
+    let shaped: [(&'static str, u32); 2] = [("shaped-400", LINKS[0]), ("shaped-2000", LINKS[1])];
+    let mut sections: Vec<MigrationSection> = Vec::new();
+    if on("migration") {
+        sections.push(MigrationSection::local(
+            "migration",
+            &plan.migration,
+            plan.flows.migration,
+        ));
+    }
+    if on("filled") {
+        sections.push(MigrationSection::local(
+            "filled",
+            &plan.filled,
+            plan.flows.filled,
+        ));
+    }
+    if on("shaped") {
+        for (name, mbit) in shaped {
+            sections.push(MigrationSection {
+                name,
+                setup: &plan.migration,
+                flows: plan.flows.shaped,
+                link_mbit: Some(mbit),
+            });
         }
+    }
+    if on("convergence") {
+        sections.push(MigrationSection::local(
+            "convergence",
+            &plan.convergence,
+            plan.flows.convergence,
+        ));
+    }
+    for (n, section) in sections.iter().enumerate() {
+        // Made before the section's first run and removed (by drop, errors included) after
+        // its last.
+        let link = match section.link_mbit {
+            Some(mbit) => Some(link::Link::create(n as u8, mbit)?),
+            None => None,
+        };
         for round in 0..plan.migration_repeats {
-            for flow in [
-                "ferry",
-                "ferry --insecure",
-                "ferry --parallel 2",
-                "native",
-                "native --tls",
-            ] {
+            for flow in section.flows {
                 note(&format!(
-                    "{section}: {flow} flow (round {} of {})",
+                    "{}: {flow} flow (round {} of {})",
+                    section.name,
                     round + 1,
                     plan.migration_repeats
                 ));
                 let run = migrate(
                     flow,
                     ferry,
-                    &dir.join(format!("{section}-{}", flow.replace(' ', ""))),
-                    setup,
+                    &dir.join(format!("{}-{}", section.name, flow.replace(' ', ""))),
+                    section.setup,
+                    link.as_ref(),
                 )
                 .await;
-                report.migration(section, flow, run);
+                report.migration(section.name, flow, run);
             }
         }
     }
     Ok(())
+}
+
+/// A migration section: which guest, which flows, and whether through a shaped link.
+struct MigrationSection<'a> {
+    name: &'static str,
+    setup: &'a Setup,
+    flows: &'static [&'static str],
+    link_mbit: Option<u32>,
+}
+
+impl<'a> MigrationSection<'a> {
+    fn local(name: &'static str, setup: &'a Setup, flows: &'static [&'static str]) -> Self {
+        MigrationSection {
+            name,
+            setup,
+            flows,
+            link_mbit: None,
+        }
+    }
 }
 
 async fn migrate(
@@ -282,13 +408,14 @@ async fn migrate(
     ferry: &Path,
     dir: &Path,
     setup: &Setup,
+    link: Option<&link::Link>,
 ) -> Result<migration::MigrationRun> {
     let run = match flow {
-        "native" => native::run(dir, setup, false).await,
-        "native --tls" => native::run(dir, setup, true).await,
+        "native" => native::run(dir, setup, false, link).await,
+        "native --tls" => native::run(dir, setup, true, link).await,
         _ => {
             let flags: Vec<&str> = flow.split_whitespace().skip(1).collect();
-            migration::ferry(ferry, dir, setup, &flags).await
+            migration::ferry(ferry, dir, setup, &flags, link).await
         }
     };
     let _ = std::fs::remove_dir_all(dir);
@@ -309,6 +436,8 @@ struct MirrorCase<'a> {
     targets: Vec<Target>,
     /// Credentials for the TLS rows.
     tls: Option<&'a TlsDirs>,
+    /// The mirror's `buf-size`, if not QEMU's default.
+    buf_size: Option<u64>,
 }
 
 async fn mirror_section(
@@ -325,6 +454,7 @@ async fn mirror_section(
         data,
         targets,
         tls,
+        buf_size,
     } = case;
     let src_alloc = image::allocated(source)?;
     let mut runs: Vec<(Target, Vec<mirror::MirrorRun>)> =
@@ -349,7 +479,11 @@ async fn mirror_section(
             // Verify the bytes on the first round only: a full compare of each run costs as
             // much as the mirror itself.
             let dest = dir.join("mirror-dst.raw");
-            match mirror::run(*target, tls, ferry, source, &dest, dir, round == 0).await {
+            let opts = mirror::Options {
+                verify: round == 0,
+                buf_size,
+            };
+            match mirror::run(*target, tls, ferry, source, &dest, dir, opts).await {
                 Ok(run) => list.push(run),
                 Err(e) => note(&format!("{section}: {} failed: {e:#}", target.name())),
             }

@@ -15,6 +15,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::acks::AckWatch;
 use crate::image;
+use crate::link::Link;
 
 /// What one migration measured.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -45,6 +46,22 @@ pub struct MigrationRun {
     pub phases_ms: Option<Value>,
     /// The mirror was switched to write-blocking because it did not converge (ferry).
     pub write_blocking: bool,
+    /// RAM bytes the migration sent (QEMU's `ram.transferred`).
+    pub ram_bytes: Option<u64>,
+    /// Disk data the mirror had to copy: the source image's allocation when the mirror started.
+    pub disk_bytes: u64,
+    /// Seconds the shaped link needs for the disk data and the RAM sent, at its rate: the
+    /// floor no flow can beat on that link.
+    pub link_limit_s: Option<f64>,
+}
+
+impl MigrationRun {
+    /// Fills in [`link_limit_s`](Self::link_limit_s) once the RAM figure is known.
+    pub fn set_link_limit(&mut self, link: Option<&Link>) {
+        if let (Some(link), Some(ram)) = (link, self.ram_bytes) {
+            self.link_limit_s = Some((self.disk_bytes + ram) as f64 / link.bytes_per_s());
+        }
+    }
 }
 
 /// The guest and disk both flows migrate.
@@ -58,6 +75,35 @@ pub struct Setup {
     pub rate: u32,
     /// Give up on the mirror after this long.
     pub mirror_timeout: Duration,
+    /// Guest RAM.
+    pub memory_mib: u32,
+    /// MiB of the guest's RAM filled with non-zero data at boot (`ferry.memfill`).
+    pub memfill_mib: u64,
+}
+
+impl Setup {
+    /// The default test guest (256 MiB of RAM, mostly zero pages) on a `disk`-byte disk with
+    /// `data` bytes of random data, writing `rate` records a second.
+    pub fn guest(disk: u64, data: u64, rate: u32, mirror_timeout_s: u64) -> Setup {
+        Setup {
+            disk,
+            data,
+            rate,
+            mirror_timeout: Duration::from_secs(mirror_timeout_s),
+            memory_mib: 256,
+            memfill_mib: 0,
+        }
+    }
+
+    /// A guest with 2 GiB of RAM, 1.5 GiB of it filled with non-zero data at boot: the RAM a
+    /// migration really has to send (a zero page costs QEMU a flag).
+    pub fn filled(disk: u64, data: u64) -> Setup {
+        Setup {
+            memory_mib: 2048,
+            memfill_mib: 1536,
+            ..Setup::guest(disk, data, 100, 300)
+        }
+    }
 }
 
 /// A booted source guest and the spec it was booted with.
@@ -75,6 +121,11 @@ pub async fn boot_source(dir: &Path, setup: &Setup) -> Result<Source> {
     let mut spec =
         GuestSpec::new(images).disk(DiskSpec::new(image.clone(), ImageFormat::Raw, "vda"));
     spec.rate = setup.rate;
+    spec.memory_mib = setup.memory_mib;
+    if setup.memfill_mib > 0 {
+        spec.extra_kernel_args
+            .push(format!("ferry.memfill={}", setup.memfill_mib));
+    }
     let mut guest = guest::launch(&dir.join("src"), &spec, Path::new(guest::DEFAULT_QEMU)).await?;
     guest
         .wait_for_acks("vda", 10, Duration::from_secs(120))
@@ -113,13 +164,15 @@ pub async fn quit(qmp: &Path) {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
-/// ferry end to end: `ferry agent` on 127.0.0.1 and `ferry migrate --json` with `flags` (none:
-/// the defaults, encrypted). The row is named `ferry` followed by the flags.
+/// ferry end to end: `ferry agent` on 127.0.0.1 (or inside `link`'s namespace) and `ferry
+/// migrate --json` with `flags` (none: the defaults, encrypted). The row is named `ferry`
+/// followed by the flags.
 pub async fn ferry(
     ferry_bin: &Path,
     dir: &Path,
     setup: &Setup,
     flags: &[&str],
+    link: Option<&Link>,
 ) -> Result<MigrationRun> {
     let mut run = MigrationRun {
         flow: std::iter::once("ferry")
@@ -129,6 +182,7 @@ pub async fn ferry(
         ..Default::default()
     };
     let source = boot_source(dir, setup).await?;
+    run.disk_bytes = image::allocated(&dir.join("vda.raw"))?;
     let token = dir.join("token");
     std::fs::write(&token, "bench-token-0123456789abcdef-0123")?;
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
@@ -136,8 +190,12 @@ pub async fn ferry(
     std::fs::create_dir_all(&storage)?;
     // The agent may load the test guest's kernel and initrd.
     let kernel = GuestImages::locate()?.kernel;
-    let mut agent = tokio::process::Command::new(ferry_bin)
-        .args(["agent", "--listen", "127.0.0.1:0", "--storage"])
+    let (mut agent, host) = match link {
+        Some(link) => (link.command(ferry_bin), link.dest_ip.as_str()),
+        None => (tokio::process::Command::new(ferry_bin), "127.0.0.1"),
+    };
+    let mut agent = agent
+        .args(["agent", "--listen", &format!("{host}:0"), "--storage"])
         .arg(&storage)
         .arg("--token-file")
         .arg(&token)
@@ -204,6 +262,8 @@ pub async fn ferry(
                 run.downtime_ms = event["downtime_ms"].as_u64();
                 run.stop_to_resume_ms = event["stop_to_resume_ms"].as_f64();
                 run.phases_ms = Some(event["phases_ms"].clone());
+                run.ram_bytes = event["ram_bytes"].as_u64();
+                run.set_link_limit(link);
                 dest_pid.0 = event["destination"]["pid"].as_u64().map(|p| p as u32);
                 dest_qmp = event["destination"]["qmp"].as_str().map(PathBuf::from);
             }

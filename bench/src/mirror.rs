@@ -43,6 +43,16 @@ impl Drop for Qemu {
     }
 }
 
+/// How a mirror run is done.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Compare every byte afterwards.
+    pub verify: bool,
+    /// The mirror's `buf-size` (QEMU's default: 16 MiB, in requests of 1 MiB; a larger buffer
+    /// also makes the requests larger, `buf-size / 16`).
+    pub buf_size: Option<u64>,
+}
+
 /// Mirrors `source` into a fresh sparse `dest` served by `target` (TLS targets with the
 /// credentials in `tls`).
 pub async fn run(
@@ -52,7 +62,7 @@ pub async fn run(
     source: &Path,
     dest: &Path,
     dir: &Path,
-    verify: bool,
+    opts: Options,
 ) -> Result<MirrorRun> {
     let size = std::fs::metadata(source)?.len();
     let _ = std::fs::remove_file(dest);
@@ -93,12 +103,13 @@ pub async fn run(
     let cpu0 = srv.cpu_seconds()?;
     let source_cpu0 = servers::cpu_seconds(qemu.0.id())?;
     let t0 = Instant::now();
-    qmp.execute_raw(
-        "blockdev-mirror",
-        json!({"job-id": "m", "device": "src", "target": "dst", "sync": "full"}),
-    )
-    .await
-    .context("blockdev-mirror")?;
+    let mut mirror_args = json!({"job-id": "m", "device": "src", "target": "dst", "sync": "full"});
+    if let Some(bytes) = opts.buf_size {
+        mirror_args["buf-size"] = json!(bytes);
+    }
+    qmp.execute_raw("blockdev-mirror", mirror_args)
+        .await
+        .context("blockdev-mirror")?;
     wait_job(&mut events, "BLOCK_JOB_READY", Duration::from_secs(900)).await?;
     let ready_s = t0.elapsed().as_secs_f64();
     let cpu_s = srv.cpu_seconds()? - cpu0;
@@ -118,7 +129,7 @@ pub async fn run(
         .sync_data()?;
     let durable_s = t0.elapsed().as_secs_f64();
     let allocated = image::allocated(dest)?;
-    let identical = if verify {
+    let identical = if opts.verify {
         image::identical(source, dest)?
     } else {
         true

@@ -13,6 +13,8 @@
 //!                                               migrate-set-capabilities events, pause-before-switchover,
 //!                                                 return-path (libvirt sets it on every migration
 //!                                                 that is not tunnelled)
+//!                                               migrate-set-parameters max-bandwidth 0 (unlimited,
+//!                                                 libvirt's default)
 //!                                               migrate tcp:... ... MIGRATION pre-switchover
 //!                                               block-job-cancel (final sync) ... BLOCK_JOB_COMPLETED
 //!                                               migrate-continue ... MIGRATION completed
@@ -27,25 +29,42 @@ use ferry_testkit::{self as guest, DiskSpec, ImageFormat};
 use serde_json::{json, Value};
 
 use crate::acks::AckWatch;
+use crate::link::Link;
 use crate::migration::{boot_source, finish_acks, quit, verify, MigrationRun, Setup};
 use crate::mirror::wait_job;
 use crate::servers::free_port;
 
 /// Runs the QEMU-only migration of a freshly booted guest; with `tls`, the NBD connection and
 /// the migration stream use one migration's x509 credentials (as libvirt's `--tls` does), with
-/// the same cipher priority ferry gives QEMU.
-pub async fn run(dir: &Path, setup: &Setup, tls: bool) -> Result<MigrationRun> {
+/// the same cipher priority ferry gives QEMU. With `link`, the destination QEMU runs in its
+/// namespace and everything goes through the shaped link.
+pub async fn run(
+    dir: &Path,
+    setup: &Setup,
+    tls: bool,
+    link: Option<&Link>,
+) -> Result<MigrationRun> {
     let mut run = MigrationRun {
         flow: if tls { "native --tls" } else { "native" }.into(),
         ..Default::default()
     };
     let source = boot_source(dir, setup).await?;
+    run.disk_bytes = crate::image::allocated(&dir.join("vda.raw"))?;
     let watch = AckWatch::start(source.guest.serial_log().to_path_buf(), "vda");
     // A second of the guest's normal rhythm before anything happens.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let dest_image = dir.join("dest-vda.raw");
     let started = Instant::now();
-    let result = steps(dir, setup, &source, &dest_image, &watch, &mut run, tls).await;
+    let ctx = Ctx {
+        dir,
+        setup,
+        source: &source,
+        dest_image: &dest_image,
+        watch: &watch,
+        tls,
+        link,
+    };
+    let result = steps(&ctx, &mut run).await;
     let (switch_at, done_at, dest) = match result {
         Ok(marks) => marks,
         Err(e) => {
@@ -77,15 +96,28 @@ type Marks = (
     Option<guest::RunningGuest>,
 );
 
-async fn steps(
-    dir: &Path,
-    setup: &Setup,
-    source: &crate::migration::Source,
-    dest_image: &Path,
-    watch: &AckWatch,
-    run: &mut MigrationRun,
+/// What the steps work with.
+struct Ctx<'a> {
+    dir: &'a Path,
+    setup: &'a Setup,
+    source: &'a crate::migration::Source,
+    dest_image: &'a Path,
+    watch: &'a AckWatch,
     tls: bool,
-) -> Result<Marks> {
+    link: Option<&'a Link>,
+}
+
+async fn steps(ctx: &Ctx<'_>, run: &mut MigrationRun) -> Result<Marks> {
+    let Ctx {
+        dir,
+        setup,
+        source,
+        dest_image,
+        watch,
+        tls,
+        link,
+    } = *ctx;
+    let host = link.map_or("127.0.0.1", |l| l.dest_ip.as_str());
     // libvirt pre-creates the destination image (sparse, same size) and starts QEMU paused.
     std::fs::File::create(dest_image)?.set_len(setup.disk)?;
     let mut spec = source.spec.clone();
@@ -95,7 +127,11 @@ async fn steps(
         .map(Into::into)
         .collect();
     let dest_dir = dir.join("dst");
-    let dest = guest::launch(&dest_dir, &spec, Path::new(guest::DEFAULT_QEMU)).await?;
+    let qemu = match link {
+        Some(link) => in_namespace(dir, link)?,
+        None => guest::DEFAULT_QEMU.into(),
+    };
+    let dest = guest::launch(&dest_dir, &spec, &qemu).await?;
     watch.add(dest.serial_log().to_path_buf());
     let dq = crate::servers::connect_qmp(&dest.qmp_socket().to_path_buf()).await?;
     let sq = qmp::Qmp::connect_unix(source.guest.qmp_socket()).await?;
@@ -138,7 +174,8 @@ async fn steps(
         .await?;
     }
     let nbd_port = free_port()?;
-    let mut nbd_args = json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": nbd_port.to_string()}}});
+    let mut nbd_args =
+        json!({"addr": {"type": "inet", "data": {"host": host, "port": nbd_port.to_string()}}});
     if tls {
         nbd_args["tls-creds"] = json!("tls0");
     }
@@ -151,7 +188,7 @@ async fn steps(
     )
     .await
     .context("block-export-add")?;
-    dq.execute_raw("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}))
+    dq.execute_raw("migrate-incoming", json!({"uri": format!("tcp:{host}:0")}))
         .await?;
     let info = dq.execute_raw("query-migrate", Value::Null).await?;
     let ram_port: u16 = info["socket-address"]
@@ -162,7 +199,7 @@ async fn steps(
     // Source: mirror into the destination's own NBD server.
     let mut events = sq.events();
     let mut target = json!({"driver": "nbd", "node-name": "mig-vda", "export": "vda",
-           "server": {"type": "inet", "host": "127.0.0.1", "port": nbd_port.to_string()},
+           "server": {"type": "inet", "host": host, "port": nbd_port.to_string()},
            "discard": "unmap", "detect-zeroes": "unmap"});
     if tls {
         target["tls-creds"] = json!("tls0");
@@ -192,11 +229,12 @@ async fn steps(
         caps(&["events", "pause-before-switchover", "return-path"]),
     )
     .await?;
-    sq.execute_raw(
-        "migrate",
-        json!({"uri": format!("tcp:127.0.0.1:{ram_port}")}),
-    )
-    .await?;
+    // libvirt lifts QEMU's default 128 MiB/s cap on every migration unless told a bandwidth
+    // (it sets its maximum); 0 is "no limit" to QEMU, as ferry sets it.
+    sq.execute_raw("migrate-set-parameters", json!({"max-bandwidth": 0}))
+        .await?;
+    sq.execute_raw("migrate", json!({"uri": format!("tcp:{host}:{ram_port}")}))
+        .await?;
     let stop_us = wait_migration(&mut events, "pre-switchover").await?;
     let switch_at = Instant::now();
     sq.execute_raw("block-job-cancel", json!({"device": "mig-vda"}))
@@ -228,6 +266,8 @@ async fn steps(
         .ok();
     let info = sq.execute_raw("query-migrate", Value::Null).await?;
     run.downtime_ms = info["downtime"].as_u64();
+    run.ram_bytes = info["ram"]["transferred"].as_u64();
+    run.set_link_limit(link);
     let _ = sq
         .execute_raw("blockdev-del", json!({"node-name": "mig-vda"}))
         .await;
@@ -236,6 +276,23 @@ async fn steps(
         run.stop_to_resume_ms = Some((resume.timestamp.as_micros() - stop) as f64 / 1000.0);
     }
     Ok((Some(switch_at), Some(done_at), Some(dest)))
+}
+
+/// A script that runs QEMU inside `link`'s namespace (`ip netns exec` keeps the process id, so
+/// the launcher's process is QEMU's).
+fn in_namespace(dir: &Path, link: &Link) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("qemu-in-netns");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nexec ip netns exec {} {} \"$@\"\n",
+            link.netns,
+            guest::DEFAULT_QEMU
+        ),
+    )?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
 }
 
 /// Waits for a MIGRATION event with `status`, failing on `failed`/`cancelled`; returns the

@@ -6,9 +6,10 @@
 //! connections run at once on the same open file.
 //!
 //! Three descriptors of the one file: the main one (reads, small or unaligned writes, through
-//! the page cache), one with `O_DIRECT` (large page-aligned writes go straight to the disk, see
-//! [`Backend::write_at`]) and one with `O_DSYNC` (FUA writes: durable on return without syncing
-//! the rest of the file). The kernel keeps cached and direct views coherent.
+//! the page cache), one with `O_DIRECT` (large page-aligned writes over allocated blocks go
+//! straight to the disk; into holes they go through the page cache, see [`Backend::write_at`])
+//! and one with `O_DSYNC` (FUA writes: durable on return without syncing the rest of the
+//! file). The kernel keeps cached and direct views coherent.
 //!
 //! Durability: `flush` is `fdatasync`, which covers every write completed before it on any
 //! connection (one file, one page cache, direct writes already on the device) and the metadata
@@ -135,8 +136,9 @@ impl Backend {
         self.file.read_exact_at(buf, offset)
     }
 
-    /// Whether a plain write of `len` bytes at `offset` (from a page-aligned buffer) goes to the
-    /// disk directly (see [`Backend::write_at`]).
+    /// Whether a plain write of `len` bytes at `offset` (from a page-aligned buffer) may go to
+    /// the disk directly (see [`Backend::write_at`]; one that starts in a hole still goes
+    /// through the page cache, decided there, off the runtime threads).
     pub(crate) fn goes_direct(&self, offset: u64, len: usize) -> bool {
         self.direct.is_some()
             && self.direct_ok.load(Ordering::Relaxed)
@@ -147,14 +149,22 @@ impl Backend {
 
     /// Writes `data` at `offset`; with `fua` it is on stable storage when this returns.
     ///
-    /// Large writes whose offset, length and memory are page-aligned bypass the page cache
-    /// (`O_DIRECT`): the data must reach the disk before the client's flush anyway (a mirror
-    /// flushes before it declares itself ready), and going direct skips copying it into the
-    /// page cache and the writeback work after. Measured on a QEMU mirror: a third less
-    /// server CPU per GiB than through the page cache, and steadier throughput. Other writes go
-    /// through the page cache; the kernel keeps the two views coherent.
+    /// Large writes whose offset, length and memory are page-aligned, over blocks the file
+    /// already has, bypass the page cache (`O_DIRECT`): the data must reach the disk before the
+    /// client's flush anyway (a mirror flushes before it declares itself ready), and going
+    /// direct skips copying it into the page cache and the writeback work after (a third less
+    /// server CPU per GiB on a QEMU mirror). A write that starts in a hole goes through the page
+    /// cache instead: a direct write that allocates waits for its own device round trip, and
+    /// ext4 lets only one allocating direct write per file run at a time, so a mirror's 1 MiB
+    /// requests into a fresh image went at queue depth one (0.5-0.8x a page-cache server on
+    /// long extents, BENCHMARKS.md), where writeback merges them. The kernel keeps the cached
+    /// and direct views coherent.
     pub(crate) fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        if !fua && data.len() >= DIRECT_FROM && self.direct_ok.load(Ordering::Relaxed) {
+        if !fua
+            && data.len() >= DIRECT_FROM
+            && self.direct_ok.load(Ordering::Relaxed)
+            && !self.hole_at(offset)
+        {
             if let Some(direct) = &self.direct {
                 let aligned = offset % ALIGN == 0
                     && data.len() as u64 % ALIGN == 0
@@ -174,6 +184,22 @@ impl Backend {
         match (&self.dsync, fua) {
             (Some(dsync), true) => dsync.write_all_at(data, offset),
             _ => self.file.write_all_at(data, offset),
+        }
+    }
+
+    /// Whether `offset` is in a hole of a regular file (a write there allocates). Unknown
+    /// (no `SEEK_DATA`, a block device) is "not a hole".
+    fn hole_at(&self, offset: u64) -> bool {
+        if !matches!(self.kind, Kind::RegularFile) {
+            return false;
+        }
+        let Ok(at) = i64::try_from(offset) else {
+            return false;
+        };
+        match lseek(self.file.as_raw_fd(), at, Whence::SeekData) {
+            Ok(data) => data != at,
+            Err(Errno::ENXIO) => true,
+            Err(_) => false,
         }
     }
 
@@ -397,6 +423,34 @@ mod tests {
 
     fn allocated_bytes(path: &Path) -> u64 {
         std::fs::metadata(path).expect("stat").blocks() * 512
+    }
+
+    #[test]
+    fn writes_into_holes_are_told_from_overwrites() {
+        const M: u64 = 1 << 20;
+        let f = sparse_file(8 * M, &[(2 * M, M as usize)]);
+        let b = Backend::open(f.path(), false).expect("open");
+        // In a hole a direct write would allocate (and serialize on ext4): it goes cached.
+        assert!(b.hole_at(0));
+        assert!(b.hole_at(5 * M));
+        assert!(
+            !b.hole_at(2 * M),
+            "allocated blocks are overwritten directly"
+        );
+        assert!(b.hole_at(8 * M), "past the last data");
+        // Either way the bytes land and read back.
+        let mut raw = vec![0x5au8; M as usize + 4096];
+        let start = raw.as_ptr().align_offset(4096);
+        let page_aligned = &mut raw[start..start + M as usize];
+        b.write_at(page_aligned, 0, false)
+            .expect("write into a hole");
+        b.write_at(page_aligned, 2 * M, false).expect("overwrite");
+        let mut back = vec![0u8; M as usize];
+        for at in [0, 2 * M] {
+            b.read_at(&mut back, at).expect("read");
+            assert!(back.iter().all(|&x| x == 0x5a), "bytes at {at}");
+        }
+        assert!(!b.hole_at(0), "the write allocated");
     }
 
     #[test]

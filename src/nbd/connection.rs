@@ -148,8 +148,9 @@ where
         match incoming {
             Ok(Incoming::Op { req, op, bytes }) => {
                 bounds.stats.count_request();
-                // Cached plain writes serialize on the inode lock anyway: one lane thread. Direct
-                // writes wait for the device, so they run side by side on the pool.
+                // Cached plain writes serialize on the inode lock anyway: one lane thread. Writes
+                // that may go direct run side by side on the pool (the backend still sends one
+                // that starts in a hole through the page cache, see `Backend::write_at`).
                 let lane_write = match op {
                     Op::Write {
                         fua: false,

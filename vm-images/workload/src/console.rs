@@ -4,6 +4,7 @@
 //! ferry-ready vda vdb                                  init: drivers loaded, these disks found
 //! ferry-start vda serial=disk0 slots=16384 first=1     workload: ring geometry, first seq
 //! ferry-filled vda 64                                  workload: bulk fill of 64 MiB done
+//! ferry-memfilled 1536                                 workload: 1536 MiB of RAM filled, held
 //! ferry-ack vda 1234                                   workload: record 1234 is durable
 //! ferry-error vda cannot write slot 7: I/O error       workload: gave up on this disk
 //! ```
@@ -25,6 +26,8 @@ pub const ACK: &str = "ferry-ack";
 pub const START: &str = "ferry-start";
 /// The workload's bulk fill finished.
 pub const FILLED: &str = "ferry-filled";
+/// The workload filled and holds this much guest RAM (`--hold-memory`); informational, not parsed.
+pub const MEMFILLED: &str = "ferry-memfilled";
 /// The workload stopped on a disk because of an error.
 pub const ERROR: &str = "ferry-error";
 
@@ -67,6 +70,11 @@ pub fn start(disk: &str, serial: Option<&str>, slots: u64, first: u64) -> String
 /// The fill line, newline included.
 pub fn filled(disk: &str, mib: u64) -> String {
     format!("{FILLED} {disk} {mib}\n")
+}
+
+/// The memory fill line, newline included.
+pub fn memfilled(mib: u64) -> String {
+    format!("{MEMFILLED} {mib}\n")
 }
 
 /// The error line, newline included; newlines in `message` are flattened.

@@ -1,10 +1,16 @@
-//! The test guest's workload: `workload [--rate N] [--fill MIB] DEVICE`.
+//! The test guest's workload: `workload [--rate N] [--fill MIB] DEVICE`, or
+//! `workload --hold-memory MIB MARKER`.
 //!
 //! Writes records 1, 2, 3, ... (see [`ferry_guest_workload::record`]) round the ring of 4 KiB
 //! slots on the raw block device DEVICE, `fdatasync`s each one and only then prints
 //! `ferry-ack <disk> <seq>` on stdout (the serial console). `--rate` is records per second (0: as
 //! fast as the disk allows); `--fill` first writes MIB MiB of incompressible data from offset 0 so
 //! that there is something to copy.
+//!
+//! `--hold-memory` fills MIB MiB of anonymous memory with pseudo-random data, prints
+//! `ferry-memfilled MIB`, creates the file MARKER (init waits for it before it starts the disk
+//! workloads) and then holds the memory until the guest dies: a guest whose RAM is mostly
+//! non-zero pages, so that a migration has to send all of it (zero pages cost QEMU nothing).
 //!
 //! If the disk already holds records (a reboot on a used disk), the run continues after the
 //! highest sequence number found, so sequence numbers on one disk only ever grow.
@@ -22,7 +28,7 @@ use std::time::{Duration, Instant};
 use ferry_guest_workload::console;
 use ferry_guest_workload::record::{self, RECORD_SIZE};
 
-const USAGE: &str = "usage: workload [--rate RECORDS_PER_SECOND] [--fill MIB] DEVICE";
+const USAGE: &str = "usage: workload [--rate RECORDS_PER_SECOND] [--fill MIB] DEVICE\n       workload --hold-memory MIB MARKER";
 const CHUNK: usize = 1 << 20;
 
 struct Args {
@@ -32,6 +38,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    let mut argv = std::env::args().skip(1).peekable();
+    if argv.peek().map(String::as_str) == Some("--hold-memory") {
+        return hold_memory(argv.skip(1));
+    }
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(args) => args,
         Err(msg) => {
@@ -178,6 +188,50 @@ fn fill(dev: &File, size: u64, mib: u64) -> Result<(), String> {
     }
     dev.sync_data()
         .map_err(|e| format!("cannot flush the fill: {e}"))
+}
+
+/// `--hold-memory MIB MARKER`: see the module doc. Never returns once the memory is filled.
+fn hold_memory(mut it: impl Iterator<Item = String>) -> ExitCode {
+    let (Some(mib), Some(marker), None) = (it.next(), it.next(), it.next()) else {
+        eprintln!("workload: --hold-memory needs MIB and MARKER\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    let Ok(mib) = mib.parse::<usize>() else {
+        eprintln!("workload: --hold-memory {mib}: not a number\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    let mut out = match Console::open() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("workload: cannot use stdout: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // One pseudo-random MiB, copied into every other one: no page is zero, and a copy is
+    // several times cheaper than generating under TCG (1.5 GiB took 45 s that way). Neither
+    // QEMU nor ferry deduplicates pages, so a repeated MiB costs a migration as much as a
+    // unique one.
+    let mut pattern = vec![0u8; CHUNK];
+    record::fill_payload(0x6d65_6d00, &mut pattern);
+    // One allocation, so that with transparent huge pages (init turns them on) the kernel
+    // faults it in 2 MiB at a time: the faults, not the copies, were most of the time.
+    let mut held = vec![0u8; mib * CHUNK];
+    for chunk in held.chunks_exact_mut(CHUNK) {
+        chunk.copy_from_slice(&pattern);
+    }
+    let _ = out.line(&console::memfilled(mib as u64));
+    if let Err(e) = std::fs::write(&marker, b"") {
+        let _ = out.line(&console::error(
+            "mem",
+            &format!("cannot create {marker}: {e}"),
+        ));
+        return ExitCode::FAILURE;
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+        // Keeps the allocation alive for the optimizer as well as for the reader.
+        std::hint::black_box(&held);
+    }
 }
 
 /// stdout as a plain file: each line goes out in one `write`, so lines of workloads running on
