@@ -60,6 +60,21 @@ struct Tracker {
     write_blocking: bool,
 }
 
+/// How long a failed mirror waits for the agent's explanation (see [`wait_ready`]).
+const AGENT_EXPLAINS: Duration = Duration::from_secs(1);
+
+/// The failure for an agent that ended the migration while the disks copied: a refusal before
+/// its `DestinationReady` means the destination QEMU did not start, which is what the operator
+/// must hear.
+fn agent_failure(agent: &AgentLink, error: ControlError) -> Failure {
+    let phase = if agent.awaiting_destination() && matches!(error, ControlError::Refused(_)) {
+        PhaseName::StartDestination
+    } else {
+        PhaseName::Mirror
+    };
+    Failure::new(phase, MigrateError::from(error))
+}
+
 /// Waits for every job to be READY, reporting progress (the agent's `DestinationReady` may
 /// arrive meanwhile: the link keeps it). Fails on a job error, a cancelled token, the timeout,
 /// or any other message or a hang-up from the agent.
@@ -105,16 +120,7 @@ pub async fn wait_ready(
         }
         tokio::select! {
             _ = cancel.cancelled() => return Err(fail(MigrateError::Cancelled)),
-            error = agent.watch() => {
-                // The agent refusing before its DestinationReady: the destination QEMU did not
-                // start, which is what the operator must hear.
-                let phase = if agent.awaiting_destination() && matches!(error, ControlError::Refused(_)) {
-                    PhaseName::StartDestination
-                } else {
-                    PhaseName::Mirror
-                };
-                return Err(Failure::new(phase, MigrateError::from(error)));
-            }
+            error = agent.watch() => return Err(agent_failure(agent, error)),
             _ = tokio::time::sleep_until(deadline) => {
                 let waiting: Vec<&str> = jobs.iter().filter(|j| !ready[&j.job]).map(|j| j.disk.as_str()).collect();
                 return Err(fail(MigrateError::MirrorTimeout { disks: waiting.join(", "), secs: timeout.as_secs() }));
@@ -128,6 +134,12 @@ pub async fn wait_ready(
                         reporter.report(&Progress::MirrorReady { disk: job.disk.clone() });
                     }
                     "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => {
+                        // An agent that gives up (its destination QEMU failed to start) says why
+                        // and then closes the exports, which fails the mirror: its reason, not
+                        // the I/O error it caused, is what the operator must hear.
+                        if let Ok(error) = tokio::time::timeout(AGENT_EXPLAINS, agent.watch()).await {
+                            return Err(agent_failure(agent, error));
+                        }
                         let why = event.data.get("error").and_then(Value::as_str).unwrap_or("the job ended early").to_string();
                         return Err(fail(MigrateError::Mirror { disk: job.disk.clone(), why }));
                     }
