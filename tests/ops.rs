@@ -10,7 +10,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use ferry::migrate::control::ControlError;
-use ferry::protocol::SourceMessage;
 use ferry_harness::ops::*;
 use ferry_harness::*;
 use ferry_testkit::{verify_disk, Acks, ImageFormat};
@@ -60,13 +59,7 @@ async fn beyond_max_migrations_a_source_is_refused_with_the_limit() {
     assert_eq!(sample(&text, "ferry_migrations_active"), 1.0);
 
     // The place frees with the first migration.
-    first
-        .send(&SourceMessage::Abort {
-            reason: "test".into(),
-        })
-        .await
-        .expect("abort");
-    drop(first);
+    first.abort("test").await;
     wait_leftovers(&agent, 0).await;
     let mut third = link(&agent).await;
     third
@@ -114,13 +107,7 @@ async fn free_space_is_reserved_across_concurrent_migrations() {
     assert_eq!(local["migrations"][0]["reserved"].as_u64(), Some(each));
 
     // Released with the first migration.
-    first
-        .send(&SourceMessage::Abort {
-            reason: "test".into(),
-        })
-        .await
-        .expect("abort");
-    drop(first);
+    first.abort("test").await;
     wait_leftovers(&agent, 0).await;
     let mut third = link(&agent).await;
     third
@@ -457,13 +444,7 @@ async fn a_restarted_agent_keeps_the_reservation_of_a_migration_it_resumes() {
         .prepare(&vm(size, None), true)
         .await
         .expect("admitted once the resumed migration is settled");
-    after
-        .send(&SourceMessage::Abort {
-            reason: "test".into(),
-        })
-        .await
-        .expect("abort");
-    drop(after);
+    after.abort("test").await;
     let gone = storage.join(&prepared.migration_id);
     let start = Instant::now();
     while gone.exists() {

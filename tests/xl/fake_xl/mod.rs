@@ -293,8 +293,12 @@ fn domid(args: &[String]) -> R<i32> {
     Ok(0)
 }
 
-/// One QMP command against a device model (a small runtime per call: the stand-in is sync).
-fn qmp_cmd(domid: u32, cmd: &str, args: Value) -> R<Value> {
+/// Runs `session` on a fresh QMP connection to a device model, on a small runtime of its own
+/// (the stand-in is synchronous).
+fn with_qmp<T, F>(domid: u32, session: impl FnOnce(qmp::Qmp) -> F) -> R<T>
+where
+    F: std::future::Future<Output = R<T>>,
+{
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -303,30 +307,36 @@ fn qmp_cmd(domid: u32, cmd: &str, args: Value) -> R<Value> {
         let q = qmp::Qmp::connect_unix(qmp_path(domid))
             .await
             .map_err(|e| format!("QMP: {e}"))?;
+        session(q).await
+    })
+}
+
+/// One QMP command against a device model.
+fn qmp_cmd(domid: u32, cmd: &str, args: Value) -> R<Value> {
+    with_qmp(domid, |q| async move {
         q.execute_raw(cmd, args)
             .await
             .map_err(|e| format!("{cmd}: {e}"))
     })
 }
 
+/// Runs `cmd` (`stop`, `cont`) and returns the timestamp (µs) of the `event` it causes.
+async fn command_then_event(q: &qmp::Qmp, cmd: &str, event: &str) -> R<u64> {
+    let mut events = q.events();
+    q.execute_raw(cmd, Value::Null)
+        .await
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    let ev = events
+        .wait_for(|e| e.name == event, Duration::from_secs(10))
+        .await
+        .map_err(|e| format!("{event} event: {e}"))?;
+    Ok(ev.timestamp.as_micros() as u64)
+}
+
 /// `stop` and the STOP event's own timestamp (µs), then QEMU's state saved to `file`.
 fn suspend_and_save(domid: u32, file: &Path) -> R<u64> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let q = qmp::Qmp::connect_unix(qmp_path(domid))
-            .await
-            .map_err(|e| format!("QMP: {e}"))?;
-        let mut events = q.events();
-        q.execute_raw("stop", Value::Null)
-            .await
-            .map_err(|e| format!("stop: {e}"))?;
-        let stop = events
-            .wait_for(|e| e.name == "STOP", Duration::from_secs(10))
-            .await
-            .map_err(|e| format!("STOP event: {e}"))?;
+    with_qmp(domid, |q| async move {
+        let stop = command_then_event(&q, "stop", "STOP").await?;
         let uri = format!("file:{}", file.display());
         q.execute_raw("migrate", json!({"uri": uri}))
             .await
@@ -344,7 +354,7 @@ fn suspend_and_save(domid: u32, file: &Path) -> R<u64> {
                 _ => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         }
-        Ok(stop.timestamp.as_micros() as u64)
+        Ok(stop)
     })
 }
 

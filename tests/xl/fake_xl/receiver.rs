@@ -7,8 +7,8 @@ use ferry::xl::stream;
 use serde_json::{json, Value};
 
 use super::{
-    domain_file, event, expect, from_json, now_us, qmp_cmd, qmp_path, read_exact, run_dir,
-    start_dm, BANNER, GO, R, READY, REPORT,
+    command_then_event, domain_file, event, expect, from_json, now_us, qmp_cmd, qmp_path,
+    read_exact, run_dir, start_dm, with_qmp, BANNER, GO, R, READY, REPORT,
 };
 
 fn le32(b: &[u8]) -> u32 {
@@ -174,22 +174,7 @@ fn wait_incoming(domid: u32) -> R<()> {
 
 /// `cont`, and the RESUME event's timestamp (µs).
 fn resume(domid: u32) -> R<u64> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let q = qmp::Qmp::connect_unix(qmp_path(domid))
-            .await
-            .map_err(|e| format!("QMP: {e}"))?;
-        let mut events = q.events();
-        q.execute_raw("cont", Value::Null)
-            .await
-            .map_err(|e| format!("cont: {e}"))?;
-        let ev = events
-            .wait_for(|e| e.name == "RESUME", Duration::from_secs(10))
-            .await
-            .map_err(|e| format!("RESUME event: {e}"))?;
-        Ok(ev.timestamp.as_micros() as u64)
+    with_qmp(domid, |q| async move {
+        command_then_event(&q, "cont", "RESUME").await
     })
 }
