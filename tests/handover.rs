@@ -66,6 +66,24 @@ async fn source_keeps_the_vm(qemu: &Path) {
     held.wait_held();
     held.kill();
     assert_eq!(journals(&token).len(), 1, "the journal outlives the driver");
+    // A dry run meanwhile names the interrupted migration and what to do, and settles nothing.
+    let dry = FERRY
+        .command()
+        .args(["migrate", "--dry-run", "--qmp"])
+        .arg(guest.qmp_socket())
+        .args(["--to", &agent.addr, "--token-file"])
+        .arg(&token)
+        .env("FERRY_STATE_DIR", state_dir(&token))
+        .output()
+        .expect("run ferry migrate --dry-run");
+    let stderr = String::from_utf8_lossy(&dry.stderr);
+    assert_eq!(dry.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("of this VM was interrupted: run `ferry recover --qmp "),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_eq!(journals(&token).len(), 1, "the dry run left the journal");
     let (code, out, err) = FERRY.recover(guest.qmp_socket(), &token);
     assert_eq!(code, 0, "{out} {err}");
     assert_eq!(out["owner"], "source", "{out}");

@@ -74,9 +74,6 @@ pub struct DiskPlan {
 /// Runs discovery, the journal check and the agent's checks; changes nothing.
 pub async fn dry_run(opts: &MigrateOptions) -> Result<Plan, Failure> {
     let qemu = connect(opts, PhaseName::Discover).await?;
-    let vm = qemu.discover().await.map_err(at(PhaseName::Discover))?;
-    let discover = at::<super::source::SourceError>(PhaseName::Discover);
-    let ram_bytes = qemu.ram_size().await.map_err(&discover)?;
     let journal = Journal::for_socket(&opts.state_dir, &opts.qmp_socket);
     let interrupted = journal
         .read()
@@ -86,6 +83,23 @@ pub async fn dry_run(opts: &MigrateOptions) -> Result<Plan, Failure> {
         })
         .map_err(at(PhaseName::Discover))?
         .map(|record| record.migration_id);
+    // A VM left mid-migration (paused at pre-switchover, say) fails discovery; the interrupted
+    // migration, not the VM's state, is what the operator must deal with first.
+    let vm = match (qemu.discover().await, &interrupted) {
+        (Ok(vm), _) => vm,
+        (Err(_), Some(id)) => {
+            return Err(Failure::new(
+                PhaseName::Discover,
+                MigrateError::Interrupted {
+                    migration_id: id.clone(),
+                    socket: opts.qmp_socket.clone(),
+                },
+            ))
+        }
+        (Err(e), None) => return Err(at(PhaseName::Discover)(e)),
+    };
+    let discover = at::<super::source::SourceError>(PhaseName::Discover);
+    let ram_bytes = qemu.ram_size().await.map_err(&discover)?;
     let negotiate = at::<super::control::ControlError>(PhaseName::Negotiate);
     let mut link = AgentLink::connect(&opts.to, &opts.auth)
         .await
