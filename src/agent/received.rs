@@ -346,7 +346,15 @@ impl Received {
     /// Starts the destination QEMU paused, waiting for the RAM; returns the port it listens on.
     /// Journaled `Started` first, so that a restarted agent looks for that QEMU. Runs while the
     /// disks copy: QEMU opens the images inactive and does not touch them before the hand-over.
-    pub async fn start_destination(&mut self, ip: IpAddr, parallel: u32) -> Result<u16, String> {
+    /// With `prealloc_ram` its RAM is preallocated before the answer (see
+    /// [`Destination::preallocate_ram`]): the source reads that answer only once its disks are
+    /// in sync, so the time is hidden behind the mirror unless the mirror is shorter.
+    pub async fn start_destination(
+        &mut self,
+        ip: IpAddr,
+        parallel: u32,
+        prealloc_ram: bool,
+    ) -> Result<u16, String> {
         self.journal(Phase::Started)?;
         let _ = std::fs::write(self.dir.path.join("argv"), self.argv.join("\n"));
         let (pidfile, qmp_socket) = (self.ctx.pidfile(), self.ctx.qmp_socket());
@@ -364,6 +372,13 @@ impl Received {
             None => None,
         };
         let port = dest.listen(ip, tls_dir.as_deref(), parallel).await;
+        if prealloc_ram && port.is_ok() {
+            // Only a speed-up: a destination that cannot preallocate still receives the RAM the
+            // usual way (allocating on first touch).
+            if let Err(e) = dest.preallocate_ram().await {
+                warn!(error = %crate::error_chain(&e), "could not preallocate the guest's RAM; receiving it without");
+            }
+        }
         self.destination = Some(dest);
         port.map_err(|e| crate::error_chain(&e))
     }

@@ -103,6 +103,8 @@ pub struct MigrateOptions {
     pub max_downtime: Option<Duration>,
     /// RAM stream connections (multifd channels); 1: one stream, no multifd.
     pub parallel: u32,
+    /// Have the agent preallocate the guest's RAM on the destination while the disks copy.
+    pub prealloc_ram: bool,
     /// How long a mirror's remaining work may fail to shrink before it goes write-blocking.
     pub converge_after: Duration,
     /// Where the source journal lives.
@@ -127,6 +129,7 @@ impl MigrateOptions {
             ram_speed: None,
             max_downtime: None,
             parallel: 1,
+            prealloc_ram: false,
             converge_after: Duration::from_secs(10),
             state_dir: PathBuf::from(journal::DEFAULT_STATE_DIR),
             agent_wait: Duration::from_secs(60),
@@ -454,7 +457,7 @@ impl Migration {
         // The destination QEMU starts while the disks copy: off the critical path. (Asked once
         // the mirrors run, so that a destination that cannot start is reported as such, not
         // as the NBD connections its rollback closes.)
-        link.start_destination(opts.parallel)
+        link.start_destination(opts.parallel, opts.prealloc_ram)
             .await
             .map_err(at::<ControlError>(PhaseName::StartDestination))?;
         self.disk_bytes =

@@ -1,0 +1,66 @@
+//! Issue 12's RAM-phase and switchover settings, checked from outside: what reached the
+//! destination QEMU (its QOM properties, its resident memory), and that the VM still arrives
+//! whole (every acknowledged record on the destination image, the guest acknowledging there).
+
+use std::path::{Path, PathBuf};
+
+use ferry_harness::*;
+use ferry_testkit::qemu::qemu_7_2;
+use serde_json::{json, Value};
+
+const FERRY: Ferry = Ferry::new(env!("CARGO_BIN_EXE_ferry"));
+
+const TOKEN: &str = "gap-test-token-0123456789abcdef";
+
+/// Resident memory of `pid`, bytes (`VmRSS`).
+fn resident(pid: u64) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib << 10
+}
+
+/// `--preallocate-ram`: the destination QEMU's RAM backend has `prealloc` on and it holds the
+/// guest's whole 256 MiB resident, though this guest's RAM is mostly zero pages (which the RAM
+/// stream does not write); the VM arrives whole. On a 10.0 destination, and on Debian 12's 7.2
+/// (from a 7.2 source).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preallocated_ram_reaches_the_destination_qemu() {
+    let mut qemus = vec![PathBuf::from(ferry_testkit::DEFAULT_QEMU)];
+    qemus.extend(qemu_7_2());
+    for qemu in qemus {
+        let mut setup = OneDisk::boot_with(TOKEN, 64 << 20, 8, 50, &qemu).await;
+        let binary = qemu.display().to_string();
+        let agent = setup.agent(FERRY, &["--qemu-binary", &binary]);
+        let run = FERRY.migrate_with(
+            setup.guest.qmp_socket(),
+            &agent.addr,
+            &setup.token,
+            &["--insecure", "--preallocate-ram"],
+        );
+        let done = run.last();
+        assert_eq!(done["event"], "completed", "{binary}: {done}\n{}", run.stderr);
+        let pid = done["destination"]["pid"].as_u64().expect("destination pid");
+        let qmp_path = Path::new(done["destination"]["qmp"].as_str().expect("qmp path"));
+        let q = qmp::Qmp::connect_unix(qmp_path).await.expect("QMP");
+        let prealloc = q
+            .execute_raw(
+                "qom-get",
+                json!({"path": "/objects/pc.ram", "property": "prealloc"}),
+            )
+            .await
+            .expect("qom-get prealloc");
+        assert_eq!(prealloc, Value::Bool(true), "{binary}");
+        drop(q);
+        let rss = resident(pid);
+        assert!(
+            rss >= 256 << 20,
+            "{binary}: the destination holds {} MiB resident, not the guest's 256 MiB",
+            rss >> 20
+        );
+        assert_on_destination(&mut setup.guest, &setup.token, &agent).await;
+    }
+}
