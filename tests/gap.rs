@@ -42,8 +42,14 @@ async fn preallocated_ram_reaches_the_destination_qemu() {
             &["--insecure", "--preallocate-ram"],
         );
         let done = run.last();
-        assert_eq!(done["event"], "completed", "{binary}: {done}\n{}", run.stderr);
-        let pid = done["destination"]["pid"].as_u64().expect("destination pid");
+        assert_eq!(
+            done["event"], "completed",
+            "{binary}: {done}\n{}",
+            run.stderr
+        );
+        let pid = done["destination"]["pid"]
+            .as_u64()
+            .expect("destination pid");
         let qmp_path = Path::new(done["destination"]["qmp"].as_str().expect("qmp path"));
         let q = qmp::Qmp::connect_unix(qmp_path).await.expect("QMP");
         let prealloc = q

@@ -297,7 +297,8 @@ fn log_file(name: &str) -> Result<Stdio> {
     };
     let n = RUN.fetch_add(1, Ordering::Relaxed) / 2;
     let path = Path::new(&dir).join(format!("{name}.{}.{n}.log", std::process::id()));
-    let file = std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
+    let file =
+        std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
     Ok(file.into())
 }
 

@@ -344,7 +344,7 @@ impl AgentLink {
             parallel,
             prealloc_ram,
         })
-            .await
+        .await
     }
 
     /// The answer to [`start_destination`](Self::start_destination): the port the destination
