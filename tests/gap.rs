@@ -50,6 +50,8 @@ async fn preallocated_ram_reaches_the_destination_qemu() {
         let pid = done["destination"]["pid"]
             .as_u64()
             .expect("destination pid");
+        // Killed if an assertion below fails (assert_on_destination quits it otherwise).
+        let _guard = PidGuard(Some(pid as u32));
         let qmp_path = Path::new(done["destination"]["qmp"].as_str().expect("qmp path"));
         let q = qmp::Qmp::connect_unix(qmp_path).await.expect("QMP");
         let prealloc = q
