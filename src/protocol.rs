@@ -153,6 +153,12 @@ pub enum SourceMessage {
         /// RAM stream connections (QEMU's multifd channels); 1: one plain stream, no multifd.
         /// Both QEMUs must agree, so the source says it here. At most [`MAX_PARALLEL`].
         parallel: u32,
+        /// Touch all of the guest's RAM on the destination while the disks copy (QEMU's
+        /// `prealloc` on its memory backends), so that the RAM stream later writes into memory
+        /// the kernel has already zeroed. Left out when false, so an agent that predates it
+        /// reads the message as before (and just does not preallocate).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        prealloc_ram: bool,
     },
     /// Every mirror is READY: the bulk of the disks is in, and the agent may flush it to stable
     /// storage in the background (the flush at the switchover then has little left to do).

@@ -417,7 +417,11 @@ async fn ram_stream_counts_outside_1_to_16_are_refused_and_leave_nothing() {
             Vec::<String>::new(),
             "Prepare creates the migration's directory"
         );
-        protocol::write_message(&mut peer.wr, &SourceMessage::StartDestination { parallel })
+        let start = SourceMessage::StartDestination {
+            parallel,
+            prealloc_ram: false,
+        };
+        protocol::write_message(&mut peer.wr, &start)
             .await
             .expect("start destination");
         let reason = match protocol::read_message(&mut peer.rd)

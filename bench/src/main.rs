@@ -73,6 +73,15 @@ struct Args {
     /// sends 1 MiB requests; the requests grow with it, `BYTES / 16`).
     #[arg(long, value_name = "BYTES")]
     mirror_buf_size: Option<u64>,
+    /// The flows of the migration sections that run, instead of their own (repeatable, in
+    /// order), e.g. `--flow "ferry --insecure" --flow "ferry --insecure --max-downtime 50"
+    /// --flow native`: `native`, `native --tls`, or `ferry` followed by `ferry migrate` flags.
+    #[arg(long, value_name = "FLOW")]
+    flow: Vec<String>,
+    /// Rounds of each migration section (default: 3, quick: 1). Even rounds run the flows in
+    /// reverse order, so that neither flow always follows the other (cold memory, caches).
+    #[arg(long, value_name = "N")]
+    rounds: Option<usize>,
 }
 
 const MIB: u64 = 1 << 20;
@@ -361,13 +370,25 @@ async fn run_all(
             Some(mbit) => Some(link::Link::create(n as u8, mbit)?),
             None => None,
         };
-        for round in 0..plan.migration_repeats {
-            for flow in section.flows {
+        let flows: Vec<&str> = if args.flow.is_empty() {
+            section.flows.to_vec()
+        } else {
+            args.flow.iter().map(String::as_str).collect()
+        };
+        let rounds = args.rounds.unwrap_or(plan.migration_repeats);
+        for round in 0..rounds {
+            // Both orders: a flow that always ran right after another would always meet the
+            // memory and caches that one left (cold memory on this VM slows the next QEMU).
+            let order: Vec<&str> = if round % 2 == 1 {
+                flows.iter().rev().copied().collect()
+            } else {
+                flows.clone()
+            };
+            for flow in order {
                 note(&format!(
-                    "{}: {flow} flow (round {} of {})",
+                    "{}: {flow} flow (round {} of {rounds})",
                     section.name,
                     round + 1,
-                    plan.migration_repeats
                 ));
                 let run = migrate(
                     flow,

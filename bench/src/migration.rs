@@ -204,7 +204,7 @@ pub async fn ferry(
         .arg("--state-dir")
         .arg(dir.join("agent-state"))
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log_file("agent")?)
         .kill_on_drop(true)
         .spawn()
         .context("start ferry agent")?;
@@ -228,7 +228,7 @@ pub async fn ferry(
         .args(flags)
         .env("FERRY_STATE_DIR", dir.join("source-state"))
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log_file("migrate")?)
         .kill_on_drop(true)
         .spawn()
         .context("start ferry migrate")?;
@@ -284,6 +284,22 @@ pub async fn ferry(
     }
     let _ = agent.kill().await;
     Ok(run)
+}
+
+/// Where a ferry process's log goes: nowhere, unless `FERRY_BENCH_LOGS` names a directory
+/// (then `NAME.PID-of-bench.N.log` there; with `FERRY_LOG=debug` the switchover's steps are
+/// timestamped, to compare with QEMU's events).
+fn log_file(name: &str) -> Result<Stdio> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static RUN: AtomicUsize = AtomicUsize::new(0);
+    let Some(dir) = std::env::var_os("FERRY_BENCH_LOGS") else {
+        return Ok(Stdio::null());
+    };
+    let n = RUN.fetch_add(1, Ordering::Relaxed) / 2;
+    let path = Path::new(&dir).join(format!("{name}.{}.{n}.log", std::process::id()));
+    let file =
+        std::fs::File::create(&path).with_context(|| format!("create {}", path.display()))?;
+    Ok(file.into())
 }
 
 /// Every ack in the source and destination logs, merged.

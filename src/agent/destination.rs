@@ -224,6 +224,57 @@ impl Destination {
         })
     }
 
+    /// Touches all of the guest's RAM now (`prealloc` on each of its memory backends, with one
+    /// thread per host CPU), while the disks still copy. Without it the incoming RAM stream
+    /// faults every page in as it writes it, and the kernel zeroes each one then, inside the RAM
+    /// phase: for a guest whose RAM is mostly in use that zeroing is a large part of the phase
+    /// (BENCHMARKS.md, issue 12). It allocates the guest's whole RAM, used or not. Blocks this
+    /// QEMU's monitor until done; returns how many backends it preallocated.
+    pub async fn preallocate_ram(&self) -> Result<usize, DestinationError> {
+        let objects = self
+            .qmp
+            .execute_raw("qom-list", json!({"path": "/objects"}))
+            .await
+            .map_err(qmp_err("listing its objects"))?;
+        let backends: Vec<String> = objects
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|o| {
+                o.get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| t.starts_with("child<memory-backend-"))
+            })
+            .filter_map(|o| o.get("name").and_then(Value::as_str).map(str::to_owned))
+            .collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let started = std::time::Instant::now();
+        for name in &backends {
+            let path = format!("/objects/{name}");
+            self.qmp
+                .execute_raw(
+                    "qom-set",
+                    json!({"path": path, "property": "prealloc-threads", "value": threads}),
+                )
+                .await
+                .map_err(qmp_err(format!("setting prealloc-threads on {path}")))?;
+            self.qmp
+                .execute_raw(
+                    "qom-set",
+                    json!({"path": path, "property": "prealloc", "value": true}),
+                )
+                .await
+                .map_err(qmp_err(format!("preallocating {path}")))?;
+        }
+        tracing::debug!(
+            backends = backends.len(),
+            threads,
+            ms = started.elapsed().as_millis() as u64,
+            "guest RAM preallocated"
+        );
+        Ok(backends.len())
+    }
+
     /// Waits until the incoming migration is `completed` (Ok) or has failed (Err).
     pub async fn wait_incoming(&self, timeout: Duration) -> Result<(), DestinationError> {
         let info = wait_migration(&self.qmp, timeout, Duration::from_millis(2), |s| {

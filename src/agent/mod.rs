@@ -174,6 +174,8 @@ impl Agent {
             tokio::spawn(scrape::run(listener, metrics, metrics_stop.clone()));
         }
         let _stop_metrics = metrics_stop.drop_guard();
+        let policy = self.config.policy.clone();
+        tokio::spawn(async move { policy.prewarm().await });
         let handshakes = handshakes::Handshakes::new(MAX_HANDSHAKES);
         let mut tasks = JoinSet::new();
         loop {

@@ -167,18 +167,41 @@ impl Policy {
                 allowed: self.allowed_binaries(),
             });
         };
+        self.check_sandboxed(&binary).await?;
+        Ok(binary.display().to_string())
+    }
+
+    /// Runs [`check_sandbox`] once per binary version.
+    async fn check_sandboxed(&self, binary: &Path) -> Result<(), PolicyError> {
         let key = (
-            binary.clone(),
-            std::fs::metadata(&binary).and_then(|m| m.modified()).ok(),
+            binary.to_path_buf(),
+            std::fs::metadata(binary).and_then(|m| m.modified()).ok(),
         );
         let known = |s: &Self| s.sandboxed.lock().is_ok_and(|set| set.contains(&key));
         if !known(self) {
-            check_sandbox(&binary).await?;
+            check_sandbox(binary).await?;
             if let Ok(mut set) = self.sandboxed.lock() {
                 set.insert(key);
             }
         }
-        Ok(binary.display().to_string())
+        Ok(())
+    }
+
+    /// Checks the binaries this agent will most likely start (the configured ones, else this
+    /// host's own `qemu-system-ARCH` on PATH) now, so that the first migration's negotiation
+    /// does not start QEMU once more for it (0.1 s here, more on a loaded host). Failures are
+    /// left for the migration that needs the binary to report.
+    pub async fn prewarm(&self) {
+        let binaries = if self.binaries.is_empty() {
+            find_on_path(&format!("qemu-system-{}", std::env::consts::ARCH))
+                .into_iter()
+                .collect()
+        } else {
+            self.binaries.clone()
+        };
+        for binary in binaries {
+            let _ = self.check_sandboxed(&binary).await;
+        }
     }
 
     /// Every file the destination QEMU would load by path must be under an allowed directory.

@@ -346,7 +346,15 @@ impl Received {
     /// Starts the destination QEMU paused, waiting for the RAM; returns the port it listens on.
     /// Journaled `Started` first, so that a restarted agent looks for that QEMU. Runs while the
     /// disks copy: QEMU opens the images inactive and does not touch them before the hand-over.
-    pub async fn start_destination(&mut self, ip: IpAddr, parallel: u32) -> Result<u16, String> {
+    /// With `prealloc_ram` its RAM is preallocated before the answer (see
+    /// [`Destination::preallocate_ram`]): the source reads that answer only once its disks are
+    /// in sync, so the time is hidden behind the mirror unless the mirror is shorter.
+    pub async fn start_destination(
+        &mut self,
+        ip: IpAddr,
+        parallel: u32,
+        prealloc_ram: bool,
+    ) -> Result<u16, String> {
         self.journal(Phase::Started)?;
         let _ = std::fs::write(self.dir.path.join("argv"), self.argv.join("\n"));
         let (pidfile, qmp_socket) = (self.ctx.pidfile(), self.ctx.qmp_socket());
@@ -364,6 +372,13 @@ impl Received {
             None => None,
         };
         let port = dest.listen(ip, tls_dir.as_deref(), parallel).await;
+        if prealloc_ram && port.is_ok() {
+            // Only a speed-up: a destination that cannot preallocate still receives the RAM the
+            // usual way (allocating on first touch).
+            if let Err(e) = dest.preallocate_ram().await {
+                warn!(error = %crate::error_chain(&e), "could not preallocate the guest's RAM; receiving it without");
+            }
+        }
         self.destination = Some(dest);
         port.map_err(|e| crate::error_chain(&e))
     }
@@ -373,8 +388,13 @@ impl Received {
     pub fn flush_in_background(&self) {
         let images = self.images.clone();
         tokio::spawn(async move {
-            if let Err(e) = storage::sync_files(images).await {
+            if let Err(e) = storage::sync_files(images.clone()).await {
                 warn!(error = %e, "early flush of the images");
+                return;
+            }
+            // Clean now: dropping them here keeps that work out of `cont` (see drop_cached).
+            if let Err(e) = storage::drop_cached(images).await {
+                warn!(error = %e, "dropping the images' cached pages");
             }
         });
     }
@@ -445,10 +465,15 @@ impl Received {
         if !dest.alive() {
             return Err("the destination QEMU is gone".into());
         }
+        // The hand-over's steps are in the guest's pause: timed, for FERRY_LOG=debug.
+        let asked = std::time::Instant::now();
+        let mut incoming_ms = 0.0;
+        let mut durable_ms = 0.0;
         if self.record.phase < Phase::Resuming {
             dest.wait_incoming(SWITCH_TIMEOUT)
                 .await
                 .map_err(|e| crate::error_chain(&e))?;
+            incoming_ms = asked.elapsed().as_secs_f64() * 1e3;
             // The point of no return on this host: from here the guest may run here. Recording
             // it and making the images durable (every mirror write was answered before the
             // source let its migration complete, so they hold the final data) are both needed
@@ -464,7 +489,9 @@ impl Received {
             let dir = self.dir.clone();
             let journal = tokio::task::spawn_blocking(move || dir.record(record));
             let flush = storage::sync_files(self.images.clone());
+            let at = std::time::Instant::now();
             let (journaled, flushed) = tokio::join!(journal, flush);
+            durable_ms = at.elapsed().as_secs_f64() * 1e3;
             match journaled {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e.to_string()),
@@ -500,6 +527,12 @@ impl Received {
                 resumed_at_us = dest.resume().await.map_err(|e| crate::error_chain(&e))?;
             }
         }
+        tracing::debug!(
+            incoming_ms,
+            durable_ms,
+            total_ms = asked.elapsed().as_secs_f64() * 1e3,
+            "hand-over timings (ms): incoming completed, journal and images durable, total"
+        );
         info!(migration = %self.dir.id, pid = dest.pid, "VM running on this host");
         Ok(AgentMessage::Running {
             pid: dest.pid,

@@ -421,8 +421,11 @@ where
     protocol::write_message(wr, &prepared).await?;
     // Sent once the source's mirrors run; no timeout on the reads from here (a mirror may take hours),
     // TCP keepalive notices a dead peer.
-    let parallel = receive(rd, "StartDestination", |msg| match msg {
-        SourceMessage::StartDestination { parallel } => Some(*parallel),
+    let (parallel, prealloc_ram) = receive(rd, "StartDestination", |msg| match msg {
+        SourceMessage::StartDestination {
+            parallel,
+            prealloc_ram,
+        } => Some((*parallel, *prealloc_ram)),
         _ => None,
     })
     .await?;
@@ -436,7 +439,7 @@ where
         let mut guard = slot.lock().await;
         let received = guard.as_mut().ok_or(SessionError::TakenOver)?;
         received
-            .start_destination(ip, parallel)
+            .start_destination(ip, parallel, prealloc_ram)
             .await
             .map_err(SessionError::Refused)?
     };

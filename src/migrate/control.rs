@@ -329,14 +329,22 @@ impl AgentLink {
         }
     }
 
-    /// Asks for the destination QEMU, expecting `parallel` RAM connections. The answer,
+    /// Asks for the destination QEMU, expecting `parallel` RAM connections, its RAM
+    /// preallocated if `prealloc_ram`. The answer,
     /// `DestinationReady`, comes while the disks copy (see [`destination_ready`]).
     ///
     /// [`destination_ready`]: Self::destination_ready
-    pub async fn start_destination(&mut self, parallel: u32) -> Result<(), ControlError> {
+    pub async fn start_destination(
+        &mut self,
+        parallel: u32,
+        prealloc_ram: bool,
+    ) -> Result<(), ControlError> {
         self.destination_asked = true;
-        self.send(&SourceMessage::StartDestination { parallel })
-            .await
+        self.send(&SourceMessage::StartDestination {
+            parallel,
+            prealloc_ram,
+        })
+        .await
     }
 
     /// The answer to [`start_destination`](Self::start_destination): the port the destination

@@ -1,0 +1,113 @@
+//! Issue 12's RAM-phase and switchover settings, checked from outside: what reached the
+//! destination QEMU (its QOM properties, its resident memory), and that the VM still arrives
+//! whole (every acknowledged record on the destination image, the guest acknowledging there).
+
+use std::path::{Path, PathBuf};
+
+use ferry_harness::*;
+use ferry_testkit::qemu::qemu_7_2;
+use serde_json::{json, Value};
+
+const FERRY: Ferry = Ferry::new(env!("CARGO_BIN_EXE_ferry"));
+
+const TOKEN: &str = "gap-test-token-0123456789abcdef";
+
+/// Resident memory of `pid`, bytes (`VmRSS`).
+fn resident(pid: u64) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib << 10
+}
+
+/// `--preallocate-ram`: the destination QEMU's RAM backend has `prealloc` on and it holds the
+/// guest's whole 256 MiB resident, though this guest's RAM is mostly zero pages (which the RAM
+/// stream does not write); the VM arrives whole. On a 10.0 destination, and on Debian 12's 7.2
+/// (from a 7.2 source).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preallocated_ram_reaches_the_destination_qemu() {
+    let mut qemus = vec![PathBuf::from(ferry_testkit::DEFAULT_QEMU)];
+    qemus.extend(qemu_7_2());
+    for qemu in qemus {
+        let mut setup = OneDisk::boot_with(TOKEN, 64 << 20, 8, 50, &qemu).await;
+        let binary = qemu.display().to_string();
+        let agent = setup.agent(FERRY, &["--qemu-binary", &binary]);
+        let run = FERRY.migrate_with(
+            setup.guest.qmp_socket(),
+            &agent.addr,
+            &setup.token,
+            &["--insecure", "--preallocate-ram"],
+        );
+        let done = run.last();
+        assert_eq!(
+            done["event"], "completed",
+            "{binary}: {done}\n{}",
+            run.stderr
+        );
+        let pid = done["destination"]["pid"]
+            .as_u64()
+            .expect("destination pid");
+        // Killed if an assertion below fails (assert_on_destination quits it otherwise).
+        let _guard = PidGuard(Some(pid as u32));
+        let qmp_path = Path::new(done["destination"]["qmp"].as_str().expect("qmp path"));
+        let q = qmp::Qmp::connect_unix(qmp_path).await.expect("QMP");
+        let prealloc = q
+            .execute_raw(
+                "qom-get",
+                json!({"path": "/objects/pc.ram", "property": "prealloc"}),
+            )
+            .await
+            .expect("qom-get prealloc");
+        assert_eq!(prealloc, Value::Bool(true), "{binary}");
+        drop(q);
+        let rss = resident(pid);
+        assert!(
+            rss >= 256 << 20,
+            "{binary}: the destination holds {} MiB resident, not the guest's 256 MiB",
+            rss >> 20
+        );
+        assert_on_destination(&mut setup.guest, &setup.token, &agent).await;
+    }
+}
+
+/// The source QEMU's `downtime-limit` in ms.
+async fn downtime_limit(qmp_path: &Path) -> u64 {
+    let q = qmp::Qmp::connect_unix(qmp_path).await.expect("source QMP");
+    let params = q
+        .execute_raw("query-migrate-parameters", Value::Null)
+        .await
+        .expect("query-migrate-parameters");
+    params["downtime-limit"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no downtime-limit in {params}"))
+}
+
+/// Without `--max-downtime` the source QEMU migrates under ferry's 50 ms downtime limit, not
+/// its own 300; a migration that rolls back (here: the driver killed at pre-switchover, then
+/// `ferry recover`) puts QEMU's own value back, and the guest runs on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_downtime_limit_reaches_the_source_and_is_restored() {
+    let mut setup = OneDisk::boot(TOKEN, 64 << 20, 8, 50).await;
+    let qmp_path = setup.guest.qmp_socket().to_path_buf();
+    assert_eq!(downtime_limit(&qmp_path).await, 300, "QEMU's own default");
+    let agent = setup.agent(FERRY, &[]);
+    let held = FERRY.held_migrate(
+        &qmp_path,
+        &agent.addr,
+        &setup.token,
+        "source-pre-switchover",
+        setup.tmp.path(),
+    );
+    held.wait_held();
+    // The driver holds the only QMP connection: it goes first, the parameters stay.
+    held.kill();
+    assert_eq!(downtime_limit(&qmp_path).await, 50, "ferry's default");
+    let (code, out, err) = FERRY.recover(&qmp_path, &setup.token);
+    assert_eq!(code, 0, "{out} {err}");
+    assert_eq!(out["owner"], "source", "{out}");
+    assert_eq!(downtime_limit(&qmp_path).await, 300, "restored");
+    assert_on_source(&mut setup.guest, &setup.token, &agent).await;
+}
