@@ -1,4 +1,4 @@
-//! Issue 12's RAM-phase and switchover settings, checked from outside: what reached the
+//! The RAM phase's and switchover's settings (preallocated destination RAM, the downtime limit), checked from outside: what reached the
 //! destination QEMU (its QOM properties, its resident memory), and that the VM still arrives
 //! whole (every acknowledged record on the destination image, the guest acknowledging there).
 
@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 const FERRY: Ferry = Ferry::new(env!("CARGO_BIN_EXE_ferry"));
 
-const TOKEN: &str = "gap-test-token-0123456789abcdef";
+const TOKEN: &str = "ram-settings-token-0123456789abcdef";
 
 /// Resident memory of `pid`, bytes (`VmRSS`).
 fn resident(pid: u64) -> u64 {
