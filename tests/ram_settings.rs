@@ -1,6 +1,7 @@
-//! The RAM phase's and switchover's settings (preallocated destination RAM, the downtime limit), checked from outside: what reached the
-//! destination QEMU (its QOM properties, its resident memory), and that the VM still arrives
-//! whole (every acknowledged record on the destination image, the guest acknowledging there).
+//! The RAM phase's and switchover's settings (preallocated destination RAM, the downtime
+//! limit), checked from outside: what reached the destination QEMU (its QOM properties, its
+//! resident memory), and that the VM still arrives whole (every acknowledged record on the
+//! destination image, the guest acknowledging there).
 
 use std::path::{Path, PathBuf};
 
