@@ -104,7 +104,7 @@ use crate::tls::migration::ClientBundle;
 use crate::vm::VmDescription;
 
 /// The protocol versions this build speaks, oldest first.
-pub const SUPPORTED_VERSIONS: &[u32] = &[3];
+pub const SUPPORTED_VERSIONS: &[u32] = &[4];
 
 /// The largest frame either side accepts: a VM description with a long argv fits many times over.
 pub const MAX_FRAME: usize = 1 << 20;

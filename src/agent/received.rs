@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 
-use super::destination::{Destination, DestinationError};
+use super::destination::{Destination, DestinationError, Incoming};
 use super::inventory::MigrationInfo;
 use super::metrics::{Outcome, Tracked};
 use super::registry::Registry;
@@ -53,6 +53,10 @@ pub struct Received {
     destination: Option<Destination>,
     /// This migration's certificates, when its disks and RAM travel encrypted.
     credentials: Option<MigrationCredentials>,
+    /// The source host's address: the only peer the NBD server and the RAM listener serve.
+    source: Option<IpAddr>,
+    /// The TLS listener that feeds the destination QEMU's RAM socket (encrypted migrations).
+    ram_tunnel: Option<crate::tunnel::incoming::Listener>,
     record: Record,
     /// Whether this agent may have started the guest: `cont` sent, or a previous agent's
     /// `Resuming` it cannot see past. Until then a dead destination never ran.
@@ -146,6 +150,8 @@ impl Received {
             nbd: None,
             destination: None,
             credentials,
+            source: Some(source.to_canonical()),
+            ram_tunnel: None,
             record: Record {
                 phase: Phase::Receiving,
                 resume: vm.running,
@@ -252,6 +258,8 @@ impl Received {
             nbd: None,
             destination: Some(destination),
             credentials: None,
+            source: None,
+            ram_tunnel: None,
             may_have_run: record.phase >= Phase::Resuming,
             record,
             dir,
@@ -353,19 +361,41 @@ impl Received {
         let dest = Destination::start(&self.argv, &self.dir.path, &pidfile, &qmp_socket)
             .await
             .map_err(|e| crate::error_chain(&e))?;
-        let tls_dir = match &self.credentials {
+        // Encrypted: QEMU listens on a unix socket of the migration directory, and the agent's
+        // TLS listener, checking the source's certificate, feeds it (crate::tunnel).
+        let listened = match &self.credentials {
             Some(credentials) => {
-                let dir = self.dir.path.join(argv::TLS_DIR_NAME);
-                credentials
-                    .write_qemu_server_dir(&dir)
-                    .map_err(|e| format!("cannot write the RAM stream's certificates: {e}"))?;
-                Some(dir)
+                let socket = self.ctx.ram_socket();
+                let config = credentials.nbd_server_config();
+                match dest.listen(&Incoming::Unix(socket.clone()), parallel).await {
+                    Ok(_) => match config {
+                        Ok(config) => crate::tunnel::incoming::Listener::start(
+                            ip,
+                            self.source,
+                            config,
+                            &socket,
+                            crate::tunnel::ram_connections(parallel),
+                        )
+                        .await
+                        .map(|listener| {
+                            let port = listener.port();
+                            self.ram_tunnel = Some(listener);
+                            port
+                        })
+                        .map_err(|e| crate::error_chain(&e)),
+                        Err(e) => Err(format!("cannot set up TLS for the RAM stream: {e}")),
+                    },
+                    Err(e) => Err(crate::error_chain(&e)),
+                }
             }
-            None => None,
+            None => dest
+                .listen(&Incoming::Tcp(ip), parallel)
+                .await
+                .map_err(|e| crate::error_chain(&e))
+                .and_then(|port| port.ok_or_else(|| "QEMU reported no RAM port".to_string())),
         };
-        let port = dest.listen(ip, tls_dir.as_deref(), parallel).await;
         self.destination = Some(dest);
-        port.map_err(|e| crate::error_chain(&e))
+        listened
     }
 
     /// The mirrors are in sync: flush the bulk of the data now, in the background, so that the
@@ -520,16 +550,11 @@ impl Received {
         self.forget_credentials();
     }
 
-    /// Removes this migration's keys from the disk (QEMU read them when it started listening):
-    /// once the hand-over is settled nothing may use them again.
+    /// Drops this migration's keys and closes its RAM listener: once the hand-over is settled
+    /// nothing may use them again (the keys never were on disk).
     pub fn forget_credentials(&mut self) {
         self.credentials = None;
-        let dir = self.dir.path.join(argv::TLS_DIR_NAME);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => warn!(dir = %dir.display(), error = %e, "removing the migration's keys"),
-        }
+        self.ram_tunnel = None;
     }
 
     /// Stops serving the disks (after the switchover: the source's mirrors are done).
@@ -573,6 +598,7 @@ impl Received {
         } else if let Some(pid) = read_pid(&self.dir.path) {
             super::destination::kill_if_ours(pid, &self.dir.path);
         }
+        self.ram_tunnel = None;
         if let Some(nbd) = self.nbd.take() {
             let _ = nbd.shutdown().await;
         }

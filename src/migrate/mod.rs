@@ -371,6 +371,8 @@ pub(crate) struct Migration {
     /// What the journal holds (None until something is created in the source QEMU).
     pub(crate) record: Option<SourceRecord>,
     pub(crate) link: Option<AgentLink>,
+    /// The relays of an encrypted migration (the streams are cut when it goes).
+    pub(crate) tunnel: Option<crate::tunnel::Tunnel>,
     /// Subscribed before the migration, so the source's STOP event is not missed.
     stops: qmp::Events,
     phases: PhaseTimes,
@@ -391,6 +393,7 @@ impl Migration {
             journal,
             record: None,
             link: None,
+            tunnel: None,
             phases: PhaseTimes::default(),
             disk_bytes: 0,
             encrypted: false,
@@ -504,11 +507,19 @@ impl Migration {
             .set_migration_parameters(&parameters)
             .await
             .map_err(&ram_fail)?;
-        self.qemu
-            .set_migration_tls(record.tls.as_ref())
-            .await
-            .map_err(&ram_fail)?;
-        self.qemu.migrate(&host, port).await.map_err(&ram_fail)?;
+        self.qemu.clear_migration_tls().await.map_err(&ram_fail)?;
+        let to = match self.tunnel.as_mut() {
+            Some(tunnel) => source::Endpoint::Unix(
+                tunnel
+                    .ram(port, crate::tunnel::ram_connections(opts.parallel))
+                    .map_err(|e| at::<MigrateError>(PhaseName::Ram)(e.into()))?,
+            ),
+            None => source::Endpoint::Tcp {
+                host: host.clone(),
+                port,
+            },
+        };
+        self.qemu.migrate(&to).await.map_err(&ram_fail)?;
         self.wait_pre_switchover(opts, &mut events, reporter, cancel)
             .await?;
         self.phases.ram = ram_start.elapsed().as_millis() as u64;
@@ -598,21 +609,29 @@ impl Migration {
             resume: vm.running,
             qemu_pid: self.qemu.pid(),
             parameters: None,
-            tls: bundle.as_ref().map(|b| {
-                tls::SourceTls::plan(&opts.state_dir, self.journal.path(), tag, &b.hostname)
-            }),
+            tls: bundle
+                .as_ref()
+                .map(|_| tls::SourceTls::plan(&opts.state_dir, tag)),
             files: Vec::new(),
         };
         self.journal(record.clone(), PhaseName::Mirror)?;
         self.encrypted = record.tls.is_some();
-        if let (Some(tls), Some(bundle)) = (&record.tls, &bundle) {
-            tls.write(bundle)
-                .map_err(|e| fail_mirror(MigrateError::Tls(e)))?;
-            self.qemu
-                .add_tls_creds(tls)
-                .await
-                .map_err(|e| fail_mirror(e.into()))?;
-        }
+        // Encrypted: the nodes connect to the relay's socket, which carries them over TLS.
+        let server = match (&record.tls, &bundle) {
+            (Some(tls), Some(bundle)) => {
+                tls.create()
+                    .map_err(|e| fail_mirror(MigrateError::Tls(e)))?;
+                let mut tunnel = crate::tunnel::Tunnel::new(&tls.dir, bundle, &host)
+                    .map_err(|e| fail_mirror(e.into()))?;
+                let path = tunnel.nbd(nbd_port).map_err(|e| fail_mirror(e.into()))?;
+                self.tunnel = Some(tunnel);
+                source::Endpoint::Unix(path)
+            }
+            _ => source::Endpoint::Tcp {
+                host: host.clone(),
+                port: nbd_port,
+            },
+        };
         let events = self.qemu.events();
         for job in &jobs {
             let no_export = || {
@@ -625,13 +644,7 @@ impl Migration {
                 .find(|x| x.disk == job.disk)
                 .ok_or_else(no_export)?;
             self.qemu
-                .add_nbd_target(
-                    &job.node,
-                    &host,
-                    nbd_port,
-                    &export.export,
-                    record.tls.as_ref(),
-                )
+                .add_nbd_target(&job.node, &server, &export.export)
                 .await
                 .map_err(|e| fail_mirror(e.into()))?;
             let disk = vm
