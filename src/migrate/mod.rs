@@ -8,24 +8,30 @@
 //!  negotiate        ─────── TLS, Hello/Challenge/Auth/Prepare ─►  preflight, images, NBD (TLS),
 //!                                                             per-migration certificates
 //!                   [journal: mirror]                        [journal: receiving]
-//!                   tls-creds-x509 object (client certificate from Prepared)
+//!                   NBD relay on tls/<tag>/nbd.sock (crate::tunnel; client key in memory)
 //!                   ──────────── StartDestination ──────────►  [journal: started]
-//!  mirror           blockdev-add nbd (discard: unmap,         spawn -incoming defer -S ─► late-block-activate,
-//!                    tls-creds)                                 (while the disks copy)   return-path, tls-creds,
-//!                   blockdev-mirror sync=full ═══ NBD writes ═══►  images                   migrate-incoming tcp:IP:0
-//!                   ... BLOCK_JOB_READY on every disk   ◄── DestinationReady
+//!  mirror           blockdev-add nbd (unix nbd.sock,          spawn -incoming defer -S ─► late-block-activate,
+//!                    discard: unmap)                            (while the disks copy)   return-path, migrate-
+//!                   blockdev-mirror sync=full ══ relay ══ NBD (TLS) ══►  images          incoming unix:ram.sock
+//!                                                             RAM listener (TLS) on IP:0
+//!                   ... BLOCK_JOB_READY on every disk   ◄── DestinationReady{its port}
 //!                   ────────────────── Synced ──────────────►  background fdatasync
 //!  ram              [journal: ram] events, return-path,
 //!                   pause-before-switchover, max-bandwidth,
-//!                   tls-creds, multifd; migrate ═══ RAM (TLS) ════════════════════════════►
+//!                   multifd, tls-creds ""; RAM relay on ram.sock; migrate unix:ram.sock
+//!                   ══ relay ═══════ RAM (TLS, per connection in order) ══► listener ══ unix ══►
 //!                   ... status pre-switchover (guest stopped)
 //!  switchover       block-job-cancel (final sync) ═══ last dirty blocks ═══► images
 //!                   migrate-continue ... completed ◄─ return path ─ (incoming completed)
 //!  finish (settle)  ───────────────────────── Commit ───────►  fdatasync images,
 //!                                                             [journal: resuming] ──────► cont
-//!                   blockdev-del nbd, quit ◄──── Running ─────  [journal: running], drop exports
-//!                   [journal removed]
+//!                   blockdev-del nbd, quit ◄──── Running ─────  [journal: running], drop exports,
+//!                                                             keys and RAM listener
+//!                   [journal removed], relays stopped, tls/<tag>/ removed
 //! ```
+//!
+//! With `--insecure` there are no relays: the nbd nodes connect to the agent's NBD port and the
+//! source QEMU migrates to the destination QEMU's own port (`tcp:`), both in the clear.
 //!
 //! The migration is a value moving through [`PhaseName`]s. Before it changes anything in the
 //! source QEMU it journals what it is about to create (see [`journal`]); every failure, and a
@@ -507,6 +513,7 @@ impl Migration {
             .set_migration_parameters(&parameters)
             .await
             .map_err(&ram_fail)?;
+        crate::faults::hold("source-ram").await;
         self.qemu.clear_migration_tls().await.map_err(&ram_fail)?;
         let to = match self.tunnel.as_mut() {
             Some(tunnel) => source::Endpoint::Unix(

@@ -1,10 +1,12 @@
 //! TLS for everything that crosses the network: the control link (agent ↔ `ferry migrate`), the
-//! agent's NBD server (source QEMU → agent) and the RAM stream (source QEMU → destination QEMU).
+//! NBD connections (`ferry migrate`'s relay → the agent's NBD server) and the RAM stream
+//! (`ferry migrate`'s relay → the agent's RAM listener); the relays are in [`crate::tunnel`].
 //!
 //! - [`identity`]: a long-lived key and certificate: the agent's own (created on first start in
 //!   its state directory, or the operator's), or the source's for sites with a PKI.
 //! - [`migration`]: the short-lived CA, server and client certificates an agent makes for each
-//!   migration, for NBD and the RAM stream, and the files QEMU reads them from.
+//!   migration, for NBD and the RAM stream (and, for other peers such as `ferry nbd-serve`'s
+//!   clients, the files QEMU's `tls-creds-x509` reads).
 //! - here: the rustls configurations (TLS 1.3 only, the `ring` provider) and the exporter value
 //!   the control handshake binds its token proofs to.
 //!

@@ -3,21 +3,23 @@
 //!
 //! Hostile peers: a connection from another address than the source's is closed on accept; one
 //! without the certificate fails its handshake and is dropped; a handshake has
-//! [`HANDSHAKE_TIMEOUT`](super::HANDSHAKE_TIMEOUT) and at most [`MAX_HANDSHAKES`] run at once
-//! (more are closed at once), so a flood neither stalls the listener nor grows without bound.
+//! [`HANDSHAKE_TIMEOUT`](super::HANDSHAKE_TIMEOUT) and at most [`MAX_HANDSHAKES`] run at once:
+//! a new connection pushes out the oldest pending handshake, so idle connections can neither
+//! keep the source out nor make the agent hold more than that many.
 //! Handshakes run concurrently; the forwarding to QEMU is sequential, one connection at a time,
 //! each confirmed to the source by [`READY`](super::READY) before the source opens the next.
 //! After `connections` forwarded connections the port is closed. Nothing is read from a peer
 //! outside rustls' own (bounded) handshake parsing.
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UnixStream};
-use tokio::sync::{mpsc, Semaphore};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn, Instrument};
 
@@ -88,8 +90,10 @@ struct Accept {
 impl Accept {
     async fn run(self, listener: TcpListener) {
         let mut listener = Some(listener);
-        let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-        let (done_tx, mut done) = mpsc::channel::<(SocketAddr, TlsStream<TcpStream>)>(1);
+        let mut pending: VecDeque<AbortHandle> = VecDeque::new();
+        // Unbounded, so that a handshake that passed is never left waiting (and evictable) here;
+        // only holders of the client certificate ever get a message in.
+        let (done_tx, mut done) = mpsc::unbounded_channel::<(SocketAddr, TlsStream<TcpStream>)>();
         // Handshakes in progress and streams being carried: aborted with this task.
         let mut tasks = JoinSet::new();
         let mut forwarded = 0u32;
@@ -109,25 +113,27 @@ impl Accept {
                         warn!(peer = %addr, "a RAM connection from an address other than the source's; closed");
                         continue;
                     }
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        warn!(peer = %addr, "too many TLS handshakes on the RAM port; closed");
-                        continue;
-                    };
+                    pending.retain(|h| !h.is_finished());
+                    if pending.len() >= MAX_HANDSHAKES {
+                        if let Some(oldest) = pending.pop_front() {
+                            warn!("too many TLS handshakes on the RAM port; the oldest is dropped");
+                            oldest.abort();
+                        }
+                    }
                     let _ = tcp.set_nodelay(true);
                     let (acceptor, done_tx) = (self.acceptor.clone(), done_tx.clone());
-                    tasks.spawn(async move {
+                    pending.push_back(tasks.spawn(async move {
                         let shaken = timed("the TLS handshake", async {
                             acceptor.accept(tcp).await.map_err(super::io("the TLS handshake"))
                         })
                         .await;
-                        drop(slot);
                         match shaken {
                             Ok(tls) => {
-                                let _ = done_tx.send((addr, tls)).await;
+                                let _ = done_tx.send((addr, tls));
                             }
                             Err(e) => warn!(peer = %addr, error = %crate::error_chain(&e), "RAM connection refused"),
                         }
-                    });
+                    }));
                 }
                 Some((addr, tls)) = done.recv() => {
                     match self.forward(tls).await {

@@ -303,3 +303,6 @@ impl Tunnel {
         Ok(path)
     }
 }
+
+#[cfg(test)]
+mod tests;
