@@ -114,9 +114,23 @@ impl Ferry {
         hold: &str,
         dir: &Path,
     ) -> HeldMigrate {
+        self.held_migrate_with(qmp, to, token, hold, dir, &[])
+    }
+
+    /// [`held_migrate`](Self::held_migrate) with more flags.
+    pub fn held_migrate_with(
+        self,
+        qmp: &Path,
+        to: &str,
+        token: &Path,
+        hold: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> HeldMigrate {
         let stderr = dir.join("migrate.err");
         let child = self
             .migrate_command(qmp, to, token)
+            .args(extra)
             .env("FERRY_HOLD_AT", hold)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).expect("err"))
