@@ -27,6 +27,9 @@ pub enum MigrateError {
     /// A relay of the encrypted streams could not start.
     #[error("cannot start the encrypted relay to the agent")]
     Tunnel(#[from] crate::tunnel::TunnelError),
+    /// The RAM relay could not carry the source QEMU's stream (QEMU only saw its socket close).
+    #[error("the RAM stream failed because ferry's encrypted relay could not carry it: {0}")]
+    RamRelay(String),
     /// The source QEMU's event stream broke.
     #[error("source QEMU")]
     SourceEvents(#[source] qmp::Error),

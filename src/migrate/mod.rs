@@ -527,8 +527,16 @@ impl Migration {
             },
         };
         self.qemu.migrate(&to).await.map_err(&ram_fail)?;
-        self.wait_pre_switchover(opts, &mut events, reporter, cancel)
-            .await?;
+        if let Err(mut failure) = self
+            .wait_pre_switchover(opts, &mut events, reporter, cancel)
+            .await
+        {
+            // QEMU's own error is only "connection closed"; the relay knows why.
+            if let Some(why) = self.tunnel.as_ref().and_then(|t| t.ram_failure()) {
+                failure.error = MigrateError::RamRelay(why);
+            }
+            return Err(failure);
+        }
         self.phases.ram = ram_start.elapsed().as_millis() as u64;
 
         // Switchover: the guest is stopped from here until it resumes on the destination.

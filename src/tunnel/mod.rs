@@ -155,7 +155,11 @@ impl Client {
                 })
             })?;
         let identity = bundle.identity()?;
-        let config = crate::tls::client_config(Some(crate::tls::roots(ca)?), Some(&identity))?;
+        let config = crate::tls::client_config_with(
+            crate::tls::bulk_provider(),
+            Some(crate::tls::roots(ca)?),
+            Some(&identity),
+        )?;
         let name = ServerName::try_from(bundle.hostname.clone())
             .map_err(|_| TunnelError::Hostname(bundle.hostname.clone()))?;
         Ok(Client {
@@ -233,17 +237,34 @@ pub fn check_socket_path(path: &Path) -> Result<(), TunnelError> {
     Ok(())
 }
 
+/// Why a relay could not carry a connection: QEMU only sees its socket close, so the
+/// operator's error line comes from here.
+type Failure = Arc<std::sync::Mutex<Option<String>>>;
+
 /// A relay's task: aborted, with every connection it carries, when this is dropped.
 #[derive(Debug)]
 pub struct Running {
     task: JoinHandle<()>,
     path: PathBuf,
+    failure: Failure,
 }
 
 impl Running {
     /// The unix socket QEMU connects to.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The first connection the relay could not carry, and why.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
+    }
+}
+
+/// Keeps the first failure.
+fn record(failure: &Failure, why: String) {
+    if let Ok(mut slot) = failure.lock() {
+        slot.get_or_insert(why);
     }
 }
 
@@ -301,6 +322,11 @@ impl Tunnel {
         let path = running.path().to_path_buf();
         self.ram = Some(running);
         Ok(path)
+    }
+
+    /// Why the RAM relay could not carry a connection of the source QEMU, if it could not.
+    pub fn ram_failure(&self) -> Option<String> {
+        self.ram.as_ref().and_then(Running::failure)
     }
 }
 

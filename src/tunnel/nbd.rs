@@ -50,6 +50,8 @@ impl Relay {
         port: u16,
     ) -> Result<Running, TunnelError> {
         let listener = super::listen_unix(path)?;
+        let failure = super::Failure::default();
+        let failed = failure.clone();
         let task = tokio::spawn(
             async move {
                 // Owned by this task: aborting the relay aborts every connection.
@@ -58,10 +60,12 @@ impl Relay {
                     tokio::select! {
                         accepted = listener.accept() => match accepted {
                             Ok((qemu, _)) => {
-                                let (client, host) = (client.clone(), host.clone());
+                                let (client, host, failed) = (client.clone(), host.clone(), failed.clone());
                                 connections.spawn(async move {
                                     if let Err(e) = relay(qemu, &client, &host, port).await {
-                                        warn!(error = %crate::error_chain(&e), "NBD relay connection failed");
+                                        let why = crate::error_chain(&e);
+                                        warn!(error = %why, "NBD relay connection failed");
+                                        super::record(&failed, why);
                                     }
                                 });
                             }
@@ -80,6 +84,7 @@ impl Relay {
         Ok(Running {
             task,
             path: path.to_path_buf(),
+            failure,
         })
     }
 }

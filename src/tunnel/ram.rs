@@ -30,6 +30,8 @@ impl Relay {
         connections: u32,
     ) -> Result<Running, TunnelError> {
         let listener = super::listen_unix(path)?;
+        let failure = super::Failure::default();
+        let failed = failure.clone();
         let task = tokio::spawn(
             async move {
                 let mut streams = JoinSet::new();
@@ -61,7 +63,9 @@ impl Relay {
                             });
                         }
                         Err(e) => {
-                            warn!(error = %crate::error_chain(&e), "cannot carry a RAM connection to the agent; the source QEMU's migration fails");
+                            let why = crate::error_chain(&e);
+                            warn!(error = %why, "cannot carry a RAM connection to the agent; the source QEMU's migration fails");
+                            super::record(&failed, why);
                         }
                     }
                 }
@@ -72,6 +76,7 @@ impl Relay {
         Ok(Running {
             task,
             path: path.to_path_buf(),
+            failure,
         })
     }
 }

@@ -115,3 +115,52 @@ async fn ram_connections_arrive_intact_in_order_and_strangers_get_nothing() {
     assert!(TcpStream::connect((LOCAL, port)).await.is_err());
     drop(idle);
 }
+
+/// A RAM connection the relay cannot carry (nobody listens on the agent's port) is closed, and
+/// the relay says why, for the operator's error line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_relay_cannot_carry_is_closed_and_explained() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let creds = MigrationCredentials::generate().expect("creds");
+    let closed = std::net::TcpListener::bind((LOCAL, 0)).expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let mut tunnel = Tunnel::new(dir.path(), &creds.client_bundle(), "127.0.0.1").expect("tunnel");
+    let ram = tunnel.ram(port, 1).expect("relay");
+    assert_eq!(tunnel.ram_failure(), None);
+    let mut qemu = UnixStream::connect(&ram).await.expect("connect");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), qemu.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the connection must close"
+    );
+    let why = tunnel.ram_failure().expect("a failure");
+    assert!(
+        why.contains(&format!("cannot connect to the agent at 127.0.0.1:{port}")),
+        "{why}"
+    );
+}
+
+/// The relays' TLS uses AES-128-GCM (the cheapest AEAD with AES-NI) with the agent's servers,
+/// which follow the client's order.
+#[tokio::test]
+async fn the_data_streams_negotiate_aes_128_gcm() {
+    let creds = MigrationCredentials::generate().expect("creds");
+    let (server_end, client_end) = tokio::io::duplex(1 << 16);
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(creds.nbd_server_config().expect("server config"));
+    let client = super::Client::new(&creds.client_bundle()).expect("client");
+    let (server, tls) = tokio::join!(
+        acceptor.accept(server_end),
+        client.connector.connect(client.name.clone(), client_end)
+    );
+    server.expect("server handshake");
+    let suite = tls
+        .expect("client handshake")
+        .get_ref()
+        .1
+        .negotiated_cipher_suite()
+        .map(|s| s.suite());
+    assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+}
