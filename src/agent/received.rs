@@ -361,41 +361,42 @@ impl Received {
         let dest = Destination::start(&self.argv, &self.dir.path, &pidfile, &qmp_socket)
             .await
             .map_err(|e| crate::error_chain(&e))?;
-        // Encrypted: QEMU listens on a unix socket of the migration directory, and the agent's
-        // TLS listener, checking the source's certificate, feeds it (crate::tunnel).
-        let listened = match &self.credentials {
-            Some(credentials) => {
-                let socket = self.ctx.ram_socket();
-                let config = credentials.nbd_server_config();
-                match dest.listen(&Incoming::Unix(socket.clone()), parallel).await {
-                    Ok(_) => match config {
-                        Ok(config) => crate::tunnel::incoming::Listener::start(
-                            ip,
-                            self.source,
-                            config,
-                            &socket,
-                            crate::tunnel::ram_connections(parallel),
-                        )
-                        .await
-                        .map(|listener| {
-                            let port = listener.port();
-                            self.ram_tunnel = Some(listener);
-                            port
-                        })
-                        .map_err(|e| crate::error_chain(&e)),
-                        Err(e) => Err(format!("cannot set up TLS for the RAM stream: {e}")),
-                    },
-                    Err(e) => Err(crate::error_chain(&e)),
-                }
-            }
-            None => dest
-                .listen(&Incoming::Tcp(ip), parallel)
-                .await
-                .map_err(|e| crate::error_chain(&e))
-                .and_then(|port| port.ok_or_else(|| "QEMU reported no RAM port".to_string())),
-        };
+        let listened = self.listen_for_ram(&dest, ip, parallel).await;
         self.destination = Some(dest);
         listened
+    }
+
+    /// Has `dest` listen for the RAM; returns the port the source connects to. Encrypted: QEMU
+    /// on a unix socket of the migration directory, fed by the agent's TLS listener on `ip`,
+    /// which takes only the source's certificate (crate::tunnel). `--insecure`: QEMU's own port.
+    async fn listen_for_ram(
+        &mut self,
+        dest: &Destination,
+        ip: IpAddr,
+        parallel: u32,
+    ) -> Result<u16, String> {
+        let Some(credentials) = &self.credentials else {
+            return dest
+                .listen(&Incoming::Tcp(ip), parallel)
+                .await
+                .map_err(|e| crate::error_chain(&e))?
+                .ok_or_else(|| "the destination QEMU reported no RAM port".to_string());
+        };
+        let config = credentials
+            .nbd_server_config()
+            .map_err(|e| format!("cannot set up TLS for the RAM stream: {e}"))?;
+        let socket = self.ctx.ram_socket();
+        dest.listen(&Incoming::Unix(socket.clone()), parallel)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        let connections = crate::tunnel::ram_connections(parallel);
+        let listener =
+            crate::tunnel::incoming::Listener::start(ip, self.source, config, &socket, connections)
+                .await
+                .map_err(|e| crate::error_chain(&e))?;
+        let port = listener.port();
+        self.ram_tunnel = Some(listener);
+        Ok(port)
     }
 
     /// The mirrors are in sync: flush the bulk of the data now, in the background, so that the
