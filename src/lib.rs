@@ -12,6 +12,7 @@
 //! - [`faults`]: fault-injection points the hand-over tests stop processes at.
 //! - [`journal`]: crash-safe state files, the durable record of who owns a VM.
 //! - [`tls`]: TLS configurations, the agent's identity, per-migration certificates.
+//! - [`tunnel`]: the relays that carry the NBD and RAM streams over TLS, so QEMU never has to.
 //! - `demo` (with the `demo` feature): `ferry demo`, a whole migration of the test guest on
 //!   localhost, using the test scaffolding in the `ferry-testkit` crate.
 //! - [`cli`]: the command line, one file per subcommand, output formats and exit codes.
@@ -27,6 +28,7 @@ pub mod nbd;
 pub mod protocol;
 pub mod status;
 pub mod tls;
+pub mod tunnel;
 pub mod vm;
 pub mod xl;
 

@@ -23,9 +23,12 @@
 //!    │◄─────────────────────────────────────────────────────│ source's client certificate
 //!    │ StartDestination{parallel}                           │ destination QEMU -incoming defer -S,
 //!    │─────────────────────────────────────────────────────►│ late-block-activate,
-//!    │   ... source mirrors every disk into the exports     │ migrate-incoming tcp:IP:0
+//!    │   ... source mirrors every disk into the exports     │ migrate-incoming (tls: unix socket
+//!    │       (tls: through its relay, crate::tunnel)        │ fed by a TLS listener on IP:0;
+//!    │                                                      │ --insecure: tcp:IP:0)
 //!    │       while the destination QEMU starts ...          │
-//!    │                     DestinationReady{migration_port} │
+//!    │                     DestinationReady{migration_port} │ tls: the agent's RAM listener's
+//!    │                                                      │ port (v4); --insecure: QEMU's
 //!    │◄─────────────────────────────────────────────────────│
 //!    │   ... BLOCK_JOB_READY on every disk ...              │
 //!    │ Synced                                               │ background fdatasync of the images
@@ -87,7 +90,10 @@
 //! xl messages were added to version 3 without a bump: nothing changed for `ferry migrate`, so
 //! hosts of either generation still migrate QEMU VMs with each other, and an agent that predates
 //! them only fails `ferry xl migrate` (it cannot decode `prepare_xl` and hangs up; the source
-//! says to upgrade it).
+//! says to upgrade it). Version 4: with `tls`, `DestinationReady`'s port is the agent's RAM
+//! listener (TLS with the migration's client certificate, forwarded to the destination QEMU's
+//! unix socket; `crate::tunnel`), no longer the destination QEMU's own TLS port, so a version 3
+//! source would speak QEMU's TLS to it: the two fail at `Hello`.
 //!
 //! Why the proofs cover the exporter value: the source may not be able to check the agent's
 //! certificate (a self-signed one, no `--tls-ca`), so TLS alone does not stop a man in the middle
@@ -104,7 +110,7 @@ use crate::tls::migration::ClientBundle;
 use crate::vm::VmDescription;
 
 /// The protocol versions this build speaks, oldest first.
-pub const SUPPORTED_VERSIONS: &[u32] = &[3];
+pub const SUPPORTED_VERSIONS: &[u32] = &[4];
 
 /// The largest frame either side accepts: a VM description with a long argv fits many times over.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -248,9 +254,11 @@ pub enum AgentMessage {
     },
     /// `xl migrate-receive` runs; from the next byte on, the link is in stream mode.
     XlReceiving,
-    /// The destination QEMU waits for the RAM on this port (same address as the agent).
+    /// The destination waits for the RAM on this port of the agent's address: with TLS the
+    /// agent's RAM listener (which forwards to the destination QEMU), with `--insecure` the
+    /// destination QEMU's own.
     DestinationReady {
-        /// The port the destination QEMU picked.
+        /// The port.
         migration_port: u16,
     },
     /// The VM runs on the destination.

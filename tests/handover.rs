@@ -177,38 +177,47 @@ async fn source_keeps_the_vm_after_faults_before_the_hand_over_qemu_7_2() {
     source_keeps_the_vm(&old).await;
 }
 
-/// `ferry migrate` killed after the source QEMU was told to continue: the source QEMU completes
-/// on its own, the agent keeps the paused destination (its incoming migration completed), and
-/// `ferry recover` hands the VM over.
+/// `ferry migrate` killed after the source QEMU was told to continue, the agent keeps the paused
+/// destination (its incoming migration completed), and `ferry recover` hands the VM over. Two
+/// ways: with `--insecure` it is killed right after `migrate-continue` and the source QEMU
+/// completes on its own (the stream runs QEMU to QEMU); with TLS the stream runs through the
+/// driver's relay, which dies with it, so it is killed once the source QEMU said `completed`
+/// (killed earlier, either owner is right: tests/fault_matrix.rs).
 async fn driver_killed_after_continue(qemu: &Path) {
-    let OneDisk {
-        tmp,
-        token,
-        mut guest,
-        ..
-    } = OneDisk::boot_with(TOKEN, 128 << 20, 16, 50, qemu).await;
-    let agent = FERRY.spawn_agent_with(
-        &tmp.path().join("storage"),
-        &token,
-        "127.0.0.1:0",
-        &["--qemu-binary", qemu.to_str().expect("utf-8")],
-        &[],
-    );
-    let held = FERRY.held_migrate(
-        guest.qmp_socket(),
-        &agent.addr,
-        &token,
-        "source-continued",
-        tmp.path(),
-    );
-    held.wait_held();
-    held.kill();
-    // Neither copy runs now: the source is paused (completed or about to), the destination
-    // waits for a verdict. The agent must keep it, whatever its window.
-    let (code, out, err) = FERRY.recover(guest.qmp_socket(), &token);
-    assert_eq!(code, 0, "{out} {err}");
-    assert_eq!(out["owner"], "destination", "{out}");
-    assert_on_destination(&mut guest, &token, &agent).await;
+    for (hold, args) in [
+        ("source-continued", &["--insecure"][..]),
+        ("source-completed", &[][..]),
+    ] {
+        let OneDisk {
+            tmp,
+            token,
+            mut guest,
+            ..
+        } = OneDisk::boot_with(TOKEN, 128 << 20, 16, 50, qemu).await;
+        let agent = FERRY.spawn_agent_with(
+            &tmp.path().join("storage"),
+            &token,
+            "127.0.0.1:0",
+            &["--qemu-binary", qemu.to_str().expect("utf-8")],
+            &[],
+        );
+        let held = FERRY.held_migrate_with(
+            guest.qmp_socket(),
+            &agent.addr,
+            &token,
+            hold,
+            tmp.path(),
+            args,
+        );
+        held.wait_held();
+        held.kill();
+        // Neither copy runs now: the source is paused (completed or about to), the destination
+        // waits for a verdict. The agent must keep it, whatever its window.
+        let (code, out, err) = FERRY.recover(guest.qmp_socket(), &token);
+        assert_eq!(code, 0, "{hold}: {out} {err}");
+        assert_eq!(out["owner"], "destination", "{hold}: {out}");
+        assert_on_destination(&mut guest, &token, &agent).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,8 @@
 //!   packet capture of the link: a marker written on the guest's disk beforehand and one in its
 //!   RAM (the kernel command line) never appear in the captured bytes; with `--insecure` both
 //!   do, so the check can fail.
+//! - Strangers on the agent's NBD and RAM ports during a migration (no client certificate,
+//!   plaintext, idle connections) get nothing, and the migration completes through them.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -235,4 +237,112 @@ async fn neither_disk_nor_ram_crosses_the_link_in_the_clear() {
         contains(&clear, &ram_marker),
         "--insecure: the RAM marker must be visible (else this check proves nothing)"
     );
+}
+
+/// The agent's listening ports other than its control port, from `ss`.
+fn data_ports(agent: &AgentProc) -> Vec<u16> {
+    let out = Command::new("ss")
+        .args(["-Htlnp"])
+        .output()
+        .expect("ss (iproute2)");
+    let control: u16 = agent
+        .addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("control port");
+    let pid = format!("pid={},", agent.child.id());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&pid))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(3)?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .filter(|p| *p != control)
+        .collect()
+}
+
+/// While `ferry migrate` waits to start the RAM stream (the destination listens, the disks are
+/// in sync and still served), strangers try the agent's NBD port (plaintext nbdinfo, idle
+/// connections) and its RAM port (TLS without the migration's client certificate, idle
+/// connections, more than the agent lets wait): none gets a byte of the VM, and the migration
+/// completes through them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_on_the_nbd_and_ram_ports_get_nothing_and_the_migration_completes() {
+    use tokio::io::AsyncReadExt;
+    let mut setup = OneDisk::boot(TOKEN, 64 << 20, 4, 50).await;
+    let agent = setup.agent(FERRY, &[]);
+    let held = FERRY.held_migrate(
+        setup.guest.qmp_socket(),
+        &agent.addr,
+        &setup.token,
+        "source-ram:10",
+        setup.tmp.path(),
+    );
+    held.wait_held();
+    let ports = data_ports(&agent);
+    assert_eq!(ports.len(), 2, "the NBD and the RAM port: {ports:?}");
+    let mut idle = Vec::new();
+    let (mut nbd, mut ram) = (None, None);
+    for port in ports {
+        for _ in 0..24 {
+            idle.push(std::net::TcpStream::connect(("127.0.0.1", port)).expect("idle"));
+        }
+        // The NBD server greets first; the RAM listener waits for a TLS client hello.
+        let mut probe = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("probe");
+        let mut magic = [0u8; 8];
+        let greeted = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            probe.read_exact(&mut magic),
+        )
+        .await;
+        if matches!(greeted, Ok(Ok(_))) && &magic == b"NBDMAGIC" {
+            nbd = Some(port);
+        } else {
+            ram = Some(port);
+        }
+    }
+    let (nbd, ram) = (nbd.expect("an NBD port"), ram.expect("a RAM port"));
+
+    let out = Command::new("nbdinfo")
+        .arg(format!("nbd://127.0.0.1:{nbd}/a-guessed-export"))
+        .output()
+        .expect("nbdinfo");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "plaintext nbdinfo got in: {text}");
+    assert!(!text.contains("export-size"), "{text}");
+
+    let no_cert = tokio_rustls::TlsConnector::from(
+        ferry::tls::client_config(None, None).expect("client config"),
+    );
+    let name =
+        rustls::pki_types::ServerName::try_from(ferry::tls::migration::TLS_HOSTNAME).expect("name");
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", ram))
+        .await
+        .expect("connect");
+    if let Ok(mut stranger) = no_cert.connect(name, tcp).await {
+        let mut byte = [0u8; 1];
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(5), stranger.read(&mut byte)).await;
+        assert!(
+            !matches!(read, Ok(Ok(1))),
+            "a RAM client without the certificate was answered"
+        );
+    }
+
+    let (code, said) = held.wait();
+    assert_eq!(code, 0, "the migration must complete: {said}");
+    drop(idle);
+    assert_on_destination(&mut setup.guest, &setup.token, &agent).await;
 }

@@ -1,7 +1,10 @@
 //! One mirror run: a `-M none` QEMU mirrors the source image (`blockdev-mirror sync=full`, the
 //! target an nbd node with `discard`/`detect-zeroes: unmap`, exactly as `ferry migrate` sets it
-//! up; for TLS targets also `tls-creds` (a client `tls-creds-x509` object) and `tls-hostname`)
-//! into a server, timed to BLOCK_JOB_READY, then completed without pivot and checked.
+//! up) into a server, timed to BLOCK_JOB_READY, then completed without pivot and checked. The
+//! `ferry-tls` row goes the way `ferry migrate` does it: QEMU's node on the unix socket of
+//! ferry's NBD relay (`ferry::tunnel`, run in this process), which does STARTTLS and TLS with
+//! the server; the other servers' TLS rows give QEMU `tls-creds` and `tls-hostname` (a client
+//! `tls-creds-x509` object), as a QEMU-only setup would.
 
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -25,8 +28,9 @@ pub struct MirrorRun {
     pub durable_s: f64,
     /// Server CPU seconds over the mirror up to READY.
     pub cpu_s: f64,
-    /// The source QEMU's CPU seconds over the same time: its one main-loop thread reads,
-    /// sends and (with TLS) encrypts everything, so this is often what bounds the mirror.
+    /// The source side's CPU seconds over the same time: the source QEMU's (its one main-loop
+    /// thread reads, sends and, with QEMU's TLS, encrypts everything, so this is often what
+    /// bounds the mirror), plus ferry's relay for `ferry-tls` (this process).
     pub source_cpu_s: f64,
     /// Bytes the destination allocates after the server stopped.
     pub allocated: u64,
@@ -69,7 +73,9 @@ pub async fn run(
     std::fs::File::create(dest)?.set_len(size)?;
     image::warm(source)?;
     let srv = servers::start(target, tls, ferry, dest, dir).await?;
-    let tls = if target.tls { tls } else { None };
+    // ferry's TLS row: QEMU plaintext to the relay, the relay TLS to the server.
+    let relay = target.tls && target.server == servers::Server::Ferry;
+    let tls = if target.tls && !relay { tls } else { None };
 
     let sock = dir.join("mirror-qmp.sock");
     let _ = std::fs::remove_file(&sock);
@@ -89,9 +95,20 @@ pub async fn run(
             .context("start the source QEMU")?,
     );
     let qmp = servers::connect_qmp(&sock).await?;
+    let mut _tunnel = None;
+    let server = if relay {
+        let bundle = servers::TlsDirs::ensure(dir)?.client_bundle()?;
+        let tunnel_dir = dir.join("tunnel");
+        std::fs::create_dir_all(&tunnel_dir)?;
+        let mut tunnel = ferry::tunnel::Tunnel::new(&tunnel_dir, &bundle, "127.0.0.1")?;
+        let path = tunnel.nbd(srv.port)?;
+        _tunnel = Some(tunnel);
+        json!({"type": "unix", "path": path.to_str().context("paths must be UTF-8")?})
+    } else {
+        json!({"type": "inet", "host": "127.0.0.1", "port": srv.port.to_string()})
+    };
     let mut node = json!({"driver": "nbd", "node-name": "dst", "export": EXPORT,
-           "server": {"type": "inet", "host": "127.0.0.1", "port": srv.port.to_string()},
-           "discard": "unmap", "detect-zeroes": "unmap"});
+           "server": server, "discard": "unmap", "detect-zeroes": "unmap"});
     if tls.is_some() {
         node["tls-creds"] = json!("tls0");
         node["tls-hostname"] = json!(ferry::tls::migration::TLS_HOSTNAME);
@@ -101,7 +118,12 @@ pub async fn run(
         .context("blockdev-add nbd")?;
     let mut events = qmp.events();
     let cpu0 = srv.cpu_seconds()?;
-    let source_cpu0 = servers::cpu_seconds(qemu.0.id())?;
+    let source_cpu0 = servers::cpu_seconds(qemu.0.id())?
+        + if relay {
+            servers::cpu_seconds(std::process::id())?
+        } else {
+            0.0
+        };
     let t0 = Instant::now();
     let mut mirror_args = json!({"job-id": "m", "device": "src", "target": "dst", "sync": "full"});
     if let Some(bytes) = opts.buf_size {
@@ -113,7 +135,13 @@ pub async fn run(
     wait_job(&mut events, "BLOCK_JOB_READY", Duration::from_secs(900)).await?;
     let ready_s = t0.elapsed().as_secs_f64();
     let cpu_s = srv.cpu_seconds()? - cpu0;
-    let source_cpu_s = servers::cpu_seconds(qemu.0.id())? - source_cpu0;
+    let source_cpu_s = servers::cpu_seconds(qemu.0.id())?
+        + if relay {
+            servers::cpu_seconds(std::process::id())?
+        } else {
+            0.0
+        }
+        - source_cpu0;
     let t1 = Instant::now();
     qmp.execute_raw("block-job-cancel", json!({"device": "m"}))
         .await?;

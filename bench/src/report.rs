@@ -410,7 +410,7 @@ impl Report {
         }
         let _ = writeln!(
             t,
-            "TLS against plaintext, same server (median; source CPU: the mirroring QEMU's, whose one main-loop thread also encrypts)\n"
+            "TLS against plaintext, same server (median; source CPU: the mirroring QEMU's, whose one main-loop thread also encrypts, or for ferry-tls QEMU's plus ferry's relay)\n"
         );
         let _ = writeln!(
             t,

@@ -126,6 +126,21 @@ impl TlsDirs {
             .to_string())
     }
 
+    /// The client credentials as `ferry migrate` holds them (for its relay, `ferry::tunnel`).
+    pub fn client_bundle(&self) -> Result<ferry::tls::migration::ClientBundle> {
+        use ferry::tls::migration::files;
+        let read = |name: &str| {
+            std::fs::read_to_string(self.client.join(name))
+                .with_context(|| format!("read {}", self.client.join(name).display()))
+        };
+        Ok(ferry::tls::migration::ClientBundle {
+            ca_cert: read(files::CA_CERT)?,
+            client_cert: read(files::CLIENT_CERT)?,
+            client_key: read(files::CLIENT_KEY)?,
+            hostname: ferry::tls::migration::TLS_HOSTNAME.to_string(),
+        })
+    }
+
     /// A `tls-creds-x509` object with id `tls0` for `endpoint` (the server verifies clients).
     pub fn qemu_object(&self, endpoint: &str) -> Result<String> {
         let (dir, verify) = match endpoint {

@@ -52,10 +52,16 @@ fn qmp_err(what: impl Into<String>) -> impl FnOnce(qmp::Error) -> DestinationErr
     move |source| DestinationError::Qmp { what, source }
 }
 
-/// A running destination QEMU.
-/// The destination QEMU's `tls-creds-x509` object for the incoming RAM stream.
-pub const INCOMING_TLS_OBJECT: &str = "ferry-tls-incoming";
+/// Where the destination QEMU listens for the RAM stream.
+#[derive(Debug, Clone)]
+pub enum Incoming {
+    /// An ephemeral TCP port of this address (`--insecure`: the source QEMU connects itself).
+    Tcp(std::net::IpAddr),
+    /// A unix socket (TLS: the agent's relay connects, see `crate::tunnel::incoming`).
+    Unix(PathBuf),
+}
 
+/// A running destination QEMU.
 pub struct Destination {
     /// Its pid (from `-pidfile`).
     pub pid: u32,
@@ -151,13 +157,15 @@ impl Destination {
 
     /// Sets `late-block-activate` (images stay inactive until `cont`) and `return-path` (the
     /// source's migration completes only once this QEMU loaded the whole state, and fails if it
-    /// could not), then listens for the RAM on an ephemeral port of `ip`; returns the port.
+    /// could not), then listens for the RAM: on an ephemeral TCP port of an address (returned),
+    /// or on a unix socket that the agent's TLS relay feeds (`crate::tunnel::incoming`). QEMU
+    /// itself never gets TLS credentials, so its argv and parameters stay the VM's own and it can
+    /// be migrated onwards.
     pub async fn listen(
         &self,
-        ip: std::net::IpAddr,
-        tls_dir: Option<&std::path::Path>,
+        at: &Incoming,
         parallel: u32,
-    ) -> Result<u16, DestinationError> {
+    ) -> Result<Option<u16>, DestinationError> {
         if parallel > 1 {
             // The destination must expect the same number of RAM connections as the source
             // opens; both are set before the stream starts.
@@ -176,28 +184,6 @@ impl Destination {
                 .await
                 .map_err(qmp_err("setting multifd-channels"))?;
         }
-        if let Some(dir) = tls_dir {
-            // Added over QMP, not on the command line: the argv stays the VM's own, so this VM
-            // can be migrated onwards by ferry (which refuses `-object tls-creds-x509`). QEMU
-            // reads the files now; the agent removes them once the migration is settled.
-            self.qmp
-                .execute_raw(
-                    "object-add",
-                    json!({"qom-type": "tls-creds-x509", "id": INCOMING_TLS_OBJECT,
-                           "dir": dir.display().to_string(), "endpoint": "server",
-                           "verify-peer": true,
-                           "priority": crate::tls::migration::QEMU_TLS_PRIORITY}),
-                )
-                .await
-                .map_err(qmp_err("creating the RAM stream's TLS credentials"))?;
-            self.qmp
-                .execute_raw(
-                    "migrate-set-parameters",
-                    json!({"tls-creds": INCOMING_TLS_OBJECT}),
-                )
-                .await
-                .map_err(qmp_err("requiring TLS on the incoming migration"))?;
-        }
         self.qmp
             .execute_raw(
                 "migrate-set-capabilities",
@@ -208,20 +194,28 @@ impl Destination {
             )
             .await
             .map_err(qmp_err("setting late-block-activate and return-path"))?;
-        let host = crate::protocol::uri_host(&ip.to_string());
+        let uri = match at {
+            Incoming::Tcp(ip) => format!("tcp:{}:0", crate::protocol::uri_host(&ip.to_string())),
+            Incoming::Unix(path) => format!("unix:{}", path.display()),
+        };
         self.qmp
-            .execute_raw("migrate-incoming", json!({"uri": format!("tcp:{host}:0")}))
+            .execute_raw("migrate-incoming", json!({"uri": uri}))
             .await
             .map_err(qmp_err("migrate-incoming"))?;
+        if let Incoming::Unix(_) = at {
+            return Ok(None);
+        }
         let info = MigrationInfo::query(&self.qmp)
             .await
             .map_err(qmp_err("query-migrate"))?;
-        info.incoming_port.ok_or_else(|| DestinationError::Start {
-            detail: format!(
-                "query-migrate did not report the listening port (status {})",
-                info.status
-            ),
-        })
+        info.incoming_port
+            .map(Some)
+            .ok_or_else(|| DestinationError::Start {
+                detail: format!(
+                    "query-migrate did not report the listening port (status {})",
+                    info.status
+                ),
+            })
     }
 
     /// Touches all of the guest's RAM now (`prealloc` on each of its memory backends, with one

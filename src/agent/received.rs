@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 
-use super::destination::{Destination, DestinationError};
+use super::destination::{Destination, DestinationError, Incoming};
 use super::inventory::MigrationInfo;
 use super::metrics::{Outcome, Tracked};
 use super::registry::Registry;
@@ -53,6 +53,10 @@ pub struct Received {
     destination: Option<Destination>,
     /// This migration's certificates, when its disks and RAM travel encrypted.
     credentials: Option<MigrationCredentials>,
+    /// The source host's address: the only peer the NBD server and the RAM listener serve.
+    source: Option<IpAddr>,
+    /// The TLS listener that feeds the destination QEMU's RAM socket (encrypted migrations).
+    ram_tunnel: Option<crate::tunnel::incoming::Listener>,
     record: Record,
     /// Whether this agent may have started the guest: `cont` sent, or a previous agent's
     /// `Resuming` it cannot see past. Until then a dead destination never ran.
@@ -146,6 +150,8 @@ impl Received {
             nbd: None,
             destination: None,
             credentials,
+            source: Some(source.to_canonical()),
+            ram_tunnel: None,
             record: Record {
                 phase: Phase::Receiving,
                 resume: vm.running,
@@ -252,6 +258,8 @@ impl Received {
             nbd: None,
             destination: Some(destination),
             credentials: None,
+            source: None,
+            ram_tunnel: None,
             may_have_run: record.phase >= Phase::Resuming,
             record,
             dir,
@@ -343,9 +351,10 @@ impl Received {
         Ok(())
     }
 
-    /// Starts the destination QEMU paused, waiting for the RAM; returns the port it listens on.
-    /// Journaled `Started` first, so that a restarted agent looks for that QEMU. Runs while the
-    /// disks copy: QEMU opens the images inactive and does not touch them before the hand-over.
+    /// Starts the destination QEMU paused, waiting for the RAM; returns the port the source
+    /// sends it to (see [`Self::listen_for_ram`]). Journaled `Started` first, so that a
+    /// restarted agent looks for that QEMU. Runs while the disks copy: QEMU opens the images
+    /// inactive and does not touch them before the hand-over.
     /// With `prealloc_ram` its RAM is preallocated before the answer (see
     /// [`Destination::preallocate_ram`]): the source reads that answer only once its disks are
     /// in sync, so the time is hidden behind the mirror unless the mirror is shorter.
@@ -361,18 +370,8 @@ impl Received {
         let dest = Destination::start(&self.argv, &self.dir.path, &pidfile, &qmp_socket)
             .await
             .map_err(|e| crate::error_chain(&e))?;
-        let tls_dir = match &self.credentials {
-            Some(credentials) => {
-                let dir = self.dir.path.join(argv::TLS_DIR_NAME);
-                credentials
-                    .write_qemu_server_dir(&dir)
-                    .map_err(|e| format!("cannot write the RAM stream's certificates: {e}"))?;
-                Some(dir)
-            }
-            None => None,
-        };
-        let port = dest.listen(ip, tls_dir.as_deref(), parallel).await;
-        if prealloc_ram && port.is_ok() {
+        let listened = self.listen_for_ram(&dest, ip, parallel).await;
+        if prealloc_ram && listened.is_ok() {
             // Only a speed-up: a destination that cannot preallocate still receives the RAM the
             // usual way (allocating on first touch).
             if let Err(e) = dest.preallocate_ram().await {
@@ -380,7 +379,40 @@ impl Received {
             }
         }
         self.destination = Some(dest);
-        port.map_err(|e| crate::error_chain(&e))
+        listened
+    }
+
+    /// Has `dest` listen for the RAM; returns the port the source connects to. Encrypted: QEMU
+    /// on a unix socket of the migration directory, fed by the agent's TLS listener on `ip`,
+    /// which takes only the source's certificate (crate::tunnel). `--insecure`: QEMU's own port.
+    async fn listen_for_ram(
+        &mut self,
+        dest: &Destination,
+        ip: IpAddr,
+        parallel: u32,
+    ) -> Result<u16, String> {
+        let Some(credentials) = &self.credentials else {
+            return dest
+                .listen(&Incoming::Tcp(ip), parallel)
+                .await
+                .map_err(|e| crate::error_chain(&e))?
+                .ok_or_else(|| "the destination QEMU reported no RAM port".to_string());
+        };
+        let config = credentials
+            .nbd_server_config()
+            .map_err(|e| format!("cannot set up TLS for the RAM stream: {e}"))?;
+        let socket = self.ctx.ram_socket();
+        dest.listen(&Incoming::Unix(socket.clone()), parallel)
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        let connections = crate::tunnel::ram_connections(parallel);
+        let listener =
+            crate::tunnel::incoming::Listener::start(ip, self.source, config, &socket, connections)
+                .await
+                .map_err(|e| crate::error_chain(&e))?;
+        let port = listener.port();
+        self.ram_tunnel = Some(listener);
+        Ok(port)
     }
 
     /// The mirrors are in sync: flush the bulk of the data now, in the background, so that the
@@ -553,16 +585,11 @@ impl Received {
         self.forget_credentials();
     }
 
-    /// Removes this migration's keys from the disk (QEMU read them when it started listening):
-    /// once the hand-over is settled nothing may use them again.
+    /// Drops this migration's keys and closes its RAM listener: once the hand-over is settled
+    /// nothing may use them again (the keys never were on disk).
     pub fn forget_credentials(&mut self) {
         self.credentials = None;
-        let dir = self.dir.path.join(argv::TLS_DIR_NAME);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => warn!(dir = %dir.display(), error = %e, "removing the migration's keys"),
-        }
+        self.ram_tunnel = None;
     }
 
     /// Stops serving the disks (after the switchover: the source's mirrors are done).
@@ -606,6 +633,7 @@ impl Received {
         } else if let Some(pid) = read_pid(&self.dir.path) {
             super::destination::kill_if_ours(pid, &self.dir.path);
         }
+        self.ram_tunnel = None;
         if let Some(nbd) = self.nbd.take() {
             let _ = nbd.shutdown().await;
         }

@@ -21,9 +21,15 @@ pub enum MigrateError {
     /// The control connection or the agent failed, or the agent refused.
     #[error(transparent)]
     Agent(#[from] ControlError),
-    /// The agent's certificates could not be written for the source QEMU.
-    #[error("cannot hand the migration's certificates to the source QEMU")]
+    /// The directory of the encrypted streams' relays could not be made.
+    #[error("cannot make the directory of the encrypted streams' sockets; check --state-dir")]
     Tls(#[source] crate::tls::TlsError),
+    /// A relay of the encrypted streams could not start.
+    #[error("cannot start the encrypted relay to the agent")]
+    Tunnel(#[from] crate::tunnel::TunnelError),
+    /// The RAM relay could not carry the source QEMU's stream (QEMU only saw its socket close).
+    #[error("the RAM stream failed because ferry's encrypted relay could not carry it: {0}")]
+    RamRelay(String),
     /// The source QEMU's event stream broke.
     #[error("source QEMU")]
     SourceEvents(#[source] qmp::Error),

@@ -51,7 +51,7 @@ pub struct SourceRecord {
     /// the VM stays).
     #[serde(default)]
     pub parameters: Option<serde_json::Value>,
-    /// The TLS object and files of an encrypted migration.
+    /// The relays' socket directory of an encrypted migration.
     #[serde(default)]
     pub tls: Option<super::tls::SourceTls>,
     /// Other files made for the migration (`ferry xl migrate`'s config for the receiver and

@@ -8,24 +8,30 @@
 //!  negotiate        ─────── TLS, Hello/Challenge/Auth/Prepare ─►  preflight, images, NBD (TLS),
 //!                                                             per-migration certificates
 //!                   [journal: mirror]                        [journal: receiving]
-//!                   tls-creds-x509 object (client certificate from Prepared)
+//!                   NBD relay on tls/<tag>/nbd.sock (crate::tunnel; client key in memory)
 //!                   ──────────── StartDestination ──────────►  [journal: started]
-//!  mirror           blockdev-add nbd (discard: unmap,         spawn -incoming defer -S ─► late-block-activate,
-//!                    tls-creds)                                 (while the disks copy)   return-path, tls-creds,
-//!                   blockdev-mirror sync=full ═══ NBD writes ═══►  images                   migrate-incoming tcp:IP:0
-//!                   ... BLOCK_JOB_READY on every disk   ◄── DestinationReady
+//!  mirror           blockdev-add nbd (unix nbd.sock,          spawn -incoming defer -S ─► late-block-activate,
+//!                    discard: unmap)                            (while the disks copy)   return-path, migrate-
+//!                   blockdev-mirror sync=full ══ relay ══ NBD (TLS) ══►  images          incoming unix:ram.sock
+//!                                                             RAM listener (TLS) on IP:0
+//!                   ... BLOCK_JOB_READY on every disk   ◄── DestinationReady{its port}
 //!                   ────────────────── Synced ──────────────►  background fdatasync
 //!  ram              [journal: ram] events, return-path,
 //!                   pause-before-switchover, max-bandwidth,
-//!                   tls-creds, multifd; migrate ═══ RAM (TLS) ════════════════════════════►
+//!                   multifd, tls-creds ""; RAM relay on ram.sock; migrate unix:ram.sock
+//!                   ══ relay ═══════ RAM (TLS, per connection in order) ══► listener ══ unix ══►
 //!                   ... status pre-switchover (guest stopped)
 //!  switchover       block-job-cancel (final sync) ═══ last dirty blocks ═══► images
 //!                   migrate-continue ... completed ◄─ return path ─ (incoming completed)
 //!  finish (settle)  ───────────────────────── Commit ───────►  fdatasync images,
 //!                                                             [journal: resuming] ──────► cont
-//!                   blockdev-del nbd, quit ◄──── Running ─────  [journal: running], drop exports
-//!                   [journal removed]
+//!                   blockdev-del nbd, quit ◄──── Running ─────  [journal: running], drop exports,
+//!                                                             keys and RAM listener
+//!                   [journal removed], relays stopped, tls/<tag>/ removed
 //! ```
+//!
+//! With `--insecure` there are no relays: the nbd nodes connect to the agent's NBD port and the
+//! source QEMU migrates to the destination QEMU's own port (`tcp:`), both in the clear.
 //!
 //! The migration is a value moving through [`PhaseName`]s. Before it changes anything in the
 //! source QEMU it journals what it is about to create (see [`journal`]); every failure, and a
@@ -387,6 +393,8 @@ pub(crate) struct Migration {
     /// What the journal holds (None until something is created in the source QEMU).
     pub(crate) record: Option<SourceRecord>,
     pub(crate) link: Option<AgentLink>,
+    /// The relays of an encrypted migration (the streams are cut when it goes).
+    pub(crate) tunnel: Option<crate::tunnel::Tunnel>,
     /// Subscribed before the migration, so the source's STOP event is not missed.
     stops: qmp::Events,
     phases: PhaseTimes,
@@ -407,6 +415,7 @@ impl Migration {
             journal,
             record: None,
             link: None,
+            tunnel: None,
             phases: PhaseTimes::default(),
             disk_bytes: 0,
             encrypted: false,
@@ -520,13 +529,30 @@ impl Migration {
             .set_migration_parameters(&parameters)
             .await
             .map_err(&ram_fail)?;
-        self.qemu
-            .set_migration_tls(record.tls.as_ref())
+        crate::faults::hold("source-ram").await;
+        self.qemu.clear_migration_tls().await.map_err(&ram_fail)?;
+        let to = match self.tunnel.as_mut() {
+            Some(tunnel) => source::Endpoint::Unix(
+                tunnel
+                    .ram(port, crate::tunnel::ram_connections(opts.parallel))
+                    .map_err(|e| at::<MigrateError>(PhaseName::Ram)(e.into()))?,
+            ),
+            None => source::Endpoint::Tcp {
+                host: host.clone(),
+                port,
+            },
+        };
+        self.qemu.migrate(&to).await.map_err(&ram_fail)?;
+        if let Err(mut failure) = self
+            .wait_pre_switchover(opts, &mut events, reporter, cancel)
             .await
-            .map_err(&ram_fail)?;
-        self.qemu.migrate(&host, port).await.map_err(&ram_fail)?;
-        self.wait_pre_switchover(opts, &mut events, reporter, cancel)
-            .await?;
+        {
+            // QEMU's own error is only "connection closed"; the relay knows why.
+            if let Some(why) = self.tunnel.as_ref().and_then(|t| t.ram_failure()) {
+                failure.error = MigrateError::RamRelay(why);
+            }
+            return Err(failure);
+        }
         self.phases.ram = ram_start.elapsed().as_millis() as u64;
 
         // Switchover: the guest is stopped from here until it resumes on the destination.
@@ -614,21 +640,29 @@ impl Migration {
             resume: vm.running,
             qemu_pid: self.qemu.pid(),
             parameters: None,
-            tls: bundle.as_ref().map(|b| {
-                tls::SourceTls::plan(&opts.state_dir, self.journal.path(), tag, &b.hostname)
-            }),
+            tls: bundle
+                .as_ref()
+                .map(|_| tls::SourceTls::plan(&opts.state_dir, tag)),
             files: Vec::new(),
         };
         self.journal(record.clone(), PhaseName::Mirror)?;
         self.encrypted = record.tls.is_some();
-        if let (Some(tls), Some(bundle)) = (&record.tls, &bundle) {
-            tls.write(bundle)
-                .map_err(|e| fail_mirror(MigrateError::Tls(e)))?;
-            self.qemu
-                .add_tls_creds(tls)
-                .await
-                .map_err(|e| fail_mirror(e.into()))?;
-        }
+        // Encrypted: the nodes connect to the relay's socket, which carries them over TLS.
+        let server = match (&record.tls, &bundle) {
+            (Some(tls), Some(bundle)) => {
+                tls.create()
+                    .map_err(|e| fail_mirror(MigrateError::Tls(e)))?;
+                let mut tunnel = crate::tunnel::Tunnel::new(&tls.dir, bundle, &host)
+                    .map_err(|e| fail_mirror(e.into()))?;
+                let path = tunnel.nbd(nbd_port).map_err(|e| fail_mirror(e.into()))?;
+                self.tunnel = Some(tunnel);
+                source::Endpoint::Unix(path)
+            }
+            _ => source::Endpoint::Tcp {
+                host: host.clone(),
+                port: nbd_port,
+            },
+        };
         let events = self.qemu.events();
         for job in &jobs {
             let no_export = || {
@@ -641,13 +675,7 @@ impl Migration {
                 .find(|x| x.disk == job.disk)
                 .ok_or_else(no_export)?;
             self.qemu
-                .add_nbd_target(
-                    &job.node,
-                    &host,
-                    nbd_port,
-                    &export.export,
-                    record.tls.as_ref(),
-                )
+                .add_nbd_target(&job.node, &server, &export.export)
                 .await
                 .map_err(|e| fail_mirror(e.into()))?;
             let disk = vm

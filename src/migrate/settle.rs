@@ -239,9 +239,6 @@ impl Settle<'_> {
                 left.push(format!("migration parameters {parameters}"));
             }
         }
-        if let Some(tls) = &record.tls {
-            left.extend(tls.remove(qemu).await);
-        }
         if tell_agent {
             self.tell_agent_abort(record).await;
         }
@@ -287,7 +284,7 @@ impl Settle<'_> {
         }
     }
 
-    /// The migration is settled: its journal and its key files go.
+    /// The migration is settled: its journal and its relays' socket directory go.
     fn forget(&self, record: &SourceRecord) {
         if let Some(tls) = &record.tls {
             tls.remove_files();

@@ -7,8 +7,6 @@
 
 use std::path::PathBuf;
 
-use crate::migrate::tls::SourceTls;
-
 use qmp::qapi::qmp as q;
 use serde_json::{json, Value};
 
@@ -41,6 +39,43 @@ pub enum DiscoverError {
 pub fn ctx(what: impl Into<String>) -> impl FnOnce(qmp::Error) -> SourceError {
     let what = what.into();
     move |source| SourceError { what, source }
+}
+
+/// Where the source QEMU sends a stream: the agent itself (`--insecure`), or one of ferry's
+/// relays on this host (TLS, see [`crate::tunnel`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `host:port` over TCP.
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// A unix socket.
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    /// As a QMP `SocketAddress` (an NBD node's `server`).
+    fn qmp(&self) -> Value {
+        match self {
+            Endpoint::Tcp { host, port } => {
+                json!({"type": "inet", "host": host, "port": port.to_string()})
+            }
+            Endpoint::Unix(path) => json!({"type": "unix", "path": path.display().to_string()}),
+        }
+    }
+
+    /// As a migration URI.
+    fn uri(&self) -> String {
+        match self {
+            Endpoint::Tcp { host, port } => {
+                format!("tcp:{}:{port}", crate::protocol::uri_host(host))
+            }
+            Endpoint::Unix(path) => format!("unix:{}", path.display()),
+        }
+    }
 }
 
 /// The source QEMU's QMP connection.
@@ -137,23 +172,17 @@ impl SourceQemu {
     pub async fn add_nbd_target(
         &self,
         node: &str,
-        host: &str,
-        port: u16,
+        server: &Endpoint,
         export: &str,
-        tls: Option<&SourceTls>,
     ) -> Result<(), SourceError> {
-        let mut args = json!({
+        let args = json!({
             "driver": "nbd",
             "node-name": node,
-            "server": {"type": "inet", "host": host, "port": port.to_string()},
+            "server": server.qmp(),
             "export": export,
             "discard": "unmap",
             "detect-zeroes": "unmap",
         });
-        if let Some(tls) = tls {
-            args["tls-creds"] = json!(tls.object);
-            args["tls-hostname"] = json!(tls.hostname);
-        }
         self.qmp
             .execute_raw("blockdev-add", args)
             .await
@@ -305,61 +334,29 @@ impl SourceQemu {
     }
 
     /// Starts the RAM migration to `host:port`.
-    /// Creates the `tls-creds-x509` client object of an encrypted migration from the files in
-    /// `tls.dir` (QEMU reads them now). One object serves the NBD nodes and the RAM stream.
-    pub async fn add_tls_creds(&self, tls: &SourceTls) -> Result<(), SourceError> {
-        self.qmp
-            .execute_raw(
-                "object-add",
-                json!({"qom-type": "tls-creds-x509", "id": tls.object,
-                       "dir": tls.dir.display().to_string(), "endpoint": "client",
-                       "verify-peer": true,
-                       "priority": crate::tls::migration::QEMU_TLS_PRIORITY}),
-            )
-            .await
-            .map_err(ctx(
-                "creating the migration's TLS credentials (object-add tls-creds-x509)",
-            ))?;
-        Ok(())
-    }
-
-    /// Removes the object [`add_tls_creds`](Self::add_tls_creds) made; one already gone is fine.
-    pub async fn del_tls_creds(&self, object: &str) -> Result<(), SourceError> {
-        match self
-            .qmp
-            .execute_raw("object-del", json!({"id": object}))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(qmp::Error::Qmp { desc, .. }) if desc.contains("not found") => Ok(()),
-            Err(e) => Err(ctx(format!("removing TLS credentials {object}"))(e)),
-        }
-    }
-
-    /// Sets the RAM stream's TLS parameters: the client object and the name the destination's
-    /// certificate must carry, or both empty (plaintext). Always set, never left as found: a
-    /// VM that arrived here encrypted carries its own incoming object's name.
-    pub async fn set_migration_tls(&self, tls: Option<&SourceTls>) -> Result<(), SourceError> {
-        let (creds, hostname) = tls.map_or(("", ""), |t| (t.object.as_str(), t.hostname.as_str()));
+    /// Clears the RAM stream's TLS parameters: the stream goes in plaintext, to the agent
+    /// (`--insecure`) or to the local relay. Set every time, never left as found: a VM that
+    /// arrived here through an older ferry carries its incoming TLS object's name, and QEMU
+    /// would try TLS on the relay's socket.
+    pub async fn clear_migration_tls(&self) -> Result<(), SourceError> {
         self.qmp
             .execute_raw(
                 "migrate-set-parameters",
-                json!({"tls-creds": creds, "tls-hostname": hostname}),
+                json!({"tls-creds": "", "tls-hostname": ""}),
             )
             .await
-            .map_err(ctx("setting the RAM stream's TLS parameters"))?;
+            .map_err(ctx("clearing the RAM stream's TLS parameters"))?;
         Ok(())
     }
 
-    pub async fn migrate(&self, host: &str, port: u16) -> Result<(), SourceError> {
-        let host = crate::protocol::uri_host(host);
+    /// Starts the RAM migration to `to`.
+    pub async fn migrate(&self, to: &Endpoint) -> Result<(), SourceError> {
         self.qmp
-            .execute_raw("migrate", json!({"uri": format!("tcp:{host}:{port}")}))
+            .execute_raw("migrate", json!({"uri": to.uri()}))
             .await
             .map_err(ctx("migrate"))?;
         Ok(())
     }
-
     /// `query-migrate`.
     pub async fn query_migrate(&self) -> Result<MigrationInfo, SourceError> {
         MigrationInfo::query(&self.qmp)

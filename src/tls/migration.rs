@@ -1,9 +1,10 @@
 //! Per-migration credentials: a CA that lives as long as one migration, a server certificate
-//! (the agent's NBD server and the destination QEMU) and a client certificate (the source
-//! QEMU), all signed by it.
+//! (the agent's NBD server and RAM listener) and a client certificate (`ferry migrate`'s relays,
+//! [`crate::tunnel`]), all signed by it.
 //!
 //! The agent makes them at `Prepare`; the client half travels to the source inside the TLS
-//! control link and nowhere else. The CA key is never written anywhere: once the two
+//! control link and nowhere else. A migration never writes them to disk: both ends hold them in
+//! memory (the QEMU file layout below is for other peers: tests, benchmarks, `nbd-serve` users). The CA key is never written anywhere: once the two
 //! certificates are signed it is dropped, so nothing can issue a third. A certificate is valid
 //! from a day before its creation (clocks of two hosts disagree) to [`VALIDITY`] after: long
 //! enough for a mirror of many TiB over a slow link to reach its RAM phase, short enough that a
@@ -33,11 +34,9 @@ use super::TlsError;
 pub const TLS_HOSTNAME: &str = "destination.ferry.invalid";
 /// The name in the source's client certificate (nobody checks it; the CA is what counts).
 const SOURCE_NAME: &str = "source.ferry.invalid";
-/// The GnuTLS priority both QEMUs' `tls-creds-x509` objects get: TLS 1.3's AES-128-GCM only.
-/// The source QEMU encrypts the mirror and the RAM on its main thread, which is what limits an
-/// encrypted migration (measured with `bench/run`); AES-128-GCM with AES-NI is the cheapest
-/// AEAD there is, and 128-bit keys for one short-lived migration are ample. ferry's NBD server
-/// (rustls) speaks it too.
+/// The GnuTLS priority for a QEMU `tls-creds-x509` object facing ferry (the benchmark's "QEMU
+/// alone with TLS" row, tests): TLS 1.3's AES-128-GCM only, the cheapest AEAD with AES-NI, which
+/// ferry's rustls ends speak too. Migrations give QEMU no TLS at all ([`crate::tunnel`]).
 pub const QEMU_TLS_PRIORITY: &str = "NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+AES-128-GCM";
 
 /// How long the certificates are valid after they were made.

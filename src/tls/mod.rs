@@ -1,10 +1,12 @@
 //! TLS for everything that crosses the network: the control link (agent ↔ `ferry migrate`), the
-//! agent's NBD server (source QEMU → agent) and the RAM stream (source QEMU → destination QEMU).
+//! NBD connections (`ferry migrate`'s relay → the agent's NBD server) and the RAM stream
+//! (`ferry migrate`'s relay → the agent's RAM listener); the relays are in [`crate::tunnel`].
 //!
 //! - [`identity`]: a long-lived key and certificate: the agent's own (created on first start in
 //!   its state directory, or the operator's), or the source's for sites with a PKI.
 //! - [`migration`]: the short-lived CA, server and client certificates an agent makes for each
-//!   migration, for NBD and the RAM stream, and the files QEMU reads them from.
+//!   migration, for NBD and the RAM stream (and, for other peers such as `ferry nbd-serve`'s
+//!   clients, the files QEMU's `tls-creds-x509` reads).
 //! - here: the rustls configurations (TLS 1.3 only, the `ring` provider) and the exporter value
 //!   the control handshake binds its token proofs to.
 //!
@@ -75,6 +77,21 @@ pub enum TlsError {
 /// The one crypto provider: `ring` (no C toolchain beyond cc, no cmake), AES-GCM with AES-NI.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The provider for the disks and the RAM ([`crate::tunnel`]): AES-128-GCM first. rustls
+/// servers follow the client's order, so these connections use it: with AES-NI the cheapest
+/// AEAD there is (measured with `bench/run`), and 128-bit keys for one short-lived migration
+/// are ample. The control link keeps the default order.
+pub fn bulk_provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::cipher_suite;
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 /// Every certificate in a PEM file (a chain or a CA bundle).
@@ -160,13 +177,22 @@ pub fn client_config(
     roots: Option<RootCertStore>,
     identity: Option<&Identity>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
+    client_config_with(provider(), roots, identity)
+}
+
+/// [`client_config`] with another crypto provider (e.g. [`bulk_provider`]).
+pub fn client_config_with(
+    provider: Arc<CryptoProvider>,
+    roots: Option<RootCertStore>,
+    identity: Option<&Identity>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match roots {
         Some(roots) => builder.with_root_certificates(roots),
         None => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(TokenAuthenticated(provider()))),
+            .with_custom_certificate_verifier(Arc::new(TokenAuthenticated(provider))),
     };
     let config = match identity {
         Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.key.clone_key())?,

@@ -38,9 +38,9 @@ use options::Class;
 /// file it is written through (`crate::journal`).
 pub const JOURNAL_NAME: &str = "journal.json";
 const JOURNAL_TMP_NAME: &str = "journal.json.tmp";
-/// The directory of a migration's certificates and keys for the destination QEMU (removed once
-/// the hand-over is settled).
-pub const TLS_DIR_NAME: &str = "tls";
+/// The unix socket the destination QEMU takes an encrypted migration's RAM stream on, fed by
+/// the agent's TLS listener (`crate::tunnel`).
+pub const RAM_SOCKET_NAME: &str = crate::tunnel::RAM_SOCKET;
 
 /// File names inside the migration directory that belong to the agent: a relocated file never
 /// takes one of these, nor a disk image's name. A chardev writing over the journal would corrupt
@@ -50,7 +50,7 @@ const RESERVED_NAMES: &[&str] = &[
     "qemu.pid",
     JOURNAL_NAME,
     JOURNAL_TMP_NAME,
-    TLS_DIR_NAME,
+    RAM_SOCKET_NAME,
     "qemu.stderr",
     "argv",
     "migration.json",
@@ -77,6 +77,11 @@ impl RewriteContext {
     /// The agent's QMP socket for the destination QEMU.
     pub fn qmp_socket(&self) -> PathBuf {
         self.dir.join("qmp.sock")
+    }
+
+    /// The socket the destination QEMU takes the RAM stream on when it travels encrypted.
+    pub fn ram_socket(&self) -> PathBuf {
+        self.dir.join(RAM_SOCKET_NAME)
     }
 
     /// The destination QEMU's pid file.

@@ -1,6 +1,6 @@
 //! The final sync, run while xl's stream flows (see [`super::migrate`]): back on the device
 //! model's QMP socket once libxl is done with it, stop a device model that still runs, complete
-//! every mirror; then, off the critical path, remove the NBD nodes and the TLS object and let go
+//! every mirror; then, off the critical path, remove the NBD nodes and let go
 //! of the socket before libxl needs it again (after the go message).
 
 use std::path::{Path, PathBuf};
@@ -87,20 +87,11 @@ pub async fn finish_disks(
     })
 }
 
-/// After the final sync: the NBD nodes (idle since) and the TLS object leave the device model,
+/// After the final sync: the NBD nodes (idle since) leave the device model,
 /// then ferry lets go of its QMP socket. Beside the stream, not in its way.
-pub async fn remove_nodes(
-    qemu: SourceQemu,
-    jobs: Vec<mirror::MirrorJob>,
-    tls: Option<crate::migrate::tls::SourceTls>,
-) {
+pub async fn remove_nodes(qemu: SourceQemu, jobs: Vec<mirror::MirrorJob>) {
     let left = mirror::remove_nodes(&qemu, &jobs).await;
     if !left.is_empty() {
         warn!(left = %left.join(", "), "NBD nodes left in the device model");
-    }
-    if let Some(tls) = &tls {
-        if let Some(left) = tls.remove(&qemu).await {
-            warn!(%left, "TLS object left in the device model");
-        }
     }
 }

@@ -18,7 +18,7 @@
 //!    reconnect; device model still running (PV/PVH)? stop it (HVM: libxl stopped it)
 //!    final sync of every mirror
 //!    Final ─────────────────────────────────────────────────► flush, close exports
-//!    NBD nodes and TLS object removed; QMP released
+//!    NBD nodes removed; QMP released
 //!  ... libxl END record seen: hold it until the final sync is done ...
 //!    Barrier ───────────────────────────────────────────────► waits for the flush
 //!    END ═══════════════════════════════════════════════════► receiver starts the domain
@@ -169,6 +169,7 @@ pub async fn migrate(
         journal,
         record,
         link,
+        tunnel,
         disk_bytes,
         ..
     } = m;
@@ -177,6 +178,7 @@ pub async fn migrate(
         journal,
         record,
         link,
+        _tunnel: tunnel,
         disk_bytes,
     };
     let result = run.stream(&mut held, mirrors, cancel, started).await;
@@ -208,7 +210,7 @@ pub async fn migrate(
     Err(settle_on_source(failure, qemu, &held.journal, held.record, held.link, &base).await)
 }
 
-/// The source keeps the domain: [`Settle`] removes jobs, nodes and the TLS object, tells the
+/// The source keeps the domain: [`Settle`] removes jobs and nodes, tells the
 /// agent, and resumes the device model if the domain ran before and it is stopped.
 async fn settle_on_source(
     mut failure: Failure,
@@ -256,11 +258,13 @@ struct Held {
     journal: Journal,
     record: Option<crate::migrate::journal::SourceRecord>,
     link: Option<crate::migrate::control::AgentLink>,
+    /// The NBD relay of an encrypted migration: the mirrors go through it until they are done.
+    _tunnel: Option<crate::tunnel::Tunnel>,
     disk_bytes: u64,
 }
 
 impl Held {
-    /// Settled: the journal and the certificate files go.
+    /// Settled: the journal and the relay's socket directory go.
     fn forget(&self) {
         if let Some(record) = &self.record {
             if let Some(tls) = &record.tls {
@@ -300,7 +304,7 @@ struct Run<'a> {
     stopped: bool,
     /// The final sync, running from the moment the guest is suspended (see [`super::finish::finish_disks`]).
     finisher: Option<tokio::task::JoinHandle<Result<super::finish::Finished, Failure>>>,
-    /// Removes the NBD nodes and the TLS object once END went (off the guest's pause).
+    /// Removes the NBD nodes once END went (off the guest's pause).
     cleaner: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -315,13 +319,12 @@ impl Run<'_> {
     }
 
     /// The final sync ended: on success, tell the agent (`Final`: it flushes the images and
-    /// closes the exports) and remove the NBD nodes and the TLS object in the background.
+    /// closes the exports) and remove the NBD nodes in the background.
     async fn disks_final<W: tokio::io::AsyncWrite + Unpin>(
         &mut self,
         finished: Result<Result<super::finish::Finished, Failure>, tokio::task::JoinError>,
         agent_wr: &mut W,
         summary: &mut XlSummary,
-        m: &Held,
         jobs: &[mirror::MirrorJob],
     ) -> Result<(), (Failure, bool)> {
         let finished = finished
@@ -347,7 +350,6 @@ impl Run<'_> {
         self.cleaner = Some(tokio::spawn(super::finish::remove_nodes(
             finished.qemu,
             jobs.to_vec(),
-            m.record.as_ref().and_then(|r| r.tls.clone()),
         )));
         Ok(())
     }
@@ -519,7 +521,7 @@ impl Run<'_> {
                             if !final_sent {
                                 let finisher = self.finisher.take().ok_or_else(|| lost(false, "no final sync started".into()))?;
                                 let finished = finisher.await;
-                                self.disks_final(finished, &mut agent_wr, &mut summary, m, &jobs).await?;
+                                self.disks_final(finished, &mut agent_wr, &mut summary, &jobs).await?;
                                 final_sent = true;
                             }
                             // What follows reaches the receiver only once the agent's images are
@@ -535,7 +537,7 @@ impl Run<'_> {
                 // its exports meanwhile, and END will only wait for the barrier.
                 finished = wait_task(&mut self.finisher), if self.finisher.is_some() && !final_sent => {
                     self.finisher = None;
-                    self.disks_final(finished, &mut agent_wr, &mut summary, m, &jobs).await?;
+                    self.disks_final(finished, &mut agent_wr, &mut summary, &jobs).await?;
                     final_sent = true;
                 }
                 chunk = wire::read_chunk(&mut agent_rd), if !up_done => {

@@ -56,6 +56,13 @@ impl HeldMigrate {
         wait_for_text(&self.stderr, "holding at", Duration::from_secs(120));
     }
 
+    /// Waits for it to finish; returns its exit code and what it said on stderr.
+    pub fn wait(mut self) -> (i32, String) {
+        let status = self.child.wait().expect("wait for ferry migrate");
+        let said = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        (status.code().unwrap_or(-1), said)
+    }
+
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -107,9 +114,23 @@ impl Ferry {
         hold: &str,
         dir: &Path,
     ) -> HeldMigrate {
+        self.held_migrate_with(qmp, to, token, hold, dir, &[])
+    }
+
+    /// [`held_migrate`](Self::held_migrate) with more flags.
+    pub fn held_migrate_with(
+        self,
+        qmp: &Path,
+        to: &str,
+        token: &Path,
+        hold: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> HeldMigrate {
         let stderr = dir.join("migrate.err");
         let child = self
             .migrate_command(qmp, to, token)
+            .args(extra)
             .env("FERRY_HOLD_AT", hold)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).expect("err"))
