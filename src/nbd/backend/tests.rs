@@ -150,6 +150,35 @@ fn zeroing_punches_holes_unless_no_hole() {
 }
 
 #[test]
+fn zeroing_a_hole_again_does_nothing() {
+    const M: u64 = 1 << 20;
+    let f = sparse_file(4 * M, &[(2 * M, M as usize)]);
+    let b = Backend::open(f.path(), false).expect("open");
+    let before = std::fs::metadata(f.path())
+        .expect("stat")
+        .modified()
+        .expect("mtime");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // All hole: no punch (which would update the file's times), the range still reads zeroes.
+    b.write_zeroes(0, 2 * M, false, true, false)
+        .expect("zero a hole");
+    b.trim(3 * M, M, false).expect("trim a hole");
+    let after = std::fs::metadata(f.path())
+        .expect("stat")
+        .modified()
+        .expect("mtime");
+    assert_eq!(before, after, "nothing was done to the file");
+    let mut buf = vec![1u8; 2 * M as usize];
+    b.read_at(&mut buf, 0).expect("read");
+    assert!(buf.iter().all(|&x| x == 0));
+    // A range that reaches into data is punched.
+    b.write_zeroes(M, 2 * M, false, true, false)
+        .expect("zero into data");
+    assert!(b.all_hole(0, 4 * M), "the data is gone");
+    assert!(allocated_bytes(f.path()) < M);
+}
+
+#[test]
 fn fua_writes_and_reads_round_trip() {
     let f = sparse_file(1 << 16, &[]);
     let b = Backend::open(f.path(), false).expect("open");
