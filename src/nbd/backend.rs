@@ -7,9 +7,10 @@
 //!
 //! Three descriptors of the one file: the main one (reads, small or unaligned writes, through
 //! the page cache), one with `O_DIRECT` (large page-aligned writes over allocated blocks go
-//! straight to the disk; into holes they go through the page cache, see [`Backend::write_at`])
+//! straight to the disk; into holes they go through the page cache, see [`Backend::route`])
 //! and one with `O_DSYNC` (FUA writes: durable on return without syncing the rest of the
-//! file). The kernel keeps cached and direct views coherent.
+//! file). The kernel keeps cached and direct views coherent. A large cached write has its
+//! writeback started at once (`super::writeback`), so a flush finds little left to write.
 //!
 //! Durability: `flush` is `fdatasync`, which covers every write completed before it on any
 //! connection (one file, one page cache, direct writes already on the device) and the metadata
@@ -31,6 +32,15 @@ use nix::fcntl::{fallocate, FallocateFlags, OFlag};
 use nix::unistd::{lseek, Whence};
 
 use super::wire::{errno, state, Extent};
+
+/// How a plain write goes to the file (see [`Backend::route`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// `O_DIRECT`, straight to the disk.
+    Direct,
+    /// Through the page cache, its writeback started at once.
+    Cached,
+}
 
 /// What kind of object an export is backed by: it decides how zeroing and trimming are done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,9 +70,11 @@ pub(crate) struct Backend {
     direct: Option<File>,
     /// Cleared once a direct write is refused for its alignment.
     direct_ok: AtomicBool,
+    /// Cleared once the file refuses `sync_file_range` (see [`super::writeback`]).
+    writeback_ok: AtomicBool,
 }
 
-/// Writes at least this large go to disk directly when aligned (see `write_at`).
+/// Writes at least this large go to disk directly when aligned (see `Backend::route`).
 const DIRECT_FROM: usize = 64 * 1024;
 /// Alignment of offset, length and memory for direct writes: the page size, which covers every
 /// common logical block size.
@@ -124,6 +136,7 @@ impl Backend {
             size,
             direct,
             direct_ok: AtomicBool::new(true),
+            writeback_ok: AtomicBool::new(true),
         })
     }
 
@@ -137,9 +150,8 @@ impl Backend {
     }
 
     /// Whether a plain write of `len` bytes at `offset` (from a page-aligned buffer) may go to
-    /// the disk directly (see [`Backend::write_at`]; one that starts in a hole still goes
-    /// through the page cache, decided there, off the runtime threads).
-    pub(crate) fn goes_direct(&self, offset: u64, len: usize) -> bool {
+    /// the disk directly: large, aligned, and the file takes direct I/O.
+    fn goes_direct(&self, offset: u64, len: usize) -> bool {
         self.direct.is_some()
             && self.direct_ok.load(Ordering::Relaxed)
             && len >= DIRECT_FROM
@@ -147,24 +159,51 @@ impl Backend {
             && len as u64 % ALIGN == 0
     }
 
-    /// Writes `data` at `offset`; with `fua` it is on stable storage when this returns.
+    /// How a plain (not FUA) write of `len` bytes at `offset` will go: [`Route::Direct`] over
+    /// allocated blocks, [`Route::Cached`] into a hole or when too small or unaligned. Blocks
+    /// (one `lseek`): call it off the runtime threads.
     ///
-    /// Large writes whose offset, length and memory are page-aligned, over blocks the file
-    /// already has, bypass the page cache (`O_DIRECT`): the data must reach the disk before the
-    /// client's flush anyway (a mirror flushes before it declares itself ready), and going
-    /// direct skips copying it into the page cache and the writeback work after (a third less
-    /// server CPU per GiB on a QEMU mirror). A write that starts in a hole goes through the page
-    /// cache instead: a direct write that allocates waits for its own device round trip, and
-    /// ext4 lets only one allocating direct write per file run at a time, so a mirror's 1 MiB
-    /// requests into a fresh image went at queue depth one (0.5-0.8x a page-cache server on
-    /// long extents, BENCHMARKS.md), where writeback merges them. The kernel keeps the cached
-    /// and direct views coherent.
+    /// A write that starts in a hole goes through the page cache: a direct write that allocates
+    /// waits for its own device round trip, and ext4 lets only one allocating direct write per
+    /// file run at a time, so a mirror's 1 MiB requests into a fresh image went at queue depth
+    /// one (0.5-0.8x a page-cache server on long extents, BENCHMARKS.md), where writeback
+    /// merges them. Over allocated blocks direct writes run side by side and skip the copy into
+    /// the page cache (a third less server CPU per GiB).
+    pub(crate) fn route(&self, offset: u64, len: usize) -> Route {
+        if self.goes_direct(offset, len) && !self.hole_at(offset) {
+            Route::Direct
+        } else {
+            Route::Cached
+        }
+    }
+
+    /// Writes `data` at `offset`; with `fua` it is on stable storage when this returns. The
+    /// route is chosen here (see [`Backend::route`]).
+    #[cfg(test)]
     pub(crate) fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        if !fua
-            && data.len() >= DIRECT_FROM
-            && self.direct_ok.load(Ordering::Relaxed)
-            && !self.hole_at(offset)
-        {
+        let route = if fua {
+            Route::Cached
+        } else {
+            self.route(offset, data.len())
+        };
+        self.write_routed(data, offset, fua, route)
+    }
+
+    /// Writes `data` at `offset` the way [`Backend::route`] chose (FUA writes always go through
+    /// the `O_DSYNC` descriptor). A direct write falls back to the page cache when the buffer
+    /// is not page-aligned or the device wants a larger alignment. The kernel keeps the cached
+    /// and direct views coherent.
+    ///
+    /// A large cached write has its writeback started at once (see [`super::writeback`]), so
+    /// the disk works while the rest of the data arrives instead of all at the next flush.
+    pub(crate) fn write_routed(
+        &self,
+        data: &[u8],
+        offset: u64,
+        fua: bool,
+        route: Route,
+    ) -> io::Result<()> {
+        if !fua && route == Route::Direct && self.direct_ok.load(Ordering::Relaxed) {
             if let Some(direct) = &self.direct {
                 let aligned = offset % ALIGN == 0
                     && data.len() as u64 % ALIGN == 0
@@ -183,7 +222,32 @@ impl Backend {
         }
         match (&self.dsync, fua) {
             (Some(dsync), true) => dsync.write_all_at(data, offset),
-            _ => self.file.write_all_at(data, offset),
+            _ => {
+                self.file.write_all_at(data, offset)?;
+                if data.len() >= DIRECT_FROM {
+                    self.start_writeback(offset, data.len() as u64)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts writing a large cached write to the disk now rather than at the next flush (see
+    /// [`super::writeback`]). A file that refuses the call is left to the kernel's own
+    /// writeback from then on; any other error (the disk failing to take the range) is this
+    /// write's error: its data may never reach the disk, so it is not acknowledged.
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.writeback_ok.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        match super::writeback::start(&self.file, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if super::writeback::refused(&e) => {
+                tracing::debug!(error = %e, "early writeback refused; leaving it to the kernel");
+                self.writeback_ok.store(false, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -203,6 +267,24 @@ impl Backend {
         }
     }
 
+    /// Whether `[offset, offset + len)` of a regular file is one hole already (reads as zeroes,
+    /// nothing allocated), so zeroing or trimming it has nothing to do. A mirror zeroes every
+    /// hole of its source on a target that is all holes: punching them again costs a journal
+    /// transaction each (ext4 updates the file's times), hundreds per disk. Unknown is "no".
+    fn all_hole(&self, offset: u64, len: u64) -> bool {
+        if !matches!(self.kind, Kind::RegularFile) || len == 0 {
+            return false;
+        }
+        let Ok(at) = i64::try_from(offset) else {
+            return false;
+        };
+        match lseek(self.file.as_raw_fd(), at, Whence::SeekData) {
+            Ok(data) => u64::try_from(data).is_ok_and(|d| d >= offset.saturating_add(len)),
+            Err(Errno::ENXIO) => true,
+            Err(_) => false,
+        }
+    }
+
     /// `fdatasync`: every write completed before this call, on any connection, is durable.
     pub(crate) fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -211,6 +293,9 @@ impl Backend {
     /// Discards a range: punches a hole where the storage can; otherwise does nothing (a trim is
     /// a hint and the client may not rely on the contents afterwards).
     pub(crate) fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        if self.all_hole(offset, len) {
+            return Ok(());
+        }
         match self.punch_hole(offset, len) {
             Ok(()) => {}
             Err(Errno::EOPNOTSUPP) => return Ok(()),
@@ -250,6 +335,7 @@ impl Backend {
         let unsupported = |e: Errno| matches!(e, Errno::EOPNOTSUPP | Errno::ENOSYS);
         let io = |e: Errno| ZeroError::Io(e.into());
         match (self.kind, no_hole) {
+            (Kind::RegularFile, false) if self.all_hole(offset, len) => return Ok(()),
             (Kind::RegularFile, false) => match self.punch_hole(offset, len) {
                 Ok(()) => return Ok(()),
                 Err(e) if unsupported(e) => {}
@@ -405,183 +491,4 @@ pub(crate) fn nbd_errno(e: &io::Error) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-
-    fn sparse_file(size: u64, data_at: &[(u64, usize)]) -> tempfile::NamedTempFile {
-        let mut f = tempfile::NamedTempFile::new().expect("temp file");
-        f.as_file().set_len(size).expect("set_len");
-        for &(off, len) in data_at {
-            f.as_file()
-                .write_all_at(&vec![0xa5; len], off)
-                .expect("write");
-        }
-        f.flush().expect("flush");
-        f
-    }
-
-    fn allocated_bytes(path: &Path) -> u64 {
-        std::fs::metadata(path).expect("stat").blocks() * 512
-    }
-
-    #[test]
-    fn writes_into_holes_are_told_from_overwrites() {
-        const M: u64 = 1 << 20;
-        let f = sparse_file(8 * M, &[(2 * M, M as usize)]);
-        let b = Backend::open(f.path(), false).expect("open");
-        // In a hole a direct write would allocate (and serialize on ext4): it goes cached.
-        assert!(b.hole_at(0));
-        assert!(b.hole_at(5 * M));
-        assert!(
-            !b.hole_at(2 * M),
-            "allocated blocks are overwritten directly"
-        );
-        assert!(b.hole_at(8 * M), "past the last data");
-        // Either way the bytes land and read back.
-        let mut raw = vec![0x5au8; M as usize + 4096];
-        let start = raw.as_ptr().align_offset(4096);
-        let page_aligned = &mut raw[start..start + M as usize];
-        b.write_at(page_aligned, 0, false)
-            .expect("write into a hole");
-        b.write_at(page_aligned, 2 * M, false).expect("overwrite");
-        let mut back = vec![0u8; M as usize];
-        for at in [0, 2 * M] {
-            b.read_at(&mut back, at).expect("read");
-            assert!(back.iter().all(|&x| x == 0x5a), "bytes at {at}");
-        }
-        assert!(!b.hole_at(0), "the write allocated");
-    }
-
-    #[test]
-    fn extents_follow_holes_and_data() {
-        const M: u64 = 1 << 20;
-        let f = sparse_file(8 * M, &[(2 * M, M as usize), (5 * M, M as usize)]);
-        let b = Backend::open(f.path(), false).expect("open");
-        let hole = state::HOLE | state::ZERO;
-        assert_eq!(
-            b.extents(0, 8 * M, 100).expect("extents"),
-            vec![
-                Extent {
-                    length: 2 * M,
-                    flags: hole
-                },
-                Extent {
-                    length: M,
-                    flags: 0
-                },
-                Extent {
-                    length: 2 * M,
-                    flags: hole
-                },
-                Extent {
-                    length: M,
-                    flags: 0
-                },
-                Extent {
-                    length: 2 * M,
-                    flags: hole
-                },
-            ]
-        );
-        // A window inside, clipped at both ends, and the cap on the number of extents.
-        assert_eq!(
-            b.extents(M, 2 * M, 100).expect("extents"),
-            vec![
-                Extent {
-                    length: M,
-                    flags: hole
-                },
-                Extent {
-                    length: M,
-                    flags: 0
-                }
-            ]
-        );
-        assert_eq!(b.extents(0, 8 * M, 2).expect("extents").len(), 2);
-    }
-
-    #[test]
-    fn zeroing_punches_holes_unless_no_hole() {
-        const M: u64 = 1 << 20;
-        let f = sparse_file(4 * M, &[(0, 4 * M as usize)]);
-        let b = Backend::open(f.path(), false).expect("open");
-        let before = allocated_bytes(f.path());
-        b.write_zeroes(M, M, false, true, false).expect("punch");
-        assert!(
-            allocated_bytes(f.path()) <= before - M,
-            "a hole was punched"
-        );
-        let mut buf = vec![1u8; M as usize];
-        b.read_at(&mut buf, M).expect("read");
-        assert!(buf.iter().all(|&x| x == 0));
-
-        let before = allocated_bytes(f.path());
-        b.write_zeroes(2 * M, M, true, false, true)
-            .expect("zero range");
-        assert_eq!(
-            allocated_bytes(f.path()),
-            before,
-            "NO_HOLE keeps the blocks"
-        );
-        b.read_at(&mut buf, 2 * M).expect("read");
-        assert!(buf.iter().all(|&x| x == 0));
-
-        b.trim(3 * M, M, false).expect("trim");
-        assert!(allocated_bytes(f.path()) <= before - M);
-    }
-
-    #[test]
-    fn fua_writes_and_reads_round_trip() {
-        let f = sparse_file(1 << 16, &[]);
-        let b = Backend::open(f.path(), false).expect("open");
-        b.write_at(b"hello", 100, true).expect("fua write");
-        b.write_at(b"world", 200, false).expect("write");
-        b.flush().expect("flush");
-        let mut buf = [0u8; 5];
-        b.read_at(&mut buf, 100).expect("read");
-        assert_eq!(&buf, b"hello");
-        b.read_at(&mut buf, 200).expect("read");
-        assert_eq!(&buf, b"world");
-        assert_eq!(b.size(), 1 << 16);
-        assert_eq!(b.kind, Kind::RegularFile);
-    }
-
-    #[test]
-    fn direct_and_cached_writes_stay_coherent() {
-        const M: usize = 1 << 20;
-        let f = sparse_file(4 * M as u64, &[]);
-        let b = Backend::open(f.path(), false).expect("open");
-        // A page-aligned 1 MiB buffer, so the write qualifies for the direct path.
-        let mut raw = vec![0x22u8; M + 4096];
-        let start = raw.as_ptr().align_offset(4096);
-        let aligned = &mut raw[start..start + M];
-        // Cached first (and read back, so the page cache holds the old bytes)...
-        b.write_at(&[0x11u8; 4096 * 3], M as u64, false)
-            .expect("small write");
-        let mut back = vec![0u8; M];
-        b.read_at(&mut back, M as u64).expect("read");
-        assert!(back[..4096 * 3].iter().all(|&x| x == 0x11));
-        // ...then direct over it: reads see the new bytes, not the cached ones.
-        b.write_at(aligned, M as u64, false)
-            .expect("large aligned write");
-        b.read_at(&mut back, M as u64).expect("read");
-        assert!(back.iter().all(|&x| x == 0x22));
-        // An unaligned buffer takes the cached path, with the same result.
-        raw[start + 1..start + 1 + M - 4096].fill(0x33);
-        let unaligned = &raw[start + 1..start + 1 + M - 4096];
-        b.write_at(unaligned, 2 * M as u64, false)
-            .expect("unaligned write");
-        b.flush().expect("flush");
-        let mut back = vec![0u8; M - 4096];
-        b.read_at(&mut back, 2 * M as u64).expect("read");
-        assert_eq!(back, unaligned);
-    }
-
-    #[test]
-    fn directories_are_refused() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let err = Backend::open(dir.path(), true).expect_err("a directory is not an export");
-        assert!(err.to_string().contains("not a regular file"), "{err}");
-    }
-}
+mod tests;

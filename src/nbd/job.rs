@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tracing::warn;
 
-use super::backend::{nbd_errno, ZeroError};
+use super::backend::{nbd_errno, Route, ZeroError};
 use super::buffers::{Buffers, Payload};
 use super::export::ExportState;
 use super::request::Op;
@@ -24,6 +24,9 @@ pub(crate) struct Job {
     pub(crate) req: Request,
     pub(crate) op: Op<Payload>,
     pub(crate) stats: Arc<super::NbdStats>,
+    /// How a write goes to the file when the connection already chose (see
+    /// [`super::backend::Backend::route`]); `None`: chosen here.
+    pub(crate) route: Option<Route>,
 }
 
 impl Job {
@@ -37,6 +40,7 @@ impl Job {
             req,
             op,
             stats,
+            route,
         } = self;
         let b = &export.backend;
         let done = match op {
@@ -52,7 +56,12 @@ impl Job {
                 offset, fua, data, ..
             } => {
                 let len = data.data().len() as u64;
-                let written = b.write_at(data.data(), offset, fua);
+                let route = match (route, fua) {
+                    (_, true) => Route::Cached,
+                    (Some(route), false) => route,
+                    (None, false) => b.route(offset, data.data().len()),
+                };
+                let written = b.write_routed(data.data(), offset, fua, route);
                 data.recycle(&buffers);
                 if written.is_ok() {
                     stats.count_written(len);

@@ -46,6 +46,7 @@ mod sink;
 pub mod stats;
 mod transport;
 pub mod wire;
+mod writeback;
 
 pub use server::{Export, NbdError, NbdServer, ServerConfig};
 pub use stats::NbdStats;
