@@ -337,15 +337,7 @@ async fn nbdinfo_list_on_the_agents_nbd_port_shows_nothing() {
         } => (nbd_port, exports),
         other => panic!("expected prepared, got {other:?}"),
     };
-    let out = std::process::Command::new("nbdinfo")
-        .args(["--list", &format!("nbd://127.0.0.1:{port}")])
-        .output()
-        .expect("nbdinfo");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_, text) = run_output("nbdinfo", &["--list", &format!("nbd://127.0.0.1:{port}")]);
     for e in &exports {
         assert!(!text.contains(&e.export), "export name leaked: {text}");
     }

@@ -2,7 +2,6 @@
 //! headers), nbdcopy and nbdinfo (libnbd: structured replies, several connections).
 
 use std::path::Path;
-use std::process::Command;
 
 use ferry::nbd::ServerConfig;
 use ferry_harness::files::*;
@@ -210,15 +209,7 @@ fn assert_sparse_like(src: &Path, dst: &Path) {
 fn nbdinfo_list_names_nothing_by_default() {
     let ts = TestServer::start(ServerConfig::default());
     ts.export_new("secret-export-name", MIB, false);
-    let out = Command::new("nbdinfo")
-        .args(["--list", &format!("nbd://{}", ts.addr())])
-        .output()
-        .expect("nbdinfo");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_, text) = run_output("nbdinfo", &["--list", &format!("nbd://{}", ts.addr())]);
     assert!(!text.contains("secret-export-name"), "{text}");
     let _dir = ts.shutdown();
 }

@@ -67,8 +67,8 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Runs a tool that must fail; returns what it printed (stdout and stderr).
-pub fn run_fails(program: &str, args: &[&str]) -> String {
+/// Runs a tool; returns whether it succeeded and what it printed (stdout, then stderr).
+pub fn run_output(program: &str, args: &[&str]) -> (bool, String) {
     let out = Command::new(program)
         .args(args)
         .output()
@@ -78,10 +78,13 @@ pub fn run_fails(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        !out.status.success(),
-        "{program} {args:?} succeeded but must fail:\n{text}"
-    );
+    (out.status.success(), text)
+}
+
+/// Runs a tool that must fail; returns what it printed (stdout and stderr).
+pub fn run_fails(program: &str, args: &[&str]) -> String {
+    let (ok, text) = run_output(program, args);
+    assert!(!ok, "{program} {args:?} succeeded but must fail:\n{text}");
     text
 }
 
