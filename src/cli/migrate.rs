@@ -39,8 +39,7 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "MIB_PER_SEC")]
     ram_bandwidth: Option<u64>,
     /// The longest the guest may be paused at the switchover, in milliseconds (QEMU's
-    /// `downtime-limit`). Default: 50, raised to the source QEMU's own (300) if the RAM has not
-    /// converged after 5 passes.
+    /// `downtime-limit`; its default is 300).
     #[arg(long, value_name = "MS")]
     max_downtime: Option<u64>,
     /// RAM stream connections (QEMU multifd channels), 1 to 16; 1 is one plain stream.

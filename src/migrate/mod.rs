@@ -186,27 +186,14 @@ const SWITCH_TIMEOUT: Duration = Duration::from_secs(120);
 /// loaded the whole state, and fails, resuming the source, if it could not).
 const CAPABILITIES: [&str; 3] = ["events", "pause-before-switchover", "return-path"];
 
-/// ferry's `downtime-limit` when the operator gave none, in ms: QEMU stops the guest only once
-/// it expects to send the rest of the RAM in this time. QEMU's own 300 ms lets it stop a guest
-/// right after the first pass and send everything dirtied during that pass in the pause; at
-/// 50 ms it sends that live in one more pass first, which halved STOP→RESUME in A/B runs
-/// (BENCHMARKS.md, issue 12). A guest that does not get there soon gets QEMU's own limit back
-/// (see [`RELAX_AFTER_SYNCS`]).
-const DEFAULT_DOWNTIME_MS: u64 = 50;
-/// Passes over the RAM after which ferry's default downtime limit gives way to the source
-/// QEMU's own (normally 300 ms): a guest that rewrites more than 50 ms worth of RAM per pass
-/// would never reach the switchover under the tighter one.
-const RELAX_AFTER_SYNCS: u64 = 5;
-
 /// The RAM stream's parameters: no bandwidth cap unless the operator set one (QEMU's default
 /// of 128 MiB/s would make a big guest's RAM take minutes on a fast link), the downtime limit
-/// given or ferry's default, the multifd channels if more than one.
+/// if given, the multifd channels if more than one.
 fn ram_parameters(opts: &MigrateOptions) -> serde_json::Value {
     let mut params = serde_json::json!({"max-bandwidth": opts.ram_speed.unwrap_or(0)});
-    let limit = opts
-        .max_downtime
-        .map_or(DEFAULT_DOWNTIME_MS, |limit| limit.as_millis() as u64);
-    params["downtime-limit"] = serde_json::json!(limit);
+    if let Some(limit) = opts.max_downtime {
+        params["downtime-limit"] = serde_json::json!(limit.as_millis() as u64);
+    }
     if opts.parallel > 1 {
         params["multifd-channels"] = serde_json::json!(opts.parallel);
     }
@@ -734,17 +721,6 @@ impl Migration {
         let fail = at::<MigrateError>(PhaseName::Ram);
         let deadline = Instant::now() + opts.ram_timeout;
         let mut tick = tokio::time::interval(RAM_POLL);
-        // ferry's own default limit, relaxed to the source's own once the RAM does not converge
-        // under it; one the operator chose stays.
-        let mut relax = match opts.max_downtime {
-            Some(_) => None,
-            None => self
-                .record
-                .as_ref()
-                .and_then(|r| r.parameters.as_ref())
-                .and_then(|p| p.get("downtime-limit"))
-                .cloned(),
-        };
         loop {
             let link = self
                 .link
@@ -775,15 +751,6 @@ impl Migration {
                         remaining: info.ram_remaining,
                         total: info.ram_total,
                     });
-                    if info.dirty_syncs >= RELAX_AFTER_SYNCS {
-                        if let Some(own) = relax.take() {
-                            info!(passes = info.dirty_syncs, limit = %own, "the RAM does not converge under ferry's downtime limit; back to the source QEMU's own");
-                            self.qemu
-                                .set_migration_parameters(&serde_json::json!({"downtime-limit": own}))
-                                .await
-                                .map_err(|e| fail(e.into()))?;
-                        }
-                    }
                     match info.status {
                         MigrationStatus::PreSwitchover => return Ok(()),
                         MigrationStatus::Failed | MigrationStatus::Cancelled | MigrationStatus::Cancelling => {
