@@ -98,6 +98,7 @@ pub async fn dry_run(opts: &MigrateOptions) -> Result<Plan, Failure> {
         }
         (Err(e), None) => return Err(at(PhaseName::Discover)(e)),
     };
+    super::vet_settings(&qemu, &vm, opts).await?;
     let discover = at::<super::source::SourceError>(PhaseName::Discover);
     let ram_bytes = qemu.ram_size().await.map_err(&discover)?;
     let negotiate = at::<super::control::ControlError>(PhaseName::Negotiate);

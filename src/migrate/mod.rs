@@ -58,6 +58,7 @@
 pub mod control;
 pub mod dry_run;
 pub mod error;
+pub mod hazards;
 pub mod journal;
 pub mod mirror;
 pub mod report;
@@ -228,6 +229,22 @@ async fn connect(opts: &MigrateOptions, phase: PhaseName) -> Result<SourceQemu, 
     Ok(SourceQemu::new(qmp))
 }
 
+/// Refuses settings the source QEMU is known to turn into a broken guest ([`hazards`]), before
+/// anything is created.
+async fn vet_settings(
+    qemu: &SourceQemu,
+    vm: &crate::vm::VmDescription,
+    opts: &MigrateOptions,
+) -> Result<(), Failure> {
+    let build = qemu.build().await.map_err(at(PhaseName::Discover))?;
+    hazards::check_downtime(&build, opts.max_downtime).map_err(|e| {
+        let mut failure = at(PhaseName::Discover)(source::DiscoverError::Unsupported(e));
+        // Nothing was touched: the VM runs (or stays paused) as before.
+        failure.source_running = vm.running;
+        failure
+    })
+}
+
 async fn run(
     opts: &MigrateOptions,
     reporter: &mut dyn Reporter,
@@ -250,6 +267,7 @@ async fn run(
             },
         ));
     }
+    vet_settings(&qemu, &vm, opts).await?;
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let mut m = Migration::new(qemu, journal, started);
     let forward = m.forward(opts, &vm, &tag, reporter, cancel).await;

@@ -124,6 +124,26 @@ impl SourceQemu {
         })
     }
 
+    /// The QEMU's version and accelerator (`query-version`, `query-kvm`), for the checks of
+    /// [`super::hazards`].
+    pub async fn build(&self) -> Result<super::hazards::QemuBuild, SourceError> {
+        let version = self
+            .qmp
+            .execute_raw("query-version", Value::Null)
+            .await
+            .map_err(ctx("query-version"))?;
+        let kvm = self
+            .qmp
+            .execute_raw("query-kvm", Value::Null)
+            .await
+            .map_err(ctx("query-kvm"))?;
+        let part = |name: &str| version["qemu"][name].as_u64().unwrap_or(0);
+        Ok(super::hazards::QemuBuild {
+            version: (part("major"), part("minor"), part("micro")),
+            kvm: kvm["enabled"].as_bool().unwrap_or(false),
+        })
+    }
+
     /// The guest's RAM in bytes (`query-memory-size-summary`: base plus hot-plugged memory).
     pub async fn ram_size(&self) -> Result<u64, SourceError> {
         let summary = self
