@@ -105,7 +105,11 @@ mod tests {
         for i in 0..7 {
             assert_eq!(b.written(i * M, M), [None, None], "write {i} joins the run");
         }
-        assert_eq!(b.written(7 * M, M), [None, Some(0..8 * M)], "8 MiB: started");
+        assert_eq!(
+            b.written(7 * M, M),
+            [None, Some(0..8 * M)],
+            "8 MiB: started"
+        );
         assert_eq!(b.written(8 * M, M), [None, None], "a new run");
         assert_eq!(
             b.written(100 * M, M),
@@ -114,7 +118,10 @@ mod tests {
         );
         b.clear();
         assert_eq!(b.written(101 * M, M), [None, None], "cleared: a fresh run");
-        assert_eq!(b.written(200 * M, 16 * M), [Some(101 * M..102 * M), Some(200 * M..216 * M)]);
+        assert_eq!(
+            b.written(200 * M, 16 * M),
+            [Some(101 * M..102 * M), Some(200 * M..216 * M)]
+        );
     }
 
     #[test]
