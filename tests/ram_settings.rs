@@ -73,3 +73,45 @@ async fn preallocated_ram_reaches_the_destination_qemu() {
         assert_on_destination(&mut setup.guest, &setup.token, &agent).await;
     }
 }
+
+/// `--preallocate-ram` left at `auto`: a mirror far shorter than the preallocation gets none
+/// (8 MiB of data against 256 MiB of RAM); the same disk capped at 4 MiB/s (`--bandwidth`, the
+/// RAM left uncapped) takes 2 s or more to copy, twice the worst-case preallocation, and gets
+/// it. Either way the VM arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_preallocates_only_behind_a_long_mirror() {
+    let cases: [(&[&str], bool); 2] = [
+        (&["--insecure"], false),
+        (
+            &["--insecure", "--bandwidth", "4", "--ram-bandwidth", "0"],
+            true,
+        ),
+    ];
+    for (flags, expected) in cases {
+        let mut setup = OneDisk::boot(TOKEN, 64 << 20, 8, 50).await;
+        let agent = setup.agent(FERRY, &[]);
+        let run = FERRY.migrate_with(setup.guest.qmp_socket(), &agent.addr, &setup.token, flags);
+        let done = run.last();
+        assert_eq!(
+            done["event"], "completed",
+            "{flags:?}: {done}\n{}",
+            run.stderr
+        );
+        let pid = done["destination"]["pid"]
+            .as_u64()
+            .expect("destination pid");
+        let _guard = PidGuard(Some(pid as u32));
+        let qmp_path = Path::new(done["destination"]["qmp"].as_str().expect("qmp path"));
+        let q = qmp::Qmp::connect_unix(qmp_path).await.expect("QMP");
+        let prealloc = q
+            .execute_raw(
+                "qom-get",
+                json!({"path": "/objects/pc.ram", "property": "prealloc"}),
+            )
+            .await
+            .expect("qom-get prealloc");
+        assert_eq!(prealloc, Value::Bool(expected), "{flags:?}");
+        drop(q);
+        assert_on_destination(&mut setup.guest, &setup.token, &agent).await;
+    }
+}

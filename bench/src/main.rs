@@ -167,6 +167,14 @@ impl Plan {
     }
 }
 
+/// A flow's scratch directory name: the section and the flow's place in it. Not the flow's
+/// own text: the QMP sockets of the QEMUs below it must fit in a socket address (108 bytes),
+/// and a flow with a few flags was already too long.
+fn flow_dir(section: &str, flows: &[&str], flow: &str) -> String {
+    let i = flows.iter().position(|f| *f == flow).unwrap_or(0);
+    format!("{section}-{i}")
+}
+
 /// The median of some values (the upper one of the middle two).
 pub fn median(values: &mut [f64]) -> Option<f64> {
     if values.is_empty() {
@@ -393,7 +401,7 @@ async fn run_all(
                 let run = migrate(
                     flow,
                     ferry,
-                    &dir.join(format!("{}-{}", section.name, flow.replace(' ', ""))),
+                    &dir.join(flow_dir(section.name, &flows, flow)),
                     section.setup,
                     link.as_ref(),
                 )

@@ -26,7 +26,11 @@ pub struct MirrorRun {
     /// Seconds from `blockdev-mirror` until the server stopped and an `fdatasync` of the
     /// destination returned: the copy is on disk.
     pub durable_s: f64,
-    /// Server CPU seconds over the mirror up to READY.
+    /// Server CPU seconds over the whole copy: from `blockdev-mirror` until the nbd node is
+    /// removed (its final flush returned). Not just up to READY: a server that leaves its
+    /// writeback to that last flush does part of its disk work after READY, while one that
+    /// starts writeback early has done it all before; counting to the end charges both for
+    /// the same work.
     pub cpu_s: f64,
     /// The source side's CPU seconds over the same time: the source QEMU's (its one main-loop
     /// thread reads, sends and, with QEMU's TLS, encrypts everything, so this is often what
@@ -134,7 +138,6 @@ pub async fn run(
         .context("blockdev-mirror")?;
     wait_job(&mut events, "BLOCK_JOB_READY", Duration::from_secs(900)).await?;
     let ready_s = t0.elapsed().as_secs_f64();
-    let cpu_s = srv.cpu_seconds()? - cpu0;
     let source_cpu_s = servers::cpu_seconds(qemu.0.id())?
         + if relay {
             servers::cpu_seconds(std::process::id())?
@@ -149,6 +152,7 @@ pub async fn run(
     qmp.execute_raw("blockdev-del", json!({"node-name": "dst"}))
         .await?;
     let flush_s = t1.elapsed().as_secs_f64();
+    let cpu_s = srv.cpu_seconds()? - cpu0;
     let _ = qmp.execute_raw("quit", Value::Null).await;
     srv.stop().await?;
     std::fs::File::options()

@@ -45,12 +45,14 @@ pub struct MigrateArgs {
     /// RAM stream connections (QEMU multifd channels), 1 to 16; 1 is one plain stream.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     parallel: u32,
-    /// Have the agent allocate all of the guest's RAM on the destination while the disks copy,
-    /// so that the RAM stream writes into memory the kernel has already zeroed: a shorter RAM
-    /// phase for guests whose RAM is mostly in use. It allocates the guest's whole RAM there,
-    /// used or not (no overcommit for this VM on the destination).
-    #[arg(long)]
-    preallocate_ram: bool,
+    /// When the agent allocates all of the guest's RAM on the destination while the disks
+    /// copy, so that the RAM stream writes into memory the kernel has already zeroed: a shorter
+    /// RAM phase for guests whose RAM is mostly in use, at the price of the guest's whole RAM
+    /// allocated there, used or not (no overcommit for this VM on the destination). `auto`:
+    /// when the disks' copy is expected to take at least twice as long as the preallocation,
+    /// which then costs no time; the flag alone means `always`.
+    #[arg(long, value_name = "WHEN", value_enum, num_args = 0..=1, default_value = "auto", default_missing_value = "always")]
+    preallocate_ram: crate::migrate::prealloc::RamPrealloc,
     /// Switch a disk's mirror to write-blocking after its remaining work has not shrunk for this
     /// many seconds (needs QEMU 9.1 or later on the source).
     #[arg(long, value_name = "SECS", default_value_t = 10)]

@@ -61,6 +61,7 @@ pub mod error;
 pub mod hazards;
 pub mod journal;
 pub mod mirror;
+pub mod prealloc;
 pub mod report;
 pub mod settle;
 pub mod source;
@@ -110,8 +111,9 @@ pub struct MigrateOptions {
     pub max_downtime: Option<Duration>,
     /// RAM stream connections (multifd channels); 1: one stream, no multifd.
     pub parallel: u32,
-    /// Have the agent preallocate the guest's RAM on the destination while the disks copy.
-    pub prealloc_ram: bool,
+    /// When the agent preallocates the guest's RAM on the destination while the disks copy
+    /// (see [`prealloc`]).
+    pub prealloc_ram: prealloc::RamPrealloc,
     /// How long a mirror's remaining work may fail to shrink before it goes write-blocking.
     pub converge_after: Duration,
     /// Where the source journal lives.
@@ -136,7 +138,7 @@ impl MigrateOptions {
             ram_speed: None,
             max_downtime: None,
             parallel: 1,
-            prealloc_ram: false,
+            prealloc_ram: prealloc::RamPrealloc::Auto,
             converge_after: Duration::from_secs(10),
             state_dir: PathBuf::from(journal::DEFAULT_STATE_DIR),
             agent_wait: Duration::from_secs(60),
@@ -455,6 +457,38 @@ impl Migration {
             .unwrap_or(false)
     }
 
+    /// Whether the destination preallocates the guest's RAM (`--preallocate-ram`; `auto`
+    /// decides from the guest's RAM and the disks' data, see [`prealloc`]). A source that
+    /// cannot report its RAM size gets no preallocation under `auto`: it is only a speed-up.
+    async fn prealloc_ram(&self, opts: &MigrateOptions, vm: &crate::vm::VmDescription) -> bool {
+        if opts.prealloc_ram != prealloc::RamPrealloc::Auto {
+            return opts.prealloc_ram.decide(None);
+        }
+        let data = |d: &crate::vm::DiskDescription| d.allocated.unwrap_or(d.size);
+        let estimate = match self.qemu.ram_size().await {
+            Ok(ram_bytes) => Some(prealloc::Estimate {
+                ram_bytes,
+                disk_bytes: vm.disks.iter().map(data).fold(0, u64::saturating_add),
+                largest_disk_bytes: vm.disks.iter().map(data).max().unwrap_or(0),
+                mirror_speed: opts.mirror_speed,
+            }),
+            Err(e) => {
+                tracing::debug!(error = %crate::error_chain(&e), "no RAM size; not preallocating");
+                None
+            }
+        };
+        let decided = opts.prealloc_ram.decide(estimate);
+        if let Some(e) = estimate {
+            tracing::debug!(
+                mirror_s = e.mirror_s(),
+                prealloc_s = e.prealloc_s(),
+                decided,
+                "preallocate the destination's RAM?"
+            );
+        }
+        decided
+    }
+
     /// Drives the migration up to the source QEMU's `completed` (its final `query-migrate`).
     /// Whatever this returns, the caller settles it.
     async fn forward(
@@ -477,14 +511,15 @@ impl Migration {
             .await?;
         let fail_mirror = at::<MigrateError>(PhaseName::Mirror);
         let interrupted = |phase| Failure::new(phase, MigrateError::Cancelled);
+        // The destination QEMU starts while the disks copy: off the critical path. (Asked once
+        // the mirrors run, so that a destination that cannot start is reported as such, not
+        // as the NBD connections its rollback closes.)
+        let prealloc_ram = self.prealloc_ram(opts, vm).await;
         let link = self
             .link
             .as_mut()
             .ok_or_else(|| fail_mirror(ControlError::Lost("no connection".into()).into()))?;
-        // The destination QEMU starts while the disks copy: off the critical path. (Asked once
-        // the mirrors run, so that a destination that cannot start is reported as such, not
-        // as the NBD connections its rollback closes.)
-        link.start_destination(opts.parallel, opts.prealloc_ram)
+        link.start_destination(opts.parallel, prealloc_ram)
             .await
             .map_err(at::<ControlError>(PhaseName::StartDestination))?;
         self.disk_bytes =
