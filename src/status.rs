@@ -101,6 +101,8 @@ pub struct MigrationInfo {
     pub ram_remaining: u64,
     /// Guest RAM size.
     pub ram_total: u64,
+    /// Dirty-bitmap syncs so far: one per pass over the RAM.
+    pub dirty_syncs: u64,
     /// On a destination: the port `migrate-incoming tcp:HOST:0` picked.
     pub incoming_port: Option<u16>,
 }
@@ -126,6 +128,7 @@ impl MigrationInfo {
             ram_transferred: ram("transferred"),
             ram_remaining: ram("remaining"),
             ram_total: ram("total"),
+            dirty_syncs: ram("dirty-sync-count"),
             incoming_port: info
                 .get("socket-address")
                 .and_then(Value::as_array)

@@ -115,3 +115,53 @@ async fn auto_preallocates_only_behind_a_long_mirror() {
         assert_on_destination(&mut setup.guest, &setup.token, &agent).await;
     }
 }
+
+/// The source QEMU's `downtime-limit` in ms.
+async fn downtime_limit(qmp_path: &Path) -> u64 {
+    let q = qmp::Qmp::connect_unix(qmp_path).await.expect("source QMP");
+    let params = q
+        .execute_raw("query-migrate-parameters", Value::Null)
+        .await
+        .expect("query-migrate-parameters");
+    params["downtime-limit"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no downtime-limit in {params}"))
+}
+
+/// Without `--max-downtime` the source QEMU migrates under ferry's 50 ms downtime limit, not
+/// its own 300; a migration that rolls back (here: the driver killed at pre-switchover, then
+/// `ferry recover`) puts QEMU's own value back, and the guest runs on the source. A QEMU 7.2
+/// source without KVM keeps its own 300 ms (a tighter limit corrupts its guests:
+/// src/migrate/hazards.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_downtime_limit_reaches_the_source_and_is_restored() {
+    let mut qemus = vec![(PathBuf::from(ferry_testkit::DEFAULT_QEMU), 50)];
+    qemus.extend(qemu_7_2().map(|q| (q, 300)));
+    for (qemu, expected) in qemus {
+        let mut setup = OneDisk::boot_with(TOKEN, 64 << 20, 8, 50, &qemu).await;
+        let qmp_path = setup.guest.qmp_socket().to_path_buf();
+        assert_eq!(downtime_limit(&qmp_path).await, 300, "QEMU's own default");
+        let agent = setup.agent(FERRY, &[]);
+        let held = FERRY.held_migrate(
+            &qmp_path,
+            &agent.addr,
+            &setup.token,
+            "source-pre-switchover",
+            setup.tmp.path(),
+        );
+        held.wait_held();
+        // The driver holds the only QMP connection: it goes first, the parameters stay.
+        held.kill();
+        assert_eq!(
+            downtime_limit(&qmp_path).await,
+            expected,
+            "{}: the limit during the migration",
+            qemu.display()
+        );
+        let (code, out, err) = FERRY.recover(&qmp_path, &setup.token);
+        assert_eq!(code, 0, "{out} {err}");
+        assert_eq!(out["owner"], "source", "{out}");
+        assert_eq!(downtime_limit(&qmp_path).await, 300, "restored");
+        assert_on_source(&mut setup.guest, &setup.token, &agent).await;
+    }
+}

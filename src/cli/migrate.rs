@@ -39,7 +39,8 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "MIB_PER_SEC")]
     ram_bandwidth: Option<u64>,
     /// The longest the guest may be paused at the switchover, in milliseconds (QEMU's
-    /// `downtime-limit`; its default is 300).
+    /// `downtime-limit`). Default: 50, raised to the source QEMU's own (300) if the RAM has not
+    /// converged after 5 passes.
     #[arg(long, value_name = "MS")]
     max_downtime: Option<u64>,
     /// RAM stream connections (QEMU multifd channels), 1 to 16; 1 is one plain stream.

@@ -5,7 +5,7 @@
 //! a `downtime-limit` below its default of 300 ms. Measured here with QEMU alone (no ferry, one
 //! host, shared image, `pause-before-switchover` and an immediate `migrate-continue`), 7.2 → 10.0
 //! on a loaded machine: with the limit at 1 ms, 4 of 9 guests crashed on the destination (kernel
-//! oops in a timer callback, a workload's segfault), with 50 ms 1 of 13, with 300 ms none of 10;
+//! oops in a timer callback, a workload's segfault), with 50 ms 1 of 13, with 300 ms none of 30;
 //! a 10.0 source under the same load had none at 1 ms in 24. That is a lost write in RAM (a page
 //! sent before its last change and never sent again), so nothing on the destination can repair
 //! it. Versions between 7.2 and 10.0 are not tested here and are treated like 7.2; with KVM the

@@ -189,13 +189,30 @@ const SWITCH_TIMEOUT: Duration = Duration::from_secs(120);
 /// loaded the whole state, and fails, resuming the source, if it could not).
 const CAPABILITIES: [&str; 3] = ["events", "pause-before-switchover", "return-path"];
 
+/// ferry's `downtime-limit` when the operator gave none, in ms: QEMU stops the guest only once
+/// it expects to send the rest of the RAM in this time. QEMU's own 300 ms lets it stop a guest
+/// right after the first pass and send everything dirtied during that pass in the pause; at
+/// 50 ms it sends that live in one more pass first, which halved STOP→RESUME in A/B runs
+/// (BENCHMARKS.md, issue 12). A guest that does not get there soon gets QEMU's own limit back
+/// (see [`RELAX_AFTER_SYNCS`]).
+const DEFAULT_DOWNTIME_MS: u64 = 50;
+/// Passes over the RAM after which ferry's default downtime limit gives way to the source
+/// QEMU's own (normally 300 ms): a guest that rewrites more than 50 ms worth of RAM per pass
+/// would never reach the switchover under the tighter one.
+const RELAX_AFTER_SYNCS: u64 = 5;
+
 /// The RAM stream's parameters: no bandwidth cap unless the operator set one (QEMU's default
 /// of 128 MiB/s would make a big guest's RAM take minutes on a fast link), the downtime limit
-/// if given, the multifd channels if more than one.
-fn ram_parameters(opts: &MigrateOptions) -> serde_json::Value {
+/// given or, where the source QEMU handles it ([`hazards`]), ferry's default, the multifd
+/// channels if more than one.
+fn ram_parameters(opts: &MigrateOptions, tight_default: bool) -> serde_json::Value {
     let mut params = serde_json::json!({"max-bandwidth": opts.ram_speed.unwrap_or(0)});
-    if let Some(limit) = opts.max_downtime {
-        params["downtime-limit"] = serde_json::json!(limit.as_millis() as u64);
+    let limit = match opts.max_downtime {
+        Some(limit) => Some(limit.as_millis() as u64),
+        None => tight_default.then_some(DEFAULT_DOWNTIME_MS),
+    };
+    if let Some(limit) = limit {
+        params["downtime-limit"] = serde_json::json!(limit);
     }
     if opts.parallel > 1 {
         params["multifd-channels"] = serde_json::json!(opts.parallel);
@@ -237,14 +254,15 @@ async fn vet_settings(
     qemu: &SourceQemu,
     vm: &crate::vm::VmDescription,
     opts: &MigrateOptions,
-) -> Result<(), Failure> {
+) -> Result<hazards::QemuBuild, Failure> {
     let build = qemu.build().await.map_err(at(PhaseName::Discover))?;
     hazards::check_downtime(&build, opts.max_downtime).map_err(|e| {
         let mut failure = at(PhaseName::Discover)(source::DiscoverError::Unsupported(e));
         // Nothing was touched: the VM runs (or stays paused) as before.
         failure.source_running = vm.running;
         failure
-    })
+    })?;
+    Ok(build)
 }
 
 async fn run(
@@ -269,9 +287,10 @@ async fn run(
             },
         ));
     }
-    vet_settings(&qemu, &vm, opts).await?;
+    let build = vet_settings(&qemu, &vm, opts).await?;
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let mut m = Migration::new(qemu, journal, started);
+    m.tight_downtime = !build.low_downtime_corrupts();
     let forward = m.forward(opts, &vm, &tag, reporter, cancel).await;
     let Some(record) = m.record.take() else {
         // Nothing was created in the source QEMU; dropping the connection makes the agent roll
@@ -410,6 +429,9 @@ pub(crate) struct Migration {
     pub(crate) encrypted: bool,
     /// When the migration started (the negotiation's time is measured from it).
     started: Instant,
+    /// Whether ferry's own downtime limit applies when the operator gave none (not on a source
+    /// QEMU that a tight limit breaks, see [`hazards`]).
+    pub(crate) tight_downtime: bool,
 }
 
 impl Migration {
@@ -427,6 +449,7 @@ impl Migration {
             disk_bytes: 0,
             encrypted: false,
             started,
+            tight_downtime: false,
         }
     }
 
@@ -546,7 +569,7 @@ impl Migration {
             .capabilities_off(&capabilities)
             .await
             .map_err(&ram_fail)?;
-        let parameters = ram_parameters(opts);
+        let parameters = ram_parameters(opts, self.tight_downtime);
         let names: Vec<&str> = parameters
             .as_object()
             .map(|o| o.keys().map(String::as_str).collect())
@@ -774,6 +797,18 @@ impl Migration {
         let fail = at::<MigrateError>(PhaseName::Ram);
         let deadline = Instant::now() + opts.ram_timeout;
         let mut tick = tokio::time::interval(RAM_POLL);
+        // ferry's own default limit, relaxed to the source's own once the RAM does not converge
+        // under it; one the operator chose stays.
+        let mut relax = match opts.max_downtime {
+            Some(_) => None,
+            None if !self.tight_downtime => None,
+            None => self
+                .record
+                .as_ref()
+                .and_then(|r| r.parameters.as_ref())
+                .and_then(|p| p.get("downtime-limit"))
+                .cloned(),
+        };
         loop {
             let link = self
                 .link
@@ -804,6 +839,15 @@ impl Migration {
                         remaining: info.ram_remaining,
                         total: info.ram_total,
                     });
+                    if info.dirty_syncs >= RELAX_AFTER_SYNCS {
+                        if let Some(own) = relax.take() {
+                            info!(passes = info.dirty_syncs, limit = %own, "the RAM does not converge under ferry's downtime limit; back to the source QEMU's own");
+                            self.qemu
+                                .set_migration_parameters(&serde_json::json!({"downtime-limit": own}))
+                                .await
+                                .map_err(|e| fail(e.into()))?;
+                        }
+                    }
                     match info.status {
                         MigrationStatus::PreSwitchover => return Ok(()),
                         MigrationStatus::Failed | MigrationStatus::Cancelled | MigrationStatus::Cancelling => {
