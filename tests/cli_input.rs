@@ -125,6 +125,20 @@ fn agent_refuses_a_missing_storage_directory_and_migrate_a_missing_socket() {
         2,
         "storage directory /nonexistent/storage is not usable",
     );
+    // A directory so deep that QEMU's sockets under it could not be bound.
+    let deep = tmp.path().join("d".repeat(90));
+    std::fs::create_dir_all(&deep).expect("deep dir");
+    let deep = deep.to_str().expect("utf-8");
+    let out = run(&[
+        "agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--storage",
+        deep,
+        "--token-file",
+        token,
+    ]);
+    assert_one_line_error(out, 2, "a unix socket path can hold; use a shorter path");
     let socket = tmp.path().join("no-such.qmp");
     assert_one_line_error(
         run(&[
