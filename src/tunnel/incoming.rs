@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
@@ -24,6 +24,10 @@ use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn, Instrument};
 
 use super::{timed, TunnelError};
+
+/// A RAM connection once its handshake passed. The buffer under rustls lets one `recv` take
+/// whatever the socket holds: rustls alone reads one record (16 KiB) per call.
+type Tls = TlsStream<BufReader<TcpStream>>;
 
 /// How many TLS handshakes may be in progress at once.
 pub const MAX_HANDSHAKES: usize = 16;
@@ -93,7 +97,7 @@ impl Accept {
         let mut pending: VecDeque<AbortHandle> = VecDeque::new();
         // Unbounded, so that a handshake that passed is never left waiting (and evictable) here;
         // only holders of the client certificate ever get a message in.
-        let (done_tx, mut done) = mpsc::unbounded_channel::<(SocketAddr, TlsStream<TcpStream>)>();
+        let (done_tx, mut done) = mpsc::unbounded_channel::<(SocketAddr, Tls)>();
         // Handshakes in progress and streams being carried: aborted with this task.
         let mut tasks = JoinSet::new();
         let mut forwarded = 0u32;
@@ -124,7 +128,10 @@ impl Accept {
                     let (acceptor, done_tx) = (self.acceptor.clone(), done_tx.clone());
                     pending.push_back(tasks.spawn(async move {
                         let shaken = timed("the TLS handshake", async {
-                            acceptor.accept(tcp).await.map_err(super::io("the TLS handshake"))
+                            acceptor
+                                .accept(BufReader::with_capacity(super::BUFFER, tcp))
+                                .await
+                                .map_err(super::io("the TLS handshake"))
                         })
                         .await;
                         match shaken {
@@ -157,7 +164,7 @@ impl Accept {
     /// Connects to the destination QEMU and says READY; returns the splice to run.
     async fn forward(
         &self,
-        mut tls: TlsStream<TcpStream>,
+        mut tls: Tls,
     ) -> Result<impl std::future::Future<Output = ()>, TunnelError> {
         let qemu = timed("connecting to the destination QEMU", async {
             UnixStream::connect(&self.socket)
@@ -173,7 +180,7 @@ impl Accept {
         })
         .await?;
         Ok(async move {
-            match super::splice(tls, qemu).await {
+            match super::splice::splice(tls, qemu, super::BUFFER).await {
                 Ok((received, returned)) => debug!(received, returned, "RAM connection closed"),
                 Err(e) => warn!(error = %e, "RAM connection cut"),
             }
