@@ -176,7 +176,11 @@ mod tests {
             left_end.await.expect("left"),
             right_end.await.expect("right"),
         );
-        assert!(at_right == to_right, "left to right: {} bytes", at_right.len());
+        assert!(
+            at_right == to_right,
+            "left to right: {} bytes",
+            at_right.len()
+        );
         assert!(at_left == to_left, "right to left: {} bytes", at_left.len());
         let counts = tokio::time::timeout(Duration::from_secs(10), relay)
             .await
