@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
@@ -25,9 +25,9 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::{timed, TunnelError};
 
-/// A RAM connection once its handshake passed. The buffer under rustls lets one `recv` take
-/// whatever the socket holds: rustls alone reads one record (16 KiB) per call.
-type Tls = TlsStream<BufReader<TcpStream>>;
+/// A RAM connection once its handshake passed. No read-ahead buffer under rustls (as the NBD
+/// server has): it cut the `recv` calls 16-fold but measured no cheaper (BENCHMARKS.md).
+type Tls = TlsStream<TcpStream>;
 
 /// How many TLS handshakes may be in progress at once.
 pub const MAX_HANDSHAKES: usize = 16;
@@ -128,10 +128,7 @@ impl Accept {
                     let (acceptor, done_tx) = (self.acceptor.clone(), done_tx.clone());
                     pending.push_back(tasks.spawn(async move {
                         let shaken = timed("the TLS handshake", async {
-                            acceptor
-                                .accept(BufReader::with_capacity(super::BUFFER, tcp))
-                                .await
-                                .map_err(super::io("the TLS handshake"))
+                            acceptor.accept(tcp).await.map_err(super::io("the TLS handshake"))
                         })
                         .await;
                         match shaken {

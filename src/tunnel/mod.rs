@@ -46,8 +46,8 @@ use crate::tls::migration::ClientBundle;
 use crate::tls::TlsError;
 
 /// Each direction's buffer (see [`splice`]): QEMU writes the RAM in large batches, and a big
-/// buffer lets rustls fill whole 16 KiB records and write many of them per syscall, and gives
-/// the destination QEMU few large writes instead of one per record.
+/// buffer lets rustls fill whole 16 KiB records and gives the destination QEMU a few large
+/// writes instead of one per record.
 pub const BUFFER: usize = 256 * 1024;
 /// How long a peer may take over a TLS handshake (and the relay over the NBD greeting); a
 /// peer that stalls is dropped, the listener goes on.
@@ -174,17 +174,13 @@ impl Client {
         &self,
         tcp: tokio::net::TcpStream,
     ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, TunnelError> {
-        let mut tls = timed("the TLS handshake with the agent", async {
+        timed("the TLS handshake with the agent", async {
             self.connector
                 .connect(self.name.clone(), tcp)
                 .await
                 .map_err(io("the TLS handshake with the agent"))
         })
-        .await?;
-        // rustls takes at most 64 KiB of plaintext per write by default: a whole buffer's
-        // worth goes out in one `writev` instead of four.
-        tls.get_mut().1.set_buffer_limit(Some(BUFFER));
-        Ok(tls)
+        .await
     }
 }
 
