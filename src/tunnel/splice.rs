@@ -1,12 +1,14 @@
 //! The relays' copy loop: two streams, both ways, until both sides are done.
 //!
-//! Why not `tokio::io::copy_bidirectional`: it writes what one read returned, and a read of a
-//! TLS stream returns about one 16 KiB record, so the destination QEMU's socket got one `write`
-//! (and QEMU one wake-up and one `read`) per record. Here each direction reads until its buffer
-//! is full or its source has nothing more ready, and only then writes: the same bytes in a
-//! fraction of the system calls and wake-ups on both ends of the socket. Nothing waits for more
-//! data than is ready, so a small message (an NBD reply, the RAM stream's return path) is
-//! passed on at once.
+//! Why not `tokio::io::copy_bidirectional`: it reads once between writes (topping up only while
+//! a write would block), and a read of a TLS stream returns about one 16 KiB record, so the
+//! destination QEMU's socket got writes of one or a few records. Here each direction reads
+//! until its buffer is full or its source has nothing more ready, and only then writes. In a
+//! relay-only loop it was the cheapest variant tried (1.72 against main's 1.82 s of CPU per
+//! GiB in the same batches, inside the noise of a loaded machine; BENCHMARKS.md, session
+//! s6-tlspath); bigger batches still (a read-ahead buffer under rustls, a larger rustls write
+//! limit) were not. Nothing waits for more data than is ready, so a small message (an NBD
+//! reply, the RAM stream's return path) is passed on at once.
 //!
 //! End of stream is passed on as `copy_bidirectional` does: the end of one side (EOF, or
 //! close_notify for TLS) flushes and shuts down the other side's write half; the loop ends when
