@@ -9,9 +9,8 @@
 //! the page cache), one with `O_DIRECT` (large page-aligned writes over allocated blocks go
 //! straight to the disk; into holes they go through the page cache, see [`Backend::route`])
 //! and one with `O_DSYNC` (FUA writes: durable on return without syncing the rest of the
-//! file). The kernel keeps cached and direct views coherent. Large cached writes have their
-//! writeback started early, in batches of consecutive writes (`super::writeback`), so a flush
-//! finds little left to write.
+//! file). The kernel keeps cached and direct views coherent. A large cached write has its
+//! writeback started at once (`super::writeback`), so a flush finds little left to write.
 //!
 //! Durability: `flush` is `fdatasync`, which covers every write completed before it on any
 //! connection (one file, one page cache, direct writes already on the device) and the metadata
@@ -27,7 +26,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags, OFlag};
@@ -40,7 +38,7 @@ use super::wire::{errno, state, Extent};
 pub(crate) enum Route {
     /// `O_DIRECT`, straight to the disk.
     Direct,
-    /// Through the page cache, its writeback started early (`super::writeback`).
+    /// Through the page cache, its writeback started at once.
     Cached,
 }
 
@@ -74,8 +72,6 @@ pub(crate) struct Backend {
     direct_ok: AtomicBool,
     /// Cleared once the file refuses `sync_file_range` (see [`super::writeback`]).
     writeback_ok: AtomicBool,
-    /// Large cached writes whose writeback is not started yet (see [`super::writeback::Batch`]).
-    writeback: Mutex<super::writeback::Batch>,
 }
 
 /// Writes at least this large go to disk directly when aligned (see `Backend::route`).
@@ -141,7 +137,6 @@ impl Backend {
             direct,
             direct_ok: AtomicBool::new(true),
             writeback_ok: AtomicBool::new(true),
-            writeback: Mutex::default(),
         })
     }
 
@@ -199,7 +194,7 @@ impl Backend {
     /// is not page-aligned or the device wants a larger alignment. The kernel keeps the cached
     /// and direct views coherent.
     ///
-    /// Large cached writes have their writeback started early (see [`super::writeback`]), so
+    /// A large cached write has its writeback started at once (see [`super::writeback`]), so
     /// the disk works while the rest of the data arrives instead of all at the next flush.
     pub(crate) fn write_routed(
         &self,
@@ -237,27 +232,14 @@ impl Backend {
         }
     }
 
-    /// Starts writing a large cached write to the disk now rather than at the next flush, in
-    /// batches of consecutive writes (see [`super::writeback`]). A file that refuses the call
-    /// is left to the kernel's own writeback from then on; any other error (the disk failing
-    /// to take the range) is this write's error: its data may never reach the disk, so it is
-    /// not acknowledged.
+    /// Starts writing a large cached write to the disk now rather than at the next flush (see
+    /// [`super::writeback`]). A file that refuses the call is left to the kernel's own
+    /// writeback from then on; any other error (the disk failing to take the range) is this
+    /// write's error: its data may never reach the disk, so it is not acknowledged.
     fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
         if !self.writeback_ok.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let due = self
-            .writeback
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .written(offset, len);
-        for range in due.into_iter().flatten() {
-            self.start_range(range.start, range.end - range.start)?;
-        }
-        Ok(())
-    }
-
-    fn start_range(&self, offset: u64, len: u64) -> io::Result<()> {
         match super::writeback::start(&self.file, offset, len) {
             Ok(()) => Ok(()),
             Err(e) if super::writeback::refused(&e) => {
@@ -305,11 +287,6 @@ impl Backend {
 
     /// `fdatasync`: every write completed before this call, on any connection, is durable.
     pub(crate) fn flush(&self) -> io::Result<()> {
-        // Whatever waits to be started early is written by this sync anyway.
-        self.writeback
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
         self.file.sync_data()
     }
 

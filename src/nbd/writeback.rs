@@ -15,54 +15,11 @@
 //! not wait and so does not consume them. An error of the call itself fails the write it follows
 //! (see `Backend::write_routed`).
 //!
-//! Ranges are started in batches ([`Batch`]): a mirror writes a long extent as consecutive
-//! 1 MiB requests, and starting each one's writeback on its own cost the server a writeback
-//! pass (extent allocation, a journal handle, bio set-up) per request, charged to its own CPU
-//! time; joined into runs of [`BATCH`] the same data takes an eighth of the passes. A run that
-//! stops growing (the next write lands elsewhere) is started at once; the tail of the last run
-//! is left to the next flush, which writes it anyway.
-//!
 //! The one `unsafe` call in the server lives here: nix 0.29 has no wrapper for this system call.
 
 use std::fs::File;
 use std::io;
-use std::ops::Range;
 use std::os::fd::AsRawFd;
-
-/// Bytes of consecutive writes joined into one writeback start.
-pub(crate) const BATCH: u64 = 8 << 20;
-
-/// The run of consecutive written bytes whose writeback has not been started yet.
-#[derive(Debug, Default)]
-pub(crate) struct Batch {
-    pending: Range<u64>,
-}
-
-impl Batch {
-    /// Notes that `[offset, offset + len)` was just written; returns the ranges whose writeback
-    /// should start now: the run so far when this write does not continue it, and the run with
-    /// this write once it reaches [`BATCH`].
-    pub(crate) fn written(&mut self, offset: u64, len: u64) -> [Option<Range<u64>>; 2] {
-        let end = offset.saturating_add(len);
-        let mut due = [None, None];
-        if self.pending.is_empty() {
-            self.pending = offset..end;
-        } else if self.pending.end == offset {
-            self.pending.end = end;
-        } else {
-            due[0] = Some(std::mem::replace(&mut self.pending, offset..end));
-        }
-        if self.pending.end - self.pending.start >= BATCH {
-            due[1] = Some(std::mem::take(&mut self.pending));
-        }
-        due
-    }
-
-    /// Forgets the pending run: a flush (`fdatasync`) is about to write it.
-    pub(crate) fn clear(&mut self) {
-        self.pending = 0..0;
-    }
-}
 
 /// Starts writeback of the dirty pages of `[offset, offset + len)` of `file` and returns without
 /// waiting for it to complete. The call can still block while the device's queue is full, which
@@ -96,33 +53,6 @@ pub(crate) fn refused(e: &io::Error) -> bool {
 mod tests {
     use super::*;
     use std::io::Write;
-
-    const M: u64 = 1 << 20;
-
-    #[test]
-    fn consecutive_writes_start_together_and_a_jump_starts_the_run_so_far() {
-        let mut b = Batch::default();
-        for i in 0..7 {
-            assert_eq!(b.written(i * M, M), [None, None], "write {i} joins the run");
-        }
-        assert_eq!(
-            b.written(7 * M, M),
-            [None, Some(0..8 * M)],
-            "8 MiB: started"
-        );
-        assert_eq!(b.written(8 * M, M), [None, None], "a new run");
-        assert_eq!(
-            b.written(100 * M, M),
-            [Some(8 * M..9 * M), None],
-            "elsewhere: the old run starts now, the new one waits"
-        );
-        b.clear();
-        assert_eq!(b.written(101 * M, M), [None, None], "cleared: a fresh run");
-        assert_eq!(
-            b.written(200 * M, 16 * M),
-            [Some(101 * M..102 * M), Some(200 * M..216 * M)]
-        );
-    }
 
     #[test]
     fn starts_on_a_file_and_is_refused_on_a_pipe() {
