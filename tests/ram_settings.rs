@@ -24,6 +24,32 @@ fn resident(pid: u64) -> u64 {
     kib << 10
 }
 
+/// A completed migration's destination QEMU: its pid, a guard that kills it if an assertion
+/// fails first (assert_on_destination quits it otherwise), and whether its RAM backend has
+/// `prealloc` on.
+async fn destination_prealloc(run: &MigrateRun, label: &str) -> (u64, PidGuard, bool) {
+    let done = run.last();
+    assert_eq!(
+        done["event"], "completed",
+        "{label}: {done}\n{}",
+        run.stderr
+    );
+    let pid = done["destination"]["pid"]
+        .as_u64()
+        .expect("destination pid");
+    let guard = PidGuard(Some(pid as u32));
+    let qmp_path = Path::new(done["destination"]["qmp"].as_str().expect("qmp path"));
+    let q = qmp::Qmp::connect_unix(qmp_path).await.expect("QMP");
+    let prealloc = q
+        .execute_raw(
+            "qom-get",
+            json!({"path": "/objects/pc.ram", "property": "prealloc"}),
+        )
+        .await
+        .expect("qom-get prealloc");
+    (pid, guard, prealloc == Value::Bool(true))
+}
+
 /// `--preallocate-ram`: the destination QEMU's RAM backend has `prealloc` on and it holds the
 /// guest's whole 256 MiB resident, though this guest's RAM is mostly zero pages (which the RAM
 /// stream does not write); the VM arrives whole. On a 10.0 destination, and on Debian 12's 7.2
@@ -42,28 +68,8 @@ async fn preallocated_ram_reaches_the_destination_qemu() {
             &setup.token,
             &["--insecure", "--preallocate-ram"],
         );
-        let done = run.last();
-        assert_eq!(
-            done["event"], "completed",
-            "{binary}: {done}\n{}",
-            run.stderr
-        );
-        let pid = done["destination"]["pid"]
-            .as_u64()
-            .expect("destination pid");
-        // Killed if an assertion below fails (assert_on_destination quits it otherwise).
-        let _guard = PidGuard(Some(pid as u32));
-        let qmp_path = Path::new(done["destination"]["qmp"].as_str().expect("qmp path"));
-        let q = qmp::Qmp::connect_unix(qmp_path).await.expect("QMP");
-        let prealloc = q
-            .execute_raw(
-                "qom-get",
-                json!({"path": "/objects/pc.ram", "property": "prealloc"}),
-            )
-            .await
-            .expect("qom-get prealloc");
-        assert_eq!(prealloc, Value::Bool(true), "{binary}");
-        drop(q);
+        let (pid, _guard, prealloc) = destination_prealloc(&run, &binary).await;
+        assert!(prealloc, "{binary}: prealloc is off on the destination");
         let rss = resident(pid);
         assert!(
             rss >= 256 << 20,
@@ -91,27 +97,8 @@ async fn auto_preallocates_only_behind_a_long_mirror() {
         let mut setup = OneDisk::boot(TOKEN, 64 << 20, 8, 50).await;
         let agent = setup.agent(FERRY, &[]);
         let run = FERRY.migrate_with(setup.guest.qmp_socket(), &agent.addr, &setup.token, flags);
-        let done = run.last();
-        assert_eq!(
-            done["event"], "completed",
-            "{flags:?}: {done}\n{}",
-            run.stderr
-        );
-        let pid = done["destination"]["pid"]
-            .as_u64()
-            .expect("destination pid");
-        let _guard = PidGuard(Some(pid as u32));
-        let qmp_path = Path::new(done["destination"]["qmp"].as_str().expect("qmp path"));
-        let q = qmp::Qmp::connect_unix(qmp_path).await.expect("QMP");
-        let prealloc = q
-            .execute_raw(
-                "qom-get",
-                json!({"path": "/objects/pc.ram", "property": "prealloc"}),
-            )
-            .await
-            .expect("qom-get prealloc");
-        assert_eq!(prealloc, Value::Bool(expected), "{flags:?}");
-        drop(q);
+        let (_, _guard, prealloc) = destination_prealloc(&run, &format!("{flags:?}")).await;
+        assert_eq!(prealloc, expected, "{flags:?}");
         assert_on_destination(&mut setup.guest, &setup.token, &agent).await;
     }
 }
