@@ -25,10 +25,6 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::{timed, TunnelError};
 
-/// A RAM connection once its handshake passed. No read-ahead buffer under rustls (as the NBD
-/// server has): it cut the `recv` calls 16-fold but measured no cheaper (BENCHMARKS.md).
-type Tls = TlsStream<TcpStream>;
-
 /// How many TLS handshakes may be in progress at once.
 pub const MAX_HANDSHAKES: usize = 16;
 
@@ -97,7 +93,7 @@ impl Accept {
         let mut pending: VecDeque<AbortHandle> = VecDeque::new();
         // Unbounded, so that a handshake that passed is never left waiting (and evictable) here;
         // only holders of the client certificate ever get a message in.
-        let (done_tx, mut done) = mpsc::unbounded_channel::<(SocketAddr, Tls)>();
+        let (done_tx, mut done) = mpsc::unbounded_channel::<(SocketAddr, TlsStream<TcpStream>)>();
         // Handshakes in progress and streams being carried: aborted with this task.
         let mut tasks = JoinSet::new();
         let mut forwarded = 0u32;
@@ -161,7 +157,7 @@ impl Accept {
     /// Connects to the destination QEMU and says READY; returns the splice to run.
     async fn forward(
         &self,
-        mut tls: Tls,
+        mut tls: TlsStream<TcpStream>,
     ) -> Result<impl std::future::Future<Output = ()>, TunnelError> {
         let qemu = timed("connecting to the destination QEMU", async {
             UnixStream::connect(&self.socket)
@@ -177,7 +173,7 @@ impl Accept {
         })
         .await?;
         Ok(async move {
-            match super::splice::splice(tls, qemu, super::BUFFER).await {
+            match super::splice(tls, qemu).await {
                 Ok((received, returned)) => debug!(received, returned, "RAM connection closed"),
                 Err(e) => warn!(error = %e, "RAM connection cut"),
             }

@@ -31,13 +31,13 @@
 pub mod incoming;
 pub mod nbd;
 pub mod ram;
-pub mod splice;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
 use tracing::debug;
@@ -45,9 +45,8 @@ use tracing::debug;
 use crate::tls::migration::ClientBundle;
 use crate::tls::TlsError;
 
-/// Each direction's buffer (see [`splice`]): QEMU writes the RAM in large batches, and a big
-/// buffer lets rustls fill whole 16 KiB records and gives the destination QEMU a few large
-/// writes instead of one per record.
+/// Each direction's copy buffer: QEMU writes the RAM in large batches, and a big buffer lets
+/// rustls fill whole 16 KiB records and write many of them per syscall.
 pub const BUFFER: usize = 256 * 1024;
 /// How long a peer may take over a TLS handshake (and the relay over the NBD greeting); a
 /// peer that stalls is dropped, the listener goes on.
@@ -199,6 +198,15 @@ async fn connect_tcp(host: &str, port: u16) -> Result<tokio::net::TcpStream, Tun
     .await?;
     let _ = tcp.set_nodelay(true);
     Ok(tcp)
+}
+
+/// Copies both ways until both sides are done; returns the bytes copied (a → b, b → a).
+pub async fn splice<A, B>(mut a: A, mut b: B) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, BUFFER, BUFFER).await
 }
 
 /// A unix socket at `path` (a leftover file of that name is replaced), 0600 by the directory's

@@ -97,7 +97,7 @@ async fn relay(
     let mut tcp = super::connect_tcp(host, port).await?;
     timed("the NBD greeting", start_tls(&mut qemu, &mut tcp)).await?;
     let tls = client.handshake(tcp).await?;
-    let (down, up) = super::splice::splice(tls, qemu, super::BUFFER)
+    let (up, down) = super::splice(qemu, tls)
         .await
         .map_err(super::io("relaying NBD"))?;
     debug!(up, down, "NBD connection closed");

@@ -56,8 +56,8 @@ impl Relay {
                     match open(&client, &host, port).await {
                         Ok(tls) => {
                             streams.spawn(async move {
-                                match super::splice::splice(tls, qemu, super::BUFFER).await {
-                                    Ok((returned, sent)) => debug!(sent, returned, "RAM connection closed"),
+                                match super::splice(qemu, tls).await {
+                                    Ok((sent, returned)) => debug!(sent, returned, "RAM connection closed"),
                                     Err(e) => warn!(error = %e, "RAM connection cut"),
                                 }
                             });
