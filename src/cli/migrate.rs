@@ -44,8 +44,9 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "MS")]
     max_downtime: Option<u64>,
     /// RAM stream connections (QEMU multifd channels), 1 to 16; 1 is one plain stream.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
-    parallel: u32,
+    /// Default: 4 from a source QEMU 10.0 or newer, 1 from an older one (untested there).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
+    parallel: Option<u32>,
     /// When the agent allocates all of the guest's RAM on the destination while the disks
     /// copy, so that the RAM stream writes into memory the kernel has already zeroed: a shorter
     /// RAM phase for guests whose RAM is mostly in use, at the price of the guest's whole RAM
