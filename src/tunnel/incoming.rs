@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
@@ -93,7 +93,8 @@ impl Accept {
         let mut pending: VecDeque<AbortHandle> = VecDeque::new();
         // Unbounded, so that a handshake that passed is never left waiting (and evictable) here;
         // only holders of the client certificate ever get a message in.
-        let (done_tx, mut done) = mpsc::unbounded_channel::<(SocketAddr, TlsStream<TcpStream>)>();
+        let (done_tx, mut done) =
+            mpsc::unbounded_channel::<(SocketAddr, TlsStream<BufReader<TcpStream>>)>();
         // Handshakes in progress and streams being carried: aborted with this task.
         let mut tasks = JoinSet::new();
         let mut forwarded = 0u32;
@@ -123,8 +124,11 @@ impl Accept {
                     let _ = tcp.set_nodelay(true);
                     let (acceptor, done_tx) = (self.acceptor.clone(), done_tx.clone());
                     pending.push_back(tasks.spawn(async move {
+                        // rustls reads its socket 4 KiB at a time: below it, one `recv` takes
+                        // whatever the socket holds and rustls is served from memory (a sixth
+                        // of the calls measured on a 2 GiB stream).
                         let shaken = timed("the TLS handshake", async {
-                            acceptor.accept(tcp).await.map_err(super::io("the TLS handshake"))
+                            acceptor.accept(BufReader::with_capacity(super::BUFFER, tcp)).await.map_err(super::io("the TLS handshake"))
                         })
                         .await;
                         match shaken {
@@ -157,7 +161,7 @@ impl Accept {
     /// Connects to the destination QEMU and says READY; returns the splice to run.
     async fn forward(
         &self,
-        mut tls: TlsStream<TcpStream>,
+        mut tls: TlsStream<BufReader<TcpStream>>,
     ) -> Result<impl std::future::Future<Output = ()>, TunnelError> {
         let qemu = timed("connecting to the destination QEMU", async {
             UnixStream::connect(&self.socket)
