@@ -702,3 +702,48 @@ async fn dry_run_prints_the_plan_and_changes_nothing() {
     assert_eq!(journals, 0, "no journal on the source");
     still_acking(guest.serial_log(), "vda", 3).await;
 }
+
+/// When ferry's NBD relay cannot reach the agent's NBD port (here `--to` names a forwarder of
+/// the control port alone, so the data port is closed at that address), the operator hears the
+/// relay's reason instead of QEMU's end-of-file; the VM keeps running on the source and the
+/// agent keeps nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nbd_port_out_of_reach_is_named_in_the_error_line() {
+    let OneDisk {
+        tmp, token, guest, ..
+    } = OneDisk::boot(TOKEN, 64 << 20, 8, 50).await;
+    let serial = guest.serial_log().to_path_buf();
+    let agent = FERRY.agent(&tmp.path().join("storage"), &token, &[]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0")
+        .await
+        .expect("the forwarder listens");
+    let to = listener.local_addr().expect("its address").to_string();
+    let agent_addr = agent.addr.clone();
+    let forwarder = tokio::spawn(async move {
+        while let Ok((mut source, _)) = listener.accept().await {
+            let agent_addr = agent_addr.clone();
+            tokio::spawn(async move {
+                if let Ok(mut agent) = tokio::net::TcpStream::connect(&agent_addr).await {
+                    let _ = tokio::io::copy_bidirectional(&mut source, &mut agent).await;
+                }
+            });
+        }
+    });
+    let run = FERRY.migrate(guest.qmp_socket(), &to, &token);
+    forwarder.abort();
+    assert_refused(
+        &run,
+        "mirror",
+        "the disks' NBD connection failed because ferry's encrypted relay could not carry it: \
+         cannot connect to the agent at 127.0.0.2:",
+        &serial,
+        None,
+    )
+    .await;
+    // The agent rolls its side back once the source hangs up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !agent.leftovers().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(agent.leftovers(), Vec::<String>::new());
+}

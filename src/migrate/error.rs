@@ -27,6 +27,12 @@ pub enum MigrateError {
     /// A relay of the encrypted streams could not start.
     #[error("cannot start the encrypted relay to the agent")]
     Tunnel(#[from] crate::tunnel::TunnelError),
+    /// The NBD relay could not carry a disk's connection to the agent (QEMU only saw its
+    /// socket close).
+    #[error(
+        "the disks' NBD connection failed because ferry's encrypted relay could not carry it: {0}"
+    )]
+    NbdRelay(String),
     /// The RAM relay could not carry the source QEMU's stream (QEMU only saw its socket close).
     #[error("the RAM stream failed because ferry's encrypted relay could not carry it: {0}")]
     RamRelay(String),

@@ -221,6 +221,15 @@ fn ram_parameters(opts: &MigrateOptions, tight_default: bool, channels: u32) -> 
     params
 }
 
+/// QEMU's NBD errors say only that a connection failed or closed; when ferry's relay could not
+/// carry it to the agent at all, the relay's reason is the operator's error line.
+fn explain_nbd(tunnel: Option<&crate::tunnel::Tunnel>, mut failure: Failure) -> Failure {
+    if let Some(why) = tunnel.and_then(crate::tunnel::Tunnel::nbd_failure) {
+        failure.error = MigrateError::NbdRelay(why);
+    }
+    failure
+}
+
 /// Runs a whole migration. On failure the rollback has already happened when this returns; the
 /// last event reported is `Completed` or `Failed`.
 pub async fn migrate(
@@ -552,7 +561,8 @@ impl Migration {
             .map_err(at::<ControlError>(PhaseName::StartDestination))?;
         self.disk_bytes =
             mirror::wait_ready(&self.qemu, &jobs, &mut events, reporter, cancel, link, opts)
-                .await?;
+                .await
+                .map_err(|f| explain_nbd(self.tunnel.as_ref(), f))?;
         self.phases.mirror = mirror_start.elapsed().as_millis() as u64;
 
         // Destination QEMU and the RAM.
@@ -745,7 +755,7 @@ impl Migration {
             self.qemu
                 .add_nbd_target(&job.node, &server, &export.export)
                 .await
-                .map_err(|e| fail_mirror(e.into()))?;
+                .map_err(|e| explain_nbd(self.tunnel.as_ref(), fail_mirror(e.into())))?;
             let disk = vm
                 .disks
                 .iter()

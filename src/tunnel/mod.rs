@@ -328,6 +328,12 @@ impl Tunnel {
         Ok(path)
     }
 
+    /// Why the NBD relay could not carry a connection of the source QEMU to the agent, if it
+    /// could not.
+    pub fn nbd_failure(&self) -> Option<String> {
+        self.nbd.as_ref().and_then(Running::failure)
+    }
+
     /// Why the RAM relay could not carry a connection of the source QEMU, if it could not.
     pub fn ram_failure(&self) -> Option<String> {
         self.ram.as_ref().and_then(Running::failure)

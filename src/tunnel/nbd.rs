@@ -50,6 +50,8 @@ impl Relay {
         port: u16,
     ) -> Result<Running, TunnelError> {
         let listener = super::listen_unix(path)?;
+        let failure = super::Failure::default();
+        let failed = failure.clone();
         let task = tokio::spawn(
             async move {
                 // Owned by this task: aborting the relay aborts every connection.
@@ -57,13 +59,28 @@ impl Relay {
                 loop {
                     tokio::select! {
                         accepted = listener.accept() => match accepted {
-                            Ok((qemu, _)) => {
+                            Ok((mut qemu, _)) => {
                                 let (client, host) = (client.clone(), host.clone());
+                                let failed = failed.clone();
                                 connections.spawn(async move {
-                                    // The mirror fails with QEMU's I/O error, which the driver
-                                    // explains from the agent's side when it can.
-                                    if let Err(e) = relay(qemu, &client, &host, port).await {
-                                        warn!(error = %crate::error_chain(&e), "NBD relay connection failed");
+                                    // QEMU only sees its socket close: the reason is kept for
+                                    // the operator's error line before QEMU can report it.
+                                    let tls = match open(&mut qemu, &client, &host, port).await {
+                                        Ok(tls) => tls,
+                                        Err(e) => {
+                                            let why = crate::error_chain(&e);
+                                            warn!(error = %why, "cannot carry an NBD connection to the agent; the mirror fails");
+                                            super::record(&failed, why);
+                                            return;
+                                        }
+                                    };
+                                    // Once carried, a cut is the mirror's I/O error, which the
+                                    // driver explains from the agent's side when it can; the
+                                    // normal end (the node removed, the server stopped) also
+                                    // lands here.
+                                    match super::splice(qemu, tls).await {
+                                        Ok((up, down)) => debug!(up, down, "NBD connection closed"),
+                                        Err(e) => debug!(error = %e, "NBD connection ended"),
                                     }
                                 });
                             }
@@ -82,26 +99,21 @@ impl Relay {
         Ok(Running {
             task,
             path: path.to_path_buf(),
-            failure: super::Failure::default(),
+            failure,
         })
     }
 }
 
-/// One connection: the handshake up to TLS, then the splice.
-async fn relay(
-    mut qemu: UnixStream,
+/// One connection up to TLS with the agent: TCP, the greeting, STARTTLS, the handshake.
+async fn open(
+    qemu: &mut UnixStream,
     client: &Client,
     host: &str,
     port: u16,
-) -> Result<(), TunnelError> {
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TunnelError> {
     let mut tcp = super::connect_tcp(host, port).await?;
-    timed("the NBD greeting", start_tls(&mut qemu, &mut tcp)).await?;
-    let tls = client.handshake(tcp).await?;
-    let (up, down) = super::splice(qemu, tls)
-        .await
-        .map_err(super::io("relaying NBD"))?;
-    debug!(up, down, "NBD connection closed");
-    Ok(())
+    timed("the NBD greeting", start_tls(qemu, &mut tcp)).await?;
+    client.handshake(tcp).await
 }
 
 /// Passes the greeting and QEMU's flags through, then starts TLS with the agent.
