@@ -638,6 +638,8 @@ async fn dry_run_prints_the_plan_and_changes_nothing() {
         "    -incoming defer",
         "    -sandbox ",
         &format!("{storage}/<migration-id>/qmp.sock"),
+        // QEMU 10.0 on the source: multifd with 4 channels unless --parallel says otherwise.
+        "(encrypted (TLS), 4 connections",
     ] {
         assert!(
             stdout.contains(words),
@@ -662,6 +664,10 @@ async fn dry_run_prints_the_plan_and_changes_nothing() {
         .expect("allocation");
     assert!((4 << 20..64 << 20).contains(&allocated), "{plan}");
     assert!(plan["ram_bytes"].as_u64().is_some_and(|r| r > 0), "{plan}");
+    assert_eq!(plan["parallel"], 4, "{plan}");
+    let one: Value =
+        serde_json::from_slice(&dry_run(&["--parallel", "1"]).stdout).expect("one JSON object");
+    assert_eq!(one["parallel"], 1, "{one}");
     assert!(
         plan["destination_argv"]
             .as_array()
