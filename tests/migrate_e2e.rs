@@ -668,6 +668,10 @@ async fn dry_run_prints_the_plan_and_changes_nothing() {
     let one: Value =
         serde_json::from_slice(&dry_run(&["--parallel", "1"]).stdout).expect("one JSON object");
     assert_eq!(one["parallel"], 1, "{one}");
+    // A capped migration keeps one stream: QEMU 10.0's multifd overshoots `max-bandwidth`.
+    let capped: Value =
+        serde_json::from_slice(&dry_run(&["--bandwidth", "100"]).stdout).expect("one JSON object");
+    assert_eq!(capped["parallel"], 1, "{capped}");
     assert!(
         plan["destination_argv"]
             .as_array()

@@ -44,7 +44,8 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "MS")]
     max_downtime: Option<u64>,
     /// RAM stream connections (QEMU multifd channels), 1 to 16; 1 is one plain stream.
-    /// Default: 4 from a source QEMU 10.0 or newer, 1 from an older one (untested there).
+    /// Default: 4 from a source QEMU 10.0 or newer, 1 from an older one (untested there) or when
+    /// the RAM is capped (QEMU's multifd overshoots the cap).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
     parallel: Option<u32>,
     /// When the agent allocates all of the guest's RAM on the destination while the disks

@@ -301,7 +301,7 @@ async fn run(
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let mut m = Migration::new(qemu, journal, started);
     m.tight_downtime = !build.low_downtime_corrupts();
-    m.channels = build.channels(opts.parallel);
+    m.channels = build.channels(opts.parallel, opts.ram_speed.is_some());
     let forward = m.forward(opts, &vm, &tag, reporter, cancel).await;
     let Some(record) = m.record.take() else {
         // Nothing was created in the source QEMU; dropping the connection makes the agent roll
