@@ -672,6 +672,17 @@ async fn dry_run_prints_the_plan_and_changes_nothing() {
     let capped: Value =
         serde_json::from_slice(&dry_run(&["--bandwidth", "100"]).stdout).expect("one JSON object");
     assert_eq!(capped["parallel"], 1, "{capped}");
+    let out = dry_run(&["--bandwidth", "100", "--parallel", "4"]);
+    let both: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(both["parallel"], 4, "{both}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "ferry: warning: --parallel 4 with the RAM capped at 100.0 MiB/s: QEMU's multifd \
+             channels overshoot the cap"
+        ),
+        "{stderr}"
+    );
     assert!(
         plan["destination_argv"]
             .as_array()

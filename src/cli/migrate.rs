@@ -117,6 +117,15 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
     opts.prealloc_ram = args.preallocate_ram;
     opts.state_dir = args.state_dir;
     opts.agent_wait = Duration::from_secs(args.agent_wait);
+    if let (Some(n @ 2..), Some(cap)) = (opts.parallel, opts.ram_speed) {
+        // Without --parallel a capped stream stays one (see `hazards::QemuBuild::channels`).
+        eprintln!(
+            "ferry: warning: --parallel {n} with the RAM capped at {}/s: QEMU's multifd \
+             channels overshoot the cap (measured 36 MiB/s against 20); leave --parallel out \
+             to keep it",
+            crate::human_bytes(cap)
+        );
+    }
     if args.dry_run {
         return dry_run(&opts, args.json).await;
     }

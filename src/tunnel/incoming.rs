@@ -9,7 +9,8 @@
 //! Handshakes run concurrently; the forwarding to QEMU is sequential, one connection at a time,
 //! each confirmed to the source by [`READY`](super::READY) before the source opens the next.
 //! After `connections` forwarded connections the port is closed. Nothing is read from a peer
-//! outside rustls' own (bounded) handshake parsing.
+//! outside rustls' own (bounded) handshake parsing, through a read-ahead buffer of
+//! [`BUFFER`](super::BUFFER) per connection: at most 16 such buffers (4 MiB) for strangers.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
