@@ -103,6 +103,35 @@ async fn auto_preallocates_only_behind_a_long_mirror() {
     }
 }
 
+/// A RAM cap holds by default: with `--ram-bandwidth` and no `--parallel` the RAM travels as one
+/// stream (QEMU 10.0's multifd channels overshoot `max-bandwidth`: 36 MiB/s against 20 in
+/// BENCHMARKS.md, session 7), so the RAM phase lasts at least its bytes over the cap (less a
+/// fifth, for the rate limiter's first window); the VM arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ram_cap_holds_by_default() {
+    const CAP_MIB: u64 = 32;
+    let mut setup = OneDisk::boot(TOKEN, 64 << 20, 8, 50).await;
+    let agent = setup.agent(FERRY, &[]);
+    let run = FERRY.migrate_with(
+        setup.guest.qmp_socket(),
+        &agent.addr,
+        &setup.token,
+        &["--insecure", "--ram-bandwidth", &CAP_MIB.to_string()],
+    );
+    let done = run.last();
+    assert_eq!(done["event"], "completed", "{done}");
+    let _guard = PidGuard(done["destination"]["pid"].as_u64().map(|p| p as u32));
+    let ram_bytes = done["ram_bytes"].as_u64().expect("ram_bytes");
+    let phase = |name: &str| done["phases_ms"][name].as_u64().expect("phase time");
+    let ms = phase("ram") + phase("switchover");
+    let floor_ms = ram_bytes as f64 / (CAP_MIB << 20) as f64 * 1000.0 * 0.8;
+    assert!(
+        ms as f64 >= floor_ms,
+        "{ram_bytes} bytes of RAM in {ms} ms: faster than {CAP_MIB} MiB/s allows ({floor_ms:.0} ms)"
+    );
+    assert_on_destination(&mut setup.guest, &setup.token, &agent).await;
+}
+
 /// The source QEMU's `downtime-limit` in ms.
 async fn downtime_limit(qmp_path: &Path) -> u64 {
     let q = qmp::Qmp::connect_unix(qmp_path).await.expect("source QMP");

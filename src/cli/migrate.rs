@@ -43,11 +43,11 @@ pub struct MigrateArgs {
     /// converged after 5 passes.
     #[arg(long, value_name = "MS")]
     max_downtime: Option<u64>,
-    /// RAM stream connections (QEMU multifd channels), 1 to 16; 1 is one plain stream.
-    /// Default: 4 from a source QEMU 10.0 or newer, 1 from an older one (untested there) or when
-    /// the RAM is capped (QEMU's multifd overshoots the cap).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
-    parallel: Option<u32>,
+    /// RAM stream connections (QEMU multifd channels), 1 to 16; 1 is one plain stream. Faster
+    /// for big guests, but not the default: see docs/protocol.md (a cancelled multifd
+    /// migration once left a source paused) and mind that multifd overshoots a RAM cap.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    parallel: u32,
     /// When the agent allocates all of the guest's RAM on the destination while the disks
     /// copy, so that the RAM stream writes into memory the kernel has already zeroed: a shorter
     /// RAM phase for guests whose RAM is mostly in use, at the price of the guest's whole RAM
@@ -117,8 +117,7 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
     opts.prealloc_ram = args.preallocate_ram;
     opts.state_dir = args.state_dir;
     opts.agent_wait = Duration::from_secs(args.agent_wait);
-    if let (Some(n @ 2..), Some(cap)) = (opts.parallel, opts.ram_speed) {
-        // Without --parallel a capped stream stays one (see `hazards::QemuBuild::channels`).
+    if let (n @ 2.., Some(cap)) = (opts.parallel, opts.ram_speed) {
         eprintln!(
             "ferry: warning: --parallel {n} with the RAM capped at {}/s: QEMU's multifd \
              channels overshoot the cap (measured 36 MiB/s against 20); leave --parallel out \

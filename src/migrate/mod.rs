@@ -109,9 +109,8 @@ pub struct MigrateOptions {
     pub ram_speed: Option<u64>,
     /// The RAM stream's `downtime-limit` (None: QEMU's, 300 ms).
     pub max_downtime: Option<Duration>,
-    /// RAM stream connections (multifd channels); 1: one stream, no multifd; None: chosen by
-    /// the source QEMU's version ([`hazards::QemuBuild::channels`]).
-    pub parallel: Option<u32>,
+    /// RAM stream connections (multifd channels); 1: one stream, no multifd.
+    pub parallel: u32,
     /// When the agent preallocates the guest's RAM on the destination while the disks copy
     /// (see [`prealloc`]).
     pub prealloc_ram: prealloc::RamPrealloc,
@@ -138,7 +137,7 @@ impl MigrateOptions {
             mirror_speed: None,
             ram_speed: None,
             max_downtime: None,
-            parallel: None,
+            parallel: 1,
             prealloc_ram: prealloc::RamPrealloc::Auto,
             converge_after: Duration::from_secs(10),
             state_dir: PathBuf::from(journal::DEFAULT_STATE_DIR),
@@ -206,7 +205,7 @@ const RELAX_AFTER_SYNCS: u64 = 5;
 /// of 128 MiB/s would make a big guest's RAM take minutes on a fast link), the downtime limit
 /// given or, where the source QEMU handles it ([`hazards`]), ferry's default, the multifd
 /// channels if more than one.
-fn ram_parameters(opts: &MigrateOptions, tight_default: bool, channels: u32) -> serde_json::Value {
+fn ram_parameters(opts: &MigrateOptions, tight_default: bool) -> serde_json::Value {
     let mut params = serde_json::json!({"max-bandwidth": opts.ram_speed.unwrap_or(0)});
     let limit = match opts.max_downtime {
         Some(limit) => Some(limit.as_millis() as u64),
@@ -215,8 +214,8 @@ fn ram_parameters(opts: &MigrateOptions, tight_default: bool, channels: u32) -> 
     if let Some(limit) = limit {
         params["downtime-limit"] = serde_json::json!(limit);
     }
-    if channels > 1 {
-        params["multifd-channels"] = serde_json::json!(channels);
+    if opts.parallel > 1 {
+        params["multifd-channels"] = serde_json::json!(opts.parallel);
     }
     params
 }
@@ -301,7 +300,6 @@ async fn run(
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let mut m = Migration::new(qemu, journal, started);
     m.tight_downtime = !build.low_downtime_corrupts();
-    m.channels = build.channels(opts.parallel, opts.ram_speed.is_some());
     let forward = m.forward(opts, &vm, &tag, reporter, cancel).await;
     let Some(record) = m.record.take() else {
         // Nothing was created in the source QEMU; dropping the connection makes the agent roll
@@ -443,8 +441,6 @@ pub(crate) struct Migration {
     /// Whether ferry's own downtime limit applies when the operator gave none (not on a source
     /// QEMU that a tight limit breaks, see [`hazards`]).
     pub(crate) tight_downtime: bool,
-    /// RAM stream connections: the operator's `--parallel`, or the default for the source QEMU.
-    pub(crate) channels: u32,
 }
 
 impl Migration {
@@ -463,7 +459,6 @@ impl Migration {
             encrypted: false,
             started,
             tight_downtime: false,
-            channels: 1,
         }
     }
 
@@ -556,7 +551,7 @@ impl Migration {
             .link
             .as_mut()
             .ok_or_else(|| fail_mirror(ControlError::Lost("no connection".into()).into()))?;
-        link.start_destination(self.channels, prealloc_ram)
+        link.start_destination(opts.parallel, prealloc_ram)
             .await
             .map_err(at::<ControlError>(PhaseName::StartDestination))?;
         self.disk_bytes =
@@ -576,7 +571,7 @@ impl Migration {
         };
         let ram_fail = at::<source::SourceError>(PhaseName::Ram);
         let mut capabilities = CAPABILITIES.to_vec();
-        if self.channels > 1 {
+        if opts.parallel > 1 {
             capabilities.push("multifd");
         }
         record.capabilities = self
@@ -584,7 +579,7 @@ impl Migration {
             .capabilities_off(&capabilities)
             .await
             .map_err(&ram_fail)?;
-        let parameters = ram_parameters(opts, self.tight_downtime, self.channels);
+        let parameters = ram_parameters(opts, self.tight_downtime);
         let names: Vec<&str> = parameters
             .as_object()
             .map(|o| o.keys().map(String::as_str).collect())
@@ -612,7 +607,7 @@ impl Migration {
         let to = match self.tunnel.as_mut() {
             Some(tunnel) => source::Endpoint::Unix(
                 tunnel
-                    .ram(port, crate::tunnel::ram_connections(self.channels))
+                    .ram(port, crate::tunnel::ram_connections(opts.parallel))
                     .map_err(|e| at::<MigrateError>(PhaseName::Ram)(e.into()))?,
             ),
             None => source::Endpoint::Tcp {
