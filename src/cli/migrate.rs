@@ -44,8 +44,9 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "MS")]
     max_downtime: Option<u64>,
     /// RAM stream connections (QEMU multifd channels), 1 to 16; 1 is one plain stream. Faster
-    /// for big guests, but not the default: see docs/protocol.md (a cancelled multifd
-    /// migration once left a source paused) and mind that multifd overshoots a RAM cap.
+    /// for big guests, but not yet safe against every fault (in tests a destination QEMU killed
+    /// at pre-switchover hung `ferry migrate`; see docs/protocol.md), and multifd overshoots a
+    /// RAM cap.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     parallel: u32,
     /// When the agent allocates all of the guest's RAM on the destination while the disks
