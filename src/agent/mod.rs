@@ -119,14 +119,15 @@ pub fn check_storage(storage: &std::path::Path) -> Result<(), AgentError> {
     // hold would only show when the first migration's QEMU fails to start.
     let absolute = std::path::absolute(storage).unwrap_or_else(|_| storage.to_path_buf());
     let longest = absolute.as_os_str().len() + LONGEST_SOCKET_SUFFIX;
-    if longest > SOCKET_PATH_MAX {
+    if longest > crate::tunnel::MAX_SOCKET_PATH {
         return Err(AgentError::Storage {
             path: storage.display().to_string(),
             source: std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!(
-                    "QEMU's sockets under it would be {longest} bytes long, over the \
-                     {SOCKET_PATH_MAX} a unix socket path can hold; use a shorter path"
+                    "QEMU's sockets under it would be {longest} bytes long, over the {} a \
+                     unix socket path can hold; use a shorter path",
+                    crate::tunnel::MAX_SOCKET_PATH
                 ),
             ),
         });
@@ -134,8 +135,6 @@ pub fn check_storage(storage: &std::path::Path) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// The longest path a unix socket takes (`sun_path` is 108 bytes with its NUL).
-const SOCKET_PATH_MAX: usize = 107;
 /// `/<migration id>/qmp.sock` after the storage path: the id is `m<secs>-<8 hex>` (11 digits
 /// for the seconds covers the year 5138).
 const LONGEST_SOCKET_SUFFIX: usize = "/m12345678901-12345678/qmp.sock".len();

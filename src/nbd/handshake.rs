@@ -38,7 +38,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
 use super::export::{ExportState, Registry};
-use super::transport::{self, Transport};
+use super::transport::Transport;
 use super::wire::{
     self, hflag, info, opt, rep, ClientFlags, ClientOption, InfoRequest, InvalidOption,
     MetaRequest, OptionHeader, ReplyStyle, WireError, BASE_ALLOCATION, MAX_PAYLOAD,
@@ -182,7 +182,7 @@ where
     if tls::await_starttls(&mut stream).await? == tls::BeforeTls::Aborted {
         return Ok(Outcome::Aborted);
     }
-    let mut stream = transport::accept_tls(acceptor, stream)
+    let mut stream = crate::tls::accept_buffered(acceptor, stream)
         .await
         .map_err(HandshakeError::Tls)?;
     let (_, session) = stream.get_ref();

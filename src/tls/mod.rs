@@ -266,3 +266,31 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
         .collect::<Vec<_>>()
         .join(":")
 }
+
+/// Ciphertext read ahead under rustls. rustls asks its socket for at most 4 KiB at a time, so a
+/// 1 MiB write would cost 256 `read` calls; with this buffer below it, one call takes whatever
+/// the socket holds (up to this much) and rustls is served from memory. A peer can make a
+/// connection hold this much before its handshake is done.
+pub(crate) const CIPHERTEXT_BUFFER: usize = 256 * 1024;
+
+/// A server-side TLS session with the read-ahead buffer below rustls.
+pub(crate) type BufferedTls<S> = tokio_rustls::server::TlsStream<tokio::io::BufReader<S>>;
+
+/// The server side of a TLS handshake on `stream` (the agent's NBD server after `STARTTLS`, its
+/// RAM listener), reading through [`CIPHERTEXT_BUFFER`]. Fails if the client's certificate is
+/// missing or not signed by the configured CA (when the configuration asks for one), or if the
+/// client is not a TLS client.
+pub(crate) async fn accept_buffered<S>(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: S,
+) -> std::io::Result<BufferedTls<S>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    acceptor
+        .accept(tokio::io::BufReader::with_capacity(
+            CIPHERTEXT_BUFFER,
+            stream,
+        ))
+        .await
+}

@@ -59,7 +59,7 @@ pub const RAM_SOCKET: &str = "ram.sock";
 /// The socket the NBD nodes connect to, in the source's tunnel directory.
 pub const NBD_SOCKET: &str = "nbd.sock";
 /// The longest path a unix socket can have (`sun_path` holds 108 bytes with the NUL).
-const MAX_SOCKET_PATH: usize = 107;
+pub(crate) const MAX_SOCKET_PATH: usize = 107;
 
 /// How many connections a RAM stream of `parallel` channels opens: one, or with multifd the
 /// main channel and one per multifd channel.
