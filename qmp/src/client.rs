@@ -52,6 +52,8 @@ const CONNECT_RETRY: Duration = Duration::from_millis(20);
 #[derive(Clone)]
 pub struct Qmp {
     inner: Arc<Inner>,
+    /// How long a call waits for its reply; `None`: as long as it takes.
+    reply_timeout: Option<Duration>,
 }
 
 struct Inner {
@@ -319,6 +321,7 @@ impl Qmp {
         tokio::spawn(write_loop(writer, write_rx, Arc::clone(&shared)).instrument(span.clone()));
         let reader_task = tokio::spawn(read_loop(lines, Arc::clone(&shared)).instrument(span));
         let qmp = Qmp {
+            reply_timeout: None,
             inner: Arc::new(Inner {
                 shared,
                 writer: write_tx,
@@ -366,6 +369,30 @@ impl Qmp {
     /// client close it. `None` while it is open.
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.inner.shared.lock().closed.clone()
+    }
+
+    /// This connection with every call bounded: a reply that does not come within `timeout`
+    /// fails the call with [`Error::Timeout`] (the connection stays usable; a late reply is
+    /// dropped). QEMU answers QMP from its main loop, which a stuck thread holding QEMU's big
+    /// lock blocks for good: without a bound, a caller waits on such a QEMU forever. `None`
+    /// removes the bound (for a command known to run long, such as preallocating RAM).
+    ///
+    /// ```no_run
+    /// # async fn demo(qmp: qmp::Qmp) -> Result<(), qmp::Error> {
+    /// let bounded = qmp.with_reply_timeout(Some(std::time::Duration::from_secs(30)));
+    /// bounded.execute_raw("query-migrate", serde_json::json!(null)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_reply_timeout(&self, timeout: Option<Duration>) -> Qmp {
+        Qmp {
+            inner: self.inner.clone(),
+            reply_timeout: timeout,
+        }
+    }
+
+    /// The bound [`with_reply_timeout`](Self::with_reply_timeout) set, if any.
+    pub fn reply_timeout(&self) -> Option<Duration> {
+        self.reply_timeout
     }
 
     /// Runs a typed command from [`qapi::qmp`] and decodes its reply.
@@ -470,7 +497,19 @@ impl Qmp {
             .send(line)
             .await
             .map_err(|_| Error::Disconnected)?;
-        match rx.await {
+        let reply = match self.reply_timeout {
+            None => rx.await,
+            Some(after) => match tokio::time::timeout(after, rx).await {
+                Ok(reply) => reply,
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        what: format!("QEMU's reply to {name}"),
+                        after,
+                    })
+                }
+            },
+        };
+        match reply {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(QmpFailure { class, desc })) => Err(Error::Qmp {
                 command: name.into(),

@@ -17,6 +17,13 @@ use crate::status::{wait_migration, MigrationInfo, MigrationStatus, WaitError};
 
 /// How long QEMU may take to initialise and answer on its QMP socket.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the destination QEMU may take to answer one QMP command (preallocating RAM aside).
+/// Its commands answer in milliseconds; one silent for this long is stuck (QEMU 10.0's incoming
+/// multifd, its stream cut mid-way, can wait for good holding its big lock), and the agent must
+/// not wait on it forever: the call fails, and the migration is settled as one whose
+/// destination cannot say how far it got (kept paused for the source to decide; a rollback
+/// kills it).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A failure of the destination QEMU, with what QEMU said where there is something.
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +142,7 @@ impl Destination {
         Ok(Destination {
             pid,
             qmp_path: qmp_path.to_path_buf(),
-            qmp,
+            qmp: qmp.with_reply_timeout(Some(REPLY_TIMEOUT)),
         })
     }
 
@@ -151,7 +158,7 @@ impl Destination {
         Some(Destination {
             pid,
             qmp_path: qmp_path.to_path_buf(),
-            qmp,
+            qmp: qmp.with_reply_timeout(Some(REPLY_TIMEOUT)),
         })
     }
 
@@ -252,7 +259,9 @@ impl Destination {
                 )
                 .await
                 .map_err(qmp_err(format!("setting prealloc-threads on {path}")))?;
+            // Touching every page of a big guest takes as long as it takes: unbounded.
             self.qmp
+                .with_reply_timeout(None)
                 .execute_raw(
                     "qom-set",
                     json!({"path": path, "property": "prealloc", "value": true}),

@@ -78,6 +78,13 @@ impl Endpoint {
     }
 }
 
+/// How long the source QEMU may take to answer one QMP command. Every command ferry sends
+/// answers in milliseconds; a QEMU silent for this long is stuck holding its big lock (QEMU
+/// 10.0's multifd can end there when its channels break during the switchover), and a driver
+/// that waited on it would never exit. Past this the call fails and the migration is settled
+/// (or left to `ferry recover`) with that said.
+pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The source QEMU's QMP connection.
 #[derive(Clone)]
 pub struct SourceQemu {
@@ -85,9 +92,11 @@ pub struct SourceQemu {
 }
 
 impl SourceQemu {
-    /// Wraps a connection to the source QEMU's monitor.
+    /// Wraps a connection to the source QEMU's monitor, every call bounded by [`REPLY_TIMEOUT`].
     pub fn new(qmp: qmp::Qmp) -> SourceQemu {
-        SourceQemu { qmp }
+        SourceQemu {
+            qmp: qmp.with_reply_timeout(Some(REPLY_TIMEOUT)),
+        }
     }
 
     /// A subscription to the QEMU's events from now on.

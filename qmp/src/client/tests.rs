@@ -416,3 +416,40 @@ async fn greeting_problems_are_not_qmp_errors() {
     let e = greet_with(&[b'x'; 2000], false).await;
     assert!(matches!(e, Error::LineTooLong { limit: 1024 }), "{e:?}");
 }
+
+#[tokio::test]
+async fn a_bounded_handle_gives_up_on_a_qemu_that_does_not_answer() {
+    let (qmp, mut peer) = connect().await;
+    let bounded = qmp.with_reply_timeout(Some(Duration::from_millis(50)));
+    assert_eq!(bounded.reply_timeout(), Some(Duration::from_millis(50)));
+    assert_eq!(
+        qmp.reply_timeout(),
+        None,
+        "the original handle keeps no bound"
+    );
+    let err = bounded
+        .execute_raw("query-migrate", Value::Null)
+        .await
+        .expect_err("no reply was sent");
+    assert!(
+        matches!(err, Error::Timeout { ref what, .. } if what.contains("query-migrate")),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("QEMU's reply to query-migrate"),
+        "{err}"
+    );
+    // The connection stays usable: the late reply is dropped, the next call gets its own.
+    let stuck = peer.recv().await;
+    let call = tokio::spawn({
+        let bounded = bounded.clone();
+        async move { bounded.execute_raw("query-status", Value::Null).await }
+    });
+    let next = peer.recv().await;
+    peer.reply(&stuck["id"], json!("late")).await;
+    peer.reply(&next["id"], json!({"running": true})).await;
+    assert_eq!(
+        call.await.expect("task").expect("reply"),
+        json!({"running": true})
+    );
+}
