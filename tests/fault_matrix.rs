@@ -11,6 +11,15 @@
 //! source QEMU for a VM that moved. `ferry recover` runs at most once, when `ferry migrate` was
 //! killed or left its journal (the VM paused, undecided). The phases run concurrently, one
 //! namespace and one guest each; the table of outcomes is printed at the end.
+//!
+//! The RAM travels over four multifd channels in every case (the default with TLS from QEMU
+//! 10.0; the RAM column asks for them, its cap would otherwise make one stream): a broken
+//! multifd channel is what can leave a source QEMU stuck (docs/protocol.md).
+//!
+//! For a failure's post-mortem: `FERRY_MATRIX_ONLY=TEXT` runs the cases whose
+//! "phase/fault" contains TEXT (e.g. `pre-switchover/SIGKILL destination`),
+//! `FERRY_MATRIX_ARGS="..."` adds arguments to every `ferry migrate` (e.g. `--parallel 1`), and
+//! `FERRY_MATRIX_KEEP=1` keeps the cases' directories (logs, with `FERRY_LOG=debug`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -168,6 +177,11 @@ fn spawn_migrate(rig: &Rig, qmp: &Path, to: &str, hold: Option<String>, args: &[
     let case = rig.dir.join(format!("case-{}", rig.case));
     let mut cmd = FERRY.migrate_command(qmp, to, &rig.token);
     cmd.args(args)
+        .args(
+            std::env::var("FERRY_MATRIX_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .stdout(std::fs::File::create(case.join("migrate.out")).expect("out"))
         .stderr(std::fs::File::create(case.join("migrate.err")).expect("err"));
     if let Some(hold) = hold {
@@ -245,8 +259,9 @@ async fn run_case(rig: &mut Rig, phase: Phase, fault: Fault) -> Row {
     };
     let (hold, args): (Option<String>, &[&str]) = match phase {
         Phase::Mirror => (None, &["--bandwidth", "8", "--ram-bandwidth", "0"]),
-        // A slow RAM stream, so that the fault strikes while it flows.
-        Phase::Ram => (None, &["--ram-bandwidth", "2"]),
+        // A slow RAM stream, so that the fault strikes while it flows; over the four multifd
+        // channels of the default (a cap alone would make it one stream).
+        Phase::Ram => (None, &["--ram-bandwidth", "2", "--parallel", "4"]),
         Phase::PreSwitchover => (hold("source-pre-switchover"), &[]),
         Phase::DeviceSent => (hold("source-continued"), &[]),
         Phase::DestinationCont => (None, &[]),
@@ -438,12 +453,16 @@ async fn check_destination(rig: &mut Rig, agent: &AgentProc, context: &str) {
 
 async fn column(phase: Phase, n: u8) -> Vec<Row> {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let token = token_file(tmp.path(), TOKEN);
-    let wrapper = qemu_without_virtio_blk(tmp.path(), Path::new(ferry_testkit::DEFAULT_QEMU));
+    let base = tmp.path().to_path_buf();
+    if std::env::var_os("FERRY_MATRIX_KEEP").is_some() {
+        std::mem::forget(tmp);
+    }
+    let token = token_file(&base, TOKEN);
+    let wrapper = qemu_without_virtio_blk(&base, Path::new(ferry_testkit::DEFAULT_QEMU));
     let mut rig = Rig {
-        dir: tmp.path().to_path_buf(),
+        dir: base.clone(),
         ns: Netns::create(n),
-        image: tmp.path().join("vda.raw"),
+        image: base.join("vda.raw"),
         token,
         guest: None,
         wrapper,
@@ -451,6 +470,11 @@ async fn column(phase: Phase, n: u8) -> Vec<Row> {
     };
     let mut rows = Vec::new();
     for (fault, allowed) in cases(phase) {
+        if let Ok(only) = std::env::var("FERRY_MATRIX_ONLY") {
+            if !format!("{}/{}", phase.name(), fault.name()).contains(&only) {
+                continue;
+            }
+        }
         let row = run_case(&mut rig, phase, fault).await;
         assert!(
             allowed.contains(&row.owner),

@@ -638,8 +638,8 @@ async fn dry_run_prints_the_plan_and_changes_nothing() {
         "    -incoming defer",
         "    -sandbox ",
         &format!("{storage}/<migration-id>/qmp.sock"),
-        // One RAM stream unless --parallel says otherwise.
-        "(encrypted (TLS), 1 connection,",
+        // Encrypted from QEMU 10.0: four RAM connections unless --parallel says otherwise.
+        "(encrypted (TLS), 4 connections,",
     ] {
         assert!(
             stdout.contains(words),
@@ -664,7 +664,28 @@ async fn dry_run_prints_the_plan_and_changes_nothing() {
         .expect("allocation");
     assert!((4 << 20..64 << 20).contains(&allocated), "{plan}");
     assert!(plan["ram_bytes"].as_u64().is_some_and(|r| r > 0), "{plan}");
-    assert_eq!(plan["parallel"], 1, "{plan}");
+    assert_eq!(plan["parallel"], 4, "{plan}");
+    let parallel = |args: &[&str]| {
+        let out = dry_run(args);
+        let plan: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        (
+            plan["parallel"].clone(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    assert_eq!(parallel(&["--parallel", "1"]).0, 1);
+    // One stream by default where multifd is not guarded or overshoots: --insecure, a RAM cap.
+    assert_eq!(parallel(&["--insecure"]).0, 1);
+    assert_eq!(parallel(&["--bandwidth", "100"]).0, 1);
+    let (insecure, warned) = parallel(&["--insecure", "--parallel", "2"]);
+    assert_eq!(insecure, 2);
+    assert!(
+        warned.contains(
+            "ferry: warning: --parallel 2 with --insecure: QEMU's multifd channels go straight \
+             to the destination"
+        ),
+        "{warned}"
+    );
     // multifd asked for with a RAM cap: said, and done as asked.
     let out = dry_run(&["--bandwidth", "100", "--parallel", "4"]);
     let both: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");

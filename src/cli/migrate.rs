@@ -43,12 +43,12 @@ pub struct MigrateArgs {
     /// converged after 5 passes.
     #[arg(long, value_name = "MS")]
     max_downtime: Option<u64>,
-    /// RAM stream connections (QEMU multifd channels), 1 to 16; 1 is one plain stream. Faster
-    /// for big guests, but not yet safe against every fault (in tests a destination QEMU killed
-    /// at pre-switchover hung `ferry migrate`; see docs/protocol.md), and multifd overshoots a
-    /// RAM cap.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
-    parallel: u32,
+    /// RAM stream connections (QEMU multifd channels), 1 to 16; 1 is one plain stream.
+    /// Default: 4 for an encrypted migration from a source QEMU 10.0 or newer, 1 with
+    /// --insecure (no relay guards QEMU against a broken multifd channel; see docs/protocol.md),
+    /// with a RAM cap (multifd overshoots it) or from an older QEMU.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
+    parallel: Option<u32>,
     /// When the agent allocates all of the guest's RAM on the destination while the disks
     /// copy, so that the RAM stream writes into memory the kernel has already zeroed: a shorter
     /// RAM phase for guests whose RAM is mostly in use, at the price of the guest's whole RAM
@@ -118,12 +118,22 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
     opts.prealloc_ram = args.preallocate_ram;
     opts.state_dir = args.state_dir;
     opts.agent_wait = Duration::from_secs(args.agent_wait);
-    if let (n @ 2.., Some(cap)) = (opts.parallel, opts.ram_speed) {
+    opts.keeper = std::env::current_exe().ok();
+    if let (Some(n @ 2..), Some(cap)) = (opts.parallel, opts.ram_speed) {
+        // Without --parallel a capped stream stays one (see `hazards::QemuBuild::channels`).
         eprintln!(
             "ferry: warning: --parallel {n} with the RAM capped at {}/s: QEMU's multifd \
              channels overshoot the cap (measured 36 MiB/s against 20); leave --parallel out \
              to keep it",
             crate::human_bytes(cap)
+        );
+    }
+    if let (Some(n @ 2..), false) = (opts.parallel, opts.tls) {
+        eprintln!(
+            "ferry: warning: --parallel {n} with --insecure: QEMU's multifd channels go \
+             straight to the destination, and a destination that dies during the switchover \
+             can leave the source QEMU stuck with the guest paused (docs/protocol.md); leave \
+             --parallel out for one stream"
         );
     }
     if args.dry_run {

@@ -69,11 +69,19 @@ enum Command {
     /// Write the man pages and shell completions (for packaging).
     #[command(hide = true)]
     GenDocs(docs::GenDocsArgs),
+    /// Internal: the RAM keeper `ferry migrate` starts beside a multifd relay (stdin: its
+    /// control socket).
+    #[command(hide = true, name = "keep-ram-channels")]
+    KeepRamChannels,
 }
 
 /// Parses the command line, runs the subcommand on a tokio runtime and returns its exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::KeepRamChannels) {
+        // No runtime, no logging: a few blocking reads (see `tunnel::keeper`).
+        return crate::tunnel::keeper::run();
+    }
     init_tracing(matches!(cli.command, Command::Agent(_)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -99,6 +107,7 @@ pub fn main() -> ExitCode {
             #[cfg(feature = "demo")]
             Command::Demo(args) => demo::run(args).await,
             Command::GenDocs(args) => docs::run(args, Cli::command()),
+            Command::KeepRamChannels => ExitCode::SUCCESS,
         }
     })
 }

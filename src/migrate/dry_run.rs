@@ -98,7 +98,7 @@ pub async fn dry_run(opts: &MigrateOptions) -> Result<Plan, Failure> {
         }
         (Err(e), None) => return Err(at(PhaseName::Discover)(e)),
     };
-    super::vet_settings(&qemu, &vm, opts).await?;
+    let build = super::vet_settings(&qemu, &vm, opts).await?;
     let discover = at::<super::source::SourceError>(PhaseName::Discover);
     let ram_bytes = qemu.ram_size().await.map_err(&discover)?;
     let negotiate = at::<super::control::ControlError>(PhaseName::Negotiate);
@@ -124,7 +124,7 @@ pub async fn dry_run(opts: &MigrateOptions) -> Result<Plan, Failure> {
             })
             .collect(),
         encrypted: opts.tls,
-        parallel: opts.parallel,
+        parallel: build.channels(opts.parallel, opts.tls, opts.ram_speed.is_some()),
         mirror_bandwidth: opts.mirror_speed,
         ram_bandwidth: opts.ram_speed,
         sync_writes: opts.sync_writes,

@@ -20,6 +20,17 @@ pub const QEMU_DEFAULT_DOWNTIME_MS: u64 = 300;
 /// limit below [`QEMU_DEFAULT_DOWNTIME_MS`].
 const LOW_DOWNTIME_SAFE_SINCE: (u64, u64) = (10, 0);
 
+/// RAM stream connections when the operator gives no `--parallel`, for an encrypted, uncapped
+/// migration from a source QEMU that multifd is tested with. Several connections let both
+/// QEMUs and ferry's relays spread the RAM over more than one thread: a guest with 1.5 GiB of
+/// RAM in use moved in 5.12 instead of 7.09 s with TLS (BENCHMARKS.md, session 7), and the
+/// small test guest did not lose. 2, 4 and 8 were measured; 4 was the best here.
+pub const DEFAULT_CHANNELS: u32 = 4;
+
+/// The oldest source QEMU (major, minor) that gets [`DEFAULT_CHANNELS`] without being asked:
+/// multifd from older ones is tested here only when asked for (7.2, with `--parallel`).
+const MULTIFD_BY_DEFAULT_SINCE: (u64, u64) = (10, 0);
+
 /// What ferry needs to know about the source QEMU's build and accelerator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QemuBuild {
@@ -33,6 +44,22 @@ impl QemuBuild {
     /// Whether a downtime limit below QEMU's default is known to corrupt this source's guests.
     pub fn low_downtime_corrupts(&self) -> bool {
         !self.kvm && (self.version.0, self.version.1) < LOW_DOWNTIME_SAFE_SINCE
+    }
+
+    /// The RAM stream's connections: `asked` (`--parallel`), or by default [`DEFAULT_CHANNELS`]
+    /// when the stream is `encrypted` (only then do ferry's relay and keeper stand between QEMU
+    /// and a broken multifd channel, see `crate::tunnel::ram`), not `capped` (QEMU 10.0's
+    /// multifd overshoots `max-bandwidth`: a 20 MiB/s cap carried 96 MiB in 2.65 s over 4
+    /// channels) and from a QEMU multifd is tested with here; one stream otherwise.
+    pub fn channels(&self, asked: Option<u32>, encrypted: bool, capped: bool) -> u32 {
+        asked.unwrap_or(
+            if (self.version.0, self.version.1) >= MULTIFD_BY_DEFAULT_SINCE && encrypted && !capped
+            {
+                DEFAULT_CHANNELS
+            } else {
+                1
+            },
+        )
     }
 }
 
@@ -107,5 +134,33 @@ mod tests {
         assert_eq!(check_downtime(&new, Some(Duration::from_millis(1))), Ok(()));
         assert!(!new.low_downtime_corrupts());
         assert!(TCG_7_2.low_downtime_corrupts());
+    }
+
+    #[test]
+    fn multifd_by_default_encrypted_uncapped_from_10_0_and_the_operator_decides_always() {
+        let new = QemuBuild {
+            version: (10, 0, 2),
+            kvm: false,
+        };
+        assert_eq!(new.channels(None, true, false), DEFAULT_CHANNELS);
+        assert_eq!(
+            new.channels(None, false, false),
+            1,
+            "--insecure: one stream"
+        );
+        assert_eq!(
+            new.channels(None, true, true),
+            1,
+            "a capped RAM stream: one"
+        );
+        assert_eq!(TCG_7_2.channels(None, true, false), 1);
+        let kvm_9 = QemuBuild {
+            version: (9, 2, 0),
+            kvm: true,
+        };
+        assert_eq!(kvm_9.channels(None, true, false), 1);
+        assert_eq!(new.channels(Some(1), true, false), 1);
+        assert_eq!(new.channels(Some(2), false, true), 2);
+        assert_eq!(TCG_7_2.channels(Some(3), true, false), 3);
     }
 }

@@ -109,8 +109,9 @@ pub struct MigrateOptions {
     pub ram_speed: Option<u64>,
     /// The RAM stream's `downtime-limit` (None: QEMU's, 300 ms).
     pub max_downtime: Option<Duration>,
-    /// RAM stream connections (multifd channels); 1: one stream, no multifd.
-    pub parallel: u32,
+    /// RAM stream connections (multifd channels); 1: one stream, no multifd; None: chosen
+    /// from the source QEMU's version, TLS and the cap ([`hazards::QemuBuild::channels`]).
+    pub parallel: Option<u32>,
     /// When the agent preallocates the guest's RAM on the destination while the disks copy
     /// (see [`prealloc`]).
     pub prealloc_ram: prealloc::RamPrealloc,
@@ -121,6 +122,9 @@ pub struct MigrateOptions {
     /// How long to keep trying to reach the agent when the source QEMU completed and only the
     /// agent can confirm the hand-over.
     pub agent_wait: Duration,
+    /// The ferry binary, run as the RAM keeper beside a multifd relay
+    /// ([`crate::tunnel::keeper`]); None: no keeper.
+    pub keeper: Option<PathBuf>,
 }
 
 impl MigrateOptions {
@@ -137,11 +141,12 @@ impl MigrateOptions {
             mirror_speed: None,
             ram_speed: None,
             max_downtime: None,
-            parallel: 1,
+            parallel: None,
             prealloc_ram: prealloc::RamPrealloc::Auto,
             converge_after: Duration::from_secs(10),
             state_dir: PathBuf::from(journal::DEFAULT_STATE_DIR),
             agent_wait: Duration::from_secs(60),
+            keeper: None,
         }
     }
 }
@@ -205,7 +210,7 @@ const RELAX_AFTER_SYNCS: u64 = 5;
 /// of 128 MiB/s would make a big guest's RAM take minutes on a fast link), the downtime limit
 /// given or, where the source QEMU handles it ([`hazards`]), ferry's default, the multifd
 /// channels if more than one.
-fn ram_parameters(opts: &MigrateOptions, tight_default: bool) -> serde_json::Value {
+fn ram_parameters(opts: &MigrateOptions, tight_default: bool, channels: u32) -> serde_json::Value {
     let mut params = serde_json::json!({"max-bandwidth": opts.ram_speed.unwrap_or(0)});
     let limit = match opts.max_downtime {
         Some(limit) => Some(limit.as_millis() as u64),
@@ -214,8 +219,8 @@ fn ram_parameters(opts: &MigrateOptions, tight_default: bool) -> serde_json::Val
     if let Some(limit) = limit {
         params["downtime-limit"] = serde_json::json!(limit);
     }
-    if opts.parallel > 1 {
-        params["multifd-channels"] = serde_json::json!(opts.parallel);
+    if channels > 1 {
+        params["multifd-channels"] = serde_json::json!(channels);
     }
     params
 }
@@ -300,6 +305,7 @@ async fn run(
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let mut m = Migration::new(qemu, journal, started);
     m.tight_downtime = !build.low_downtime_corrupts();
+    m.channels = build.channels(opts.parallel, opts.tls, opts.ram_speed.is_some());
     let forward = m.forward(opts, &vm, &tag, reporter, cancel).await;
     let Some(record) = m.record.take() else {
         // Nothing was created in the source QEMU; dropping the connection makes the agent roll
@@ -441,6 +447,8 @@ pub(crate) struct Migration {
     /// Whether ferry's own downtime limit applies when the operator gave none (not on a source
     /// QEMU that a tight limit breaks, see [`hazards`]).
     pub(crate) tight_downtime: bool,
+    /// RAM stream connections: the operator's `--parallel`, or the default for this source.
+    pub(crate) channels: u32,
 }
 
 impl Migration {
@@ -459,6 +467,7 @@ impl Migration {
             encrypted: false,
             started,
             tight_downtime: false,
+            channels: 1,
         }
     }
 
@@ -551,7 +560,7 @@ impl Migration {
             .link
             .as_mut()
             .ok_or_else(|| fail_mirror(ControlError::Lost("no connection".into()).into()))?;
-        link.start_destination(opts.parallel, prealloc_ram)
+        link.start_destination(self.channels, prealloc_ram)
             .await
             .map_err(at::<ControlError>(PhaseName::StartDestination))?;
         self.disk_bytes =
@@ -571,7 +580,7 @@ impl Migration {
         };
         let ram_fail = at::<source::SourceError>(PhaseName::Ram);
         let mut capabilities = CAPABILITIES.to_vec();
-        if opts.parallel > 1 {
+        if self.channels > 1 {
             capabilities.push("multifd");
         }
         record.capabilities = self
@@ -579,7 +588,7 @@ impl Migration {
             .capabilities_off(&capabilities)
             .await
             .map_err(&ram_fail)?;
-        let parameters = ram_parameters(opts, self.tight_downtime);
+        let parameters = ram_parameters(opts, self.tight_downtime, self.channels);
         let names: Vec<&str> = parameters
             .as_object()
             .map(|o| o.keys().map(String::as_str).collect())
@@ -607,7 +616,7 @@ impl Migration {
         let to = match self.tunnel.as_mut() {
             Some(tunnel) => source::Endpoint::Unix(
                 tunnel
-                    .ram(port, crate::tunnel::ram_connections(opts.parallel))
+                    .ram(port, crate::tunnel::ram_connections(self.channels))
                     .map_err(|e| at::<MigrateError>(PhaseName::Ram)(e.into()))?,
             ),
             None => source::Endpoint::Tcp {
@@ -634,6 +643,12 @@ impl Migration {
         crate::faults::hold("source-pre-switchover").await;
         let switch_fail = at::<MigrateError>(PhaseName::Switchover);
         mirror::final_sync(&self.qemu, &jobs, &mut events, SWITCH_TIMEOUT).await?;
+        // A RAM connection already cut (destination QEMU or agent gone, link down): cancelling
+        // at pre-switchover is clean; continuing would make QEMU find it out mid-switchover, which
+        // its multifd threads do not always survive (see `crate::tunnel::ram`).
+        if let Some(why) = self.tunnel.as_ref().and_then(|t| t.ram_failure()) {
+            return Err(switch_fail(MigrateError::RamRelay(why)));
+        }
         self.qemu
             .migrate_continue()
             .await
@@ -727,6 +742,9 @@ impl Migration {
                     .map_err(|e| fail_mirror(MigrateError::Tls(e)))?;
                 let mut tunnel = crate::tunnel::Tunnel::new(&tls.dir, bundle, &host)
                     .map_err(|e| fail_mirror(e.into()))?;
+                if let Some(program) = &opts.keeper {
+                    tunnel = tunnel.with_keeper(program.clone());
+                }
                 let path = tunnel.nbd(nbd_port).map_err(|e| fail_mirror(e.into()))?;
                 self.tunnel = Some(tunnel);
                 source::Endpoint::Unix(path)

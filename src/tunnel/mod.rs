@@ -26,9 +26,13 @@
 //! The relays live as long as the process that runs them: if `ferry migrate` or the agent dies,
 //! the streams are cut and the source QEMU's migration fails (it keeps or resumes the VM), unless
 //! it already reached `completed` (then the destination loaded everything; see `migrate::settle`).
+//! With multifd the cut must reach the source QEMU on its main channel first (QEMU 10.0 can hang
+//! on a broken multifd channel): the RAM relay sees to it while it lives ([`ram`]), and a
+//! [`keeper`] process when `ferry migrate` is killed.
 //! Nothing here must ever hold a stream open past its migration, or panic on what a peer sends.
 
 pub mod incoming;
+pub mod keeper;
 pub mod nbd;
 pub mod ram;
 
@@ -286,6 +290,7 @@ pub struct Tunnel {
     host: String,
     nbd: Option<Running>,
     ram: Option<Running>,
+    keeper: Option<PathBuf>,
 }
 
 impl Tunnel {
@@ -297,7 +302,15 @@ impl Tunnel {
             host: host.to_string(),
             nbd: None,
             ram: None,
+            keeper: None,
         })
+    }
+
+    /// Runs `program keep-ram-channels` beside a RAM relay of several connections (multifd),
+    /// so that this process's death cannot leave the source QEMU stuck ([`keeper`]).
+    pub fn with_keeper(mut self, program: PathBuf) -> Tunnel {
+        self.keeper = Some(program);
+        self
     }
 
     /// Starts the NBD relay to the agent's NBD `port`; returns the socket the nodes use.
@@ -316,12 +329,23 @@ impl Tunnel {
     /// Starts the RAM relay to the agent's RAM `port` for `connections` connections; returns
     /// the socket the source QEMU migrates to.
     pub fn ram(&mut self, port: u16, connections: u32) -> Result<PathBuf, TunnelError> {
+        let keeper = match &self.keeper {
+            Some(program) if connections > 1 => match keeper::Keeper::spawn(program) {
+                Ok(keeper) => Some(keeper),
+                Err(e) => {
+                    tracing::warn!(program = %program.display(), error = %e, "cannot start the RAM keeper; a killed ferry migrate may leave a multifd source QEMU stuck");
+                    None
+                }
+            },
+            _ => None,
+        };
         let running = ram::Relay::start(
             &self.dir.join(RAM_SOCKET),
             self.client.clone(),
             self.host.clone(),
             port,
             connections,
+            keeper,
         )?;
         let path = running.path().to_path_buf();
         self.ram = Some(running);

@@ -6,70 +6,86 @@
 //! once the agent connected it to the destination QEMU; only then is the next one opened. A
 //! connection the relay cannot carry is closed: the source QEMU sees its migration fail and
 //! keeps the VM.
+//!
+//! With multifd, a cut must reach QEMU on its main channel, never on a multifd channel: QEMU
+//! 10.0's switchover waits, holding its big lock, for every multifd thread to confirm a sync,
+//! and a thread that finds its channel broken can exit without confirming — the source QEMU
+//! then hangs for good with the guest paused and its monitor silent (seen in the fault matrix:
+//! destination QEMU killed at pre-switchover, `--parallel 4`). So when a multifd channel's far
+//! side fails, the relay closes the main channel towards QEMU and keeps reading (and dropping)
+//! what QEMU still writes on the multifd channel until QEMU closes it: QEMU's multifd threads
+//! see nothing wrong, its main channel fails, and it ends the migration the way it does with one
+//! stream (`failed`, the guest resumed).
 
 use std::path::Path;
 use std::sync::Arc;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::UnixStream;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
-use super::{timed, Client, Running, TunnelError};
+use super::keeper::Keeper;
+use super::{timed, Client, Running, TunnelError, BUFFER};
 
 /// The RAM relay's accept loop.
 pub struct Relay;
 
 impl Relay {
     /// Listens on `path` and carries up to `connections` connections to the agent's RAM port
-    /// `host:port`; more are refused (QEMU opens exactly as many as it was told).
+    /// `host:port`; more are refused (QEMU opens exactly as many as it was told). With
+    /// `keeper`, each connection is also handed to it (see [`super::keeper`]).
     pub fn start(
         path: &Path,
         client: Arc<Client>,
         host: String,
         port: u16,
         connections: u32,
+        keeper: Option<Keeper>,
     ) -> Result<Running, TunnelError> {
         let listener = super::listen_unix(path)?;
         let failure = super::Failure::default();
         let failed = failure.clone();
         let task = tokio::spawn(
             async move {
-                let mut streams = JoinSet::new();
-                let mut opened = 0u32;
-                loop {
-                    let qemu = tokio::select! {
-                        accepted = listener.accept() => match accepted {
-                            Ok((qemu, _)) => qemu,
+                // Every connection is taken (and handed to the keeper) as soon as QEMU opens
+                // it, and carried in order by `carry_in_order`: one left waiting in the
+                // listener's backlog would be reset if this process died, and QEMU 10.0 does not
+                // always recover from a multifd channel that breaks while it sets them up (a
+                // later `migrate` failed with "duplicate yank instance").
+                let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
+                let accept = async move {
+                    let mut taken = 0u32;
+                    loop {
+                        let qemu = match listener.accept().await {
+                            Ok((qemu, _)) => Held(qemu),
                             Err(e) => {
                                 warn!(error = %e, "RAM relay cannot accept; it stops");
                                 break;
                             }
-                        },
-                        Some(_) = streams.join_next() => continue,
-                    };
-                    if opened >= connections {
-                        warn!(connections, "the source QEMU opened more RAM connections than asked for; closed");
-                        continue;
-                    }
-                    opened += 1;
-                    // In order: the next connection waits until this one is connected through.
-                    match open(&client, &host, port).await {
-                        Ok(tls) => {
-                            streams.spawn(async move {
-                                match super::splice(qemu, tls).await {
-                                    Ok((sent, returned)) => debug!(sent, returned, "RAM connection closed"),
-                                    Err(e) => warn!(error = %e, "RAM connection cut"),
-                                }
-                            });
+                        };
+                        if taken >= connections {
+                            warn!(connections, "the source QEMU opened more RAM connections than asked for; closed");
+                            continue;
                         }
-                        Err(e) => {
-                            let why = crate::error_chain(&e);
-                            warn!(error = %why, "cannot carry a RAM connection to the agent; the source QEMU's migration fails");
-                            super::record(&failed, why);
+                        taken += 1;
+                        // QEMU opens its main channel first, then the multifd channels.
+                        let main = taken == 1;
+                        if let Some(keeper) = &keeper {
+                            if let Err(e) = keeper.hold(std::os::fd::AsFd::as_fd(&qemu.0), main) {
+                                warn!(error = %e, "the RAM keeper did not take a connection; a killed ferry migrate may leave a multifd source QEMU stuck");
+                            }
+                        }
+                        if queue.send((qemu, main)).is_err() {
+                            break;
                         }
                     }
-                }
-                while streams.join_next().await.is_some() {}
+                    // Dropped here (or with this task): the keeper is told the migration is
+                    // settled.
+                    drop(keeper);
+                };
+                tokio::join!(accept, carry_in_order(queued, client, host, port, failed));
             }
             .instrument(tracing::info_span!("ram-relay")),
         );
@@ -79,6 +95,128 @@ impl Relay {
             failure,
         })
     }
+}
+
+/// Carries the connections `queued` in QEMU's order: connection N+1 is opened to the agent only
+/// once the agent connected N to the destination QEMU (see [`super`]).
+async fn carry_in_order(
+    mut queued: tokio::sync::mpsc::UnboundedReceiver<(Held, bool)>,
+    client: Arc<Client>,
+    host: String,
+    port: u16,
+    failed: super::Failure,
+) {
+    // Cancelled when a multifd channel's far side fails: the main channel goes.
+    let broken = CancellationToken::new();
+    let mut streams = JoinSet::new();
+    loop {
+        let (qemu, main) = tokio::select! {
+            next = queued.recv() => match next {
+                Some(next) => next,
+                None => break,
+            },
+            Some(_) = streams.join_next() => continue,
+        };
+        let (broken, failed) = (broken.clone(), failed.clone());
+        match open(&client, &host, port).await {
+            Ok(tls) => {
+                streams.spawn(async move {
+                    let carried = if main {
+                        carry_main(qemu, tls, &broken).await
+                    } else {
+                        carry_channel(qemu, tls, &broken).await
+                    };
+                    match carried {
+                        Ok((sent, returned)) => {
+                            debug!(main, sent, returned, "RAM connection closed")
+                        }
+                        Err(e) => {
+                            warn!(main, error = %e, "RAM connection cut");
+                            super::record(
+                                &failed,
+                                format!("a RAM connection to the agent was cut: {e}"),
+                            );
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                let why = crate::error_chain(&e);
+                warn!(error = %why, "cannot carry a RAM connection to the agent; the source QEMU's migration fails");
+                super::record(&failed, why);
+                if !main {
+                    // Like a multifd channel cut later: the main channel goes.
+                    broken.cancel();
+                    streams.spawn(drain(qemu));
+                }
+            }
+        }
+    }
+    while streams.join_next().await.is_some() {}
+}
+
+/// One of the source QEMU's RAM connections. The keeper may hold a copy of it, so closing this
+/// copy alone would not end it: dropping it shuts the connection down.
+struct Held(UnixStream);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = socket2::SockRef::from(&self.0).shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// The main channel: carried until either side ends it, or closed at once when a multifd
+/// channel broke (see the module doc).
+async fn carry_main<R>(
+    mut qemu: Held,
+    mut remote: R,
+    broken: &CancellationToken,
+) -> std::io::Result<(u64, u64)>
+where
+    R: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::select! {
+        carried = super::splice(&mut qemu.0, &mut remote) => carried,
+        _ = broken.cancelled() => Err(std::io::Error::other(
+            "a multifd channel to the agent broke; the main channel was closed so that the \
+             source QEMU fails the migration on it",
+        )),
+    }
+}
+
+/// A multifd channel: carried until both sides end it. When the far side fails first, the main
+/// channel is told to close and what QEMU still writes here is read and dropped until QEMU
+/// closes this channel itself (see the module doc).
+async fn carry_channel<R>(
+    mut qemu: Held,
+    mut remote: R,
+    broken: &CancellationToken,
+) -> std::io::Result<(u64, u64)>
+where
+    R: AsyncRead + AsyncWrite + Unpin,
+{
+    match super::splice(&mut qemu.0, &mut remote).await {
+        Ok(carried) => Ok(carried),
+        Err(e) => {
+            broken.cancel();
+            drop(remote);
+            drain(qemu).await;
+            Err(e)
+        }
+    }
+}
+
+/// Reads and drops what the source QEMU writes on a multifd channel until it closes it.
+async fn drain(mut qemu: Held) {
+    let mut sink = vec![0u8; BUFFER];
+    let mut dropped = 0u64;
+    while let Ok(n @ 1..) = qemu.0.read(&mut sink).await {
+        dropped += n as u64;
+    }
+    debug!(
+        dropped,
+        "drained a multifd channel until the source QEMU closed it"
+    );
 }
 
 /// TCP, TLS with the client certificate, and the agent's READY.

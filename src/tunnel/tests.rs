@@ -164,3 +164,73 @@ async fn the_data_streams_negotiate_aes_128_gcm() {
         .map(|s| s.suite());
     assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
 }
+
+/// When a multifd channel's far side goes (here the destination QEMU drops it), the source QEMU
+/// must learn it on its main channel, never on the multifd one: the relay closes the main
+/// channel and keeps taking what QEMU writes on the broken channel until QEMU closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_multifd_channel_closes_the_main_channel_and_is_drained() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let creds = MigrationCredentials::generate().expect("creds");
+    let qemu_socket = dir.path().join("dest.sock");
+    let fake_qemu = UnixListener::bind(&qemu_socket).expect("bind");
+    let listener = Listener::start(
+        LOCAL,
+        Some(LOCAL),
+        creds.nbd_server_config().expect("config"),
+        &qemu_socket,
+        3,
+    )
+    .await
+    .expect("listen");
+    let port = listener.port();
+    // The destination keeps the main channel and the last multifd channel open and reads
+    // them; it drops the first multifd channel at once.
+    let dest = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        for position in 0..3 {
+            let (conn, _) = fake_qemu.accept().await.expect("accept");
+            if position != 1 {
+                kept.push(tokio::spawn(async move {
+                    let mut conn = conn;
+                    let mut sink = Vec::new();
+                    let _ = conn.read_to_end(&mut sink).await;
+                }));
+            }
+        }
+        kept
+    });
+
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).expect("src dir");
+    let mut tunnel = Tunnel::new(&src, &creds.client_bundle(), "127.0.0.1").expect("tunnel");
+    let ram = tunnel.ram(port, 3).expect("relay");
+    let mut main = UnixStream::connect(&ram).await.expect("main");
+    main.write_all(b"main channel header").await.expect("main");
+    let mut multifd = UnixStream::connect(&ram).await.expect("multifd 1");
+    let _other = UnixStream::connect(&ram).await.expect("multifd 2");
+
+    // Far more than the socket buffers hold: written in full only if the relay drains it.
+    let written = tokio::time::timeout(Duration::from_secs(60), async {
+        for _ in 0..32 {
+            multifd.write_all(&payload(1)).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await
+    .expect("the relay kept taking the broken channel's bytes");
+    assert!(
+        written.is_ok(),
+        "the source QEMU saw its multifd channel fail: {written:?}"
+    );
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), main.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the main channel must close: {read:?}"
+    );
+    let why = tunnel.ram_failure().expect("a failure recorded");
+    assert!(why.contains("RAM connection to the agent was cut"), "{why}");
+    drop(multifd);
+    drop(dest);
+}
