@@ -40,21 +40,32 @@ async fn destination(listener: UnixListener, n: usize) -> Vec<Vec<u8>> {
     got
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ram_connections_arrive_intact_in_order_and_strangers_get_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let creds = MigrationCredentials::generate().expect("creds");
-    let qemu_socket = dir.path().join("dest.sock");
+/// The agent's RAM listener for `n` connections, in front of a fake destination QEMU's socket
+/// (returned, for the test to accept on).
+async fn agent_before_fake_qemu(
+    dir: &std::path::Path,
+    creds: &MigrationCredentials,
+    n: u32,
+) -> (Listener, UnixListener) {
+    let qemu_socket = dir.join("dest.sock");
     let fake_qemu = UnixListener::bind(&qemu_socket).expect("bind");
     let listener = Listener::start(
         LOCAL,
         Some(LOCAL),
         creds.nbd_server_config().expect("config"),
         &qemu_socket,
-        3,
+        n,
     )
     .await
     .expect("listen");
+    (listener, fake_qemu)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ram_connections_arrive_intact_in_order_and_strangers_get_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let creds = MigrationCredentials::generate().expect("creds");
+    let (listener, fake_qemu) = agent_before_fake_qemu(dir.path(), &creds, 3).await;
     let port = listener.port();
     let dest = tokio::spawn(destination(fake_qemu, 3));
 
@@ -172,17 +183,7 @@ async fn the_data_streams_negotiate_aes_128_gcm() {
 async fn a_broken_multifd_channel_closes_the_main_channel_and_is_drained() {
     let dir = tempfile::tempdir().expect("tempdir");
     let creds = MigrationCredentials::generate().expect("creds");
-    let qemu_socket = dir.path().join("dest.sock");
-    let fake_qemu = UnixListener::bind(&qemu_socket).expect("bind");
-    let listener = Listener::start(
-        LOCAL,
-        Some(LOCAL),
-        creds.nbd_server_config().expect("config"),
-        &qemu_socket,
-        3,
-    )
-    .await
-    .expect("listen");
+    let (listener, fake_qemu) = agent_before_fake_qemu(dir.path(), &creds, 3).await;
     let port = listener.port();
     // The destination keeps the main channel and the last multifd channel open and reads
     // them; it drops the first multifd channel at once.
