@@ -271,16 +271,19 @@ impl Settle<'_> {
     }
 
     /// The agent rolls back by itself when its destination's stream breaks or its window
-    /// passes; telling it now just makes that immediate.
+    /// passes, but not a destination that loaded the whole VM (only the source can say whether
+    /// its own migration completed): that one waits for this word. So it is said on the
+    /// driver's link and then once more on a fresh connection: the link may lead to an agent
+    /// that was killed since (writing into a connection whose peer is gone can still succeed)
+    /// while a restarted agent holds the migration. An agent that already rolled back answers
+    /// the second with `Abandoned`.
     async fn tell_agent_abort(&mut self, record: &SourceRecord) {
-        match self.link.take() {
-            Some(link) => link.abort(&self.reason).await,
-            None => {
-                let tell = control::resolve(&record.to, self.auth, &record.migration_id, false);
-                if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(10), tell).await {
-                    info!(error = %e, "could not tell the agent to roll back; it will on its own");
-                }
-            }
+        if let Some(link) = self.link.take() {
+            link.abort(&self.reason).await;
+        }
+        let tell = control::resolve(&record.to, self.auth, &record.migration_id, false);
+        if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(10), tell).await {
+            info!(error = %e, "could not tell the agent to roll back; it will on its own unless its destination loaded the whole VM");
         }
     }
 
