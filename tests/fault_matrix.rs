@@ -422,11 +422,21 @@ async fn check_source(rig: &mut Rig, agent: &AgentProc, context: &str) {
     assert_eq!(journals(&rig.token), Vec::<String>::new(), "{context}");
     // A destination whose link dropped is kept for the window (20 s), longer when the stream
     // stalled behind a cut link: give it that.
-    wait_until(
-        &format!("{context}: the agent's storage empties"),
-        Duration::from_secs(150),
-        || agent.leftovers().iter().all(|e| e == "filler"),
-    );
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while !agent.leftovers().iter().all(|e| e == "filler") {
+        if Instant::now() > deadline {
+            // What the agent did with it is the post-mortem.
+            let log =
+                std::fs::read_to_string(agent.storage.with_extension("log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(25).collect();
+            panic!(
+                "{context}: the agent's storage did not empty within 150 s: {:?}\nagent (last lines, newest first):\n{}",
+                agent.leftovers(),
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(
         destination_qemus(&agent.storage),
         Vec::<String>::new(),

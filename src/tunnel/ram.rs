@@ -2,10 +2,11 @@
 //! (the main channel, then one per multifd channel) goes to the agent's RAM listener inside
 //! mutual TLS, one after the other in the order QEMU opened them.
 //!
-//! A connection is handed to its splice only once the agent said [`READY`](super::READY), i.e.
-//! once the agent connected it to the destination QEMU; only then is the next one opened. A
-//! connection the relay cannot carry is closed: the source QEMU sees its migration fail and
-//! keeps the VM.
+//! Every connection is accepted the moment QEMU opens it; towards the agent it is opened in
+//! turn, and handed to its splice only once the agent said [`READY`](super::READY), i.e. once
+//! the agent connected it to the destination QEMU; only then is the next one opened. A main
+//! channel the relay cannot carry is closed: the source QEMU sees its migration fail and keeps
+//! the VM (a multifd channel it cannot carry is treated as one cut later, below).
 //!
 //! With multifd, a cut must reach QEMU on its main channel, never on a multifd channel: QEMU
 //! 10.0's switchover waits, holding its big lock, for every multifd thread to confirm a sync,
