@@ -71,7 +71,7 @@ enum Command {
     GenDocs(docs::GenDocsArgs),
     /// Internal: the RAM keeper `ferry migrate` starts beside a multifd relay (stdin: its
     /// control socket).
-    #[command(hide = true, name = "keep-ram-channels")]
+    #[command(hide = true, name = crate::tunnel::keeper::SUBCOMMAND)]
     KeepRamChannels,
 }
 

@@ -124,7 +124,7 @@ pub async fn dry_run(opts: &MigrateOptions) -> Result<Plan, Failure> {
             })
             .collect(),
         encrypted: opts.tls,
-        parallel: build.channels(opts.parallel, opts.tls, opts.ram_speed.is_some()),
+        parallel: super::channels(&build, opts),
         mirror_bandwidth: opts.mirror_speed,
         ram_bandwidth: opts.ram_speed,
         sync_writes: opts.sync_writes,

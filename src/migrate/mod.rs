@@ -305,7 +305,7 @@ async fn run(
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let mut m = Migration::new(qemu, journal, started);
     m.tight_downtime = !build.low_downtime_corrupts();
-    m.channels = build.channels(opts.parallel, opts.tls, opts.ram_speed.is_some());
+    m.channels = channels(&build, opts);
     let forward = m.forward(opts, &vm, &tag, reporter, cancel).await;
     let Some(record) = m.record.take() else {
         // Nothing was created in the source QEMU; dropping the connection makes the agent roll
@@ -390,6 +390,11 @@ async fn run(
             ControlError::Unexpected(running.kind().to_string()),
         )),
     }
+}
+
+/// The RAM stream's connections for this migration (the same rule for a dry run).
+fn channels(build: &hazards::QemuBuild, opts: &MigrateOptions) -> u32 {
+    build.channels(opts.parallel, opts.tls, opts.ram_speed.is_some())
 }
 
 /// What the agent is asked to prepare.

@@ -52,9 +52,10 @@ impl Relay {
             async move {
                 // Every connection is taken (and handed to the keeper) as soon as QEMU opens
                 // it, and carried in order by `carry_in_order`: one left waiting in the
-                // listener's backlog would be reset if this process died, and QEMU 10.0 does not
-                // always recover from a multifd channel that breaks while it sets them up (a
-                // later `migrate` failed with "duplicate yank instance").
+                // listener's backlog would be reset if this process died, breaking a multifd
+                // channel while QEMU sets them up. (Before this, a later `migrate` of the same
+                // QEMU twice failed with "duplicate yank instance" in the fault matrix; not
+                // seen since, cause unconfirmed.)
                 let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
                 let accept = async move {
                     let mut taken = 0u32;
@@ -122,12 +123,7 @@ async fn carry_in_order(
         match open(&client, &host, port).await {
             Ok(tls) => {
                 streams.spawn(async move {
-                    let carried = if main {
-                        carry_main(qemu, tls, &broken).await
-                    } else {
-                        carry_channel(qemu, tls, &broken).await
-                    };
-                    match carried {
+                    match carry(qemu, tls, main, &broken).await {
                         Ok((sent, returned)) => {
                             debug!(main, sent, returned, "RAM connection closed")
                         }
@@ -166,45 +162,35 @@ impl Drop for Held {
     }
 }
 
-/// The main channel: carried until either side ends it, or closed at once when a multifd
-/// channel broke (see the module doc).
-async fn carry_main<R>(
+/// One connection, carried until both sides end it. The main channel is closed at once when a
+/// multifd channel broke; a multifd channel whose far side fails first tells the main channel
+/// to close and then takes and drops what QEMU still writes on it until QEMU closes it (see the
+/// module doc).
+async fn carry<R>(
     mut qemu: Held,
     mut remote: R,
+    main: bool,
     broken: &CancellationToken,
 ) -> std::io::Result<(u64, u64)>
 where
     R: AsyncRead + AsyncWrite + Unpin,
 {
-    tokio::select! {
-        carried = super::splice(&mut qemu.0, &mut remote) => carried,
-        _ = broken.cancelled() => Err(std::io::Error::other(
-            "a multifd channel to the agent broke; the main channel was closed so that the \
-             source QEMU fails the migration on it",
-        )),
+    if main {
+        return tokio::select! {
+            carried = super::splice(&mut qemu.0, &mut remote) => carried,
+            _ = broken.cancelled() => Err(std::io::Error::other(
+                "a multifd channel to the agent broke; the main channel was closed so that the \
+                 source QEMU fails the migration on it",
+            )),
+        };
     }
-}
-
-/// A multifd channel: carried until both sides end it. When the far side fails first, the main
-/// channel is told to close and what QEMU still writes here is read and dropped until QEMU
-/// closes this channel itself (see the module doc).
-async fn carry_channel<R>(
-    mut qemu: Held,
-    mut remote: R,
-    broken: &CancellationToken,
-) -> std::io::Result<(u64, u64)>
-where
-    R: AsyncRead + AsyncWrite + Unpin,
-{
-    match super::splice(&mut qemu.0, &mut remote).await {
-        Ok(carried) => Ok(carried),
-        Err(e) => {
-            broken.cancel();
-            drop(remote);
-            drain(qemu).await;
-            Err(e)
-        }
+    let carried = super::splice(&mut qemu.0, &mut remote).await;
+    if carried.is_err() {
+        broken.cancel();
+        drop(remote);
+        drain(qemu).await;
     }
+    carried
 }
 
 /// Reads and drops what the source QEMU writes on a multifd channel until it closes it.
