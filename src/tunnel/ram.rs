@@ -206,13 +206,39 @@ async fn drain(mut qemu: Held) {
     );
 }
 
+/// How long a link that is down (no route to the agent) is waited out while a RAM connection is
+/// opened. The connections of a multifd stream are opened one after the other while the RAM
+/// already flows; a cut of a few seconds between two of them must not fail the migration when
+/// the same cut under an open connection is ridden out by TCP (fault matrix: RAM / link down 5 s).
+const UNREACHABLE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A TCP connection to the agent, retried while there is no route to it (for at most
+/// [`UNREACHABLE_PATIENCE`]); any other failure (refused: the agent is gone) at once.
+async fn connect_patiently(host: &str, port: u16) -> Result<tokio::net::TcpStream, TunnelError> {
+    let deadline = tokio::time::Instant::now() + UNREACHABLE_PATIENCE;
+    loop {
+        match super::connect_tcp(host, port).await {
+            Err(TunnelError::Connect { ref source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NetworkUnreachable | std::io::ErrorKind::HostUnreachable
+                ) && tokio::time::Instant::now() < deadline =>
+            {
+                debug!(error = %source, "no route to the agent; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// TCP, TLS with the client certificate, and the agent's READY.
 async fn open(
     client: &Client,
     host: &str,
     port: u16,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, TunnelError> {
-    let tcp = super::connect_tcp(host, port).await?;
+    let tcp = connect_patiently(host, port).await?;
     let mut tls = client.handshake(tcp).await?;
     let ready = timed("waiting for the agent to connect the RAM stream", async {
         tls.read_u8()
