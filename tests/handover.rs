@@ -177,6 +177,73 @@ async fn source_keeps_the_vm_after_faults_before_the_hand_over_qemu_7_2() {
     source_keeps_the_vm(&old).await;
 }
 
+/// The agent dies while `ferry migrate` holds at pre-switchover and is not back when the source
+/// takes the VM again: the rollback cannot reach it, and a destination that had loaded the whole
+/// VM would wait for that word forever. So the journal stays (the VM runs on the source and is
+/// never handed over from it), the operator reads what is left to do, a new migration of the VM
+/// is refused until it is done, and `ferry recover` tells the restarted agent, which empties its
+/// storage at once (well inside its own 20 s window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_gone_at_the_rollback_is_told_later_by_recover() {
+    let OneDisk {
+        tmp,
+        token,
+        mut guest,
+        ..
+    } = OneDisk::boot(TOKEN, 128 << 20, 16, 50).await;
+    let storage = tmp.path().join("storage");
+    let mut agent = FERRY.spawn_agent(&storage, &token, "127.0.0.1:0", &[]);
+    let addr = agent.addr.clone();
+    let said = tmp.path().join("migrate.err");
+    let child = FERRY
+        .migrate_command(guest.qmp_socket(), &addr, &token)
+        .env("FERRY_HOLD_AT", "source-pre-switchover:5")
+        .stderr(std::fs::File::create(&said).expect("stderr file"))
+        .spawn()
+        .expect("migrate");
+    wait_for_text(&said, "holding at", Duration::from_secs(120));
+    agent.kill();
+    let out = child.wait_with_output().expect("migrate");
+    let run = collect(out.status.code().unwrap_or(-1), &out.stdout, &out.stderr);
+    let last = run.last();
+    let error = last["error"].as_str().unwrap_or("");
+    assert_eq!(run.code, 1, "{last}");
+    assert_eq!(last["source_running"], Value::Bool(true), "{last}");
+    assert!(
+        error.contains("could not be told to roll back") && error.contains("ferry recover"),
+        "{last}"
+    );
+    assert_eq!(journals(&token).len(), 1, "the journal stays: {last}");
+    still_acking(guest.serial_log(), "vda", 5).await;
+
+    // Another migration of the VM first tries to tell the agent; still gone: refused, with the
+    // same words, and nothing changes.
+    let again = FERRY.migrate(guest.qmp_socket(), &addr, &token);
+    let last = again.last();
+    assert_eq!(again.code, 1, "{last}");
+    assert_eq!(last["event"], "recovered", "{last}");
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("could not be told to roll back"),
+        "{last}"
+    );
+    assert_eq!(journals(&token).len(), 1, "{last}");
+    still_acking(guest.serial_log(), "vda", 5).await;
+
+    let agent = FERRY.spawn_agent(&storage, &token, &addr, &[]);
+    let (code, out, err) = FERRY.recover(guest.qmp_socket(), &token);
+    assert_eq!(code, 0, "{out} {err}");
+    assert_eq!(out["owner"], "source", "{out}");
+    wait_until(
+        "the restarted agent rolls back when told",
+        Duration::from_secs(10),
+        || agent.leftovers().is_empty(),
+    );
+    assert_on_source(&mut guest, &token, &agent).await;
+}
+
 /// `ferry migrate` killed after the source QEMU was told to continue, the agent keeps the paused
 /// destination (its incoming migration completed), and `ferry recover` hands the VM over. Two
 /// ways: with `--insecure` it is killed right after `migrate-continue` and the source QEMU

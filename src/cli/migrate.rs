@@ -140,7 +140,7 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
         return dry_run(&opts, args.json).await;
     }
     // An interrupted migration of the same VM is settled first; if it left the VM on the
-    // destination there is nothing more to do.
+    // destination, or could not finish, there is nothing more to do.
     match recover(&opts, None).await {
         Ok(None) => {}
         Ok(Some(recovered)) => {
@@ -148,7 +148,7 @@ pub async fn run(args: MigrateArgs) -> ExitCode {
                 "ferry: migration {} of this VM was interrupted; settled it first",
                 recovered.migration_id
             );
-            if !matches!(recovered.outcome, Outcome::Source { .. }) {
+            if !matches!(recovered.outcome, Outcome::Source { pending: None, .. }) {
                 return super::recover::report(Some(&recovered), args.json);
             }
         }

@@ -35,7 +35,8 @@ pub struct RecoverArgs {
 }
 
 /// Exit 0 when the migration is settled (or there was none), 1 when it could not be decided
-/// (the VM stays paused on the source; run it again), 2 on bad input.
+/// (the VM stays paused on the source; run it again) or the source has the VM but something is
+/// left (the agent could not be told to roll back; run it again), 2 on bad input.
 pub async fn run(args: RecoverArgs) -> ExitCode {
     let token = match super::read_token(&args.token_file) {
         Ok(t) => t,
@@ -63,13 +64,24 @@ pub fn report(recovered: Option<&Recovered>, json: bool) -> ExitCode {
             ExitCode::SUCCESS,
         ),
         Some(r) => match &r.outcome {
-            Outcome::Source { why } => (
+            Outcome::Source { why, pending } => (
                 "source",
-                format!(
-                    "migration {} rolled back: the VM stays on the source ({why})",
-                    r.migration_id
-                ),
-                ExitCode::SUCCESS,
+                match pending {
+                    None => format!(
+                        "migration {} rolled back: the VM stays on the source ({why})",
+                        r.migration_id
+                    ),
+                    Some(pending) => format!(
+                        "migration {} rolled back: the VM stays on the source ({why}); but \
+                         {pending}",
+                        r.migration_id
+                    ),
+                },
+                if pending.is_some() {
+                    ExitCode::from(super::EXIT_FAILED)
+                } else {
+                    ExitCode::SUCCESS
+                },
             ),
             Outcome::Destination { running, .. } => {
                 let whereabouts = match running {
@@ -96,7 +108,7 @@ pub fn report(recovered: Option<&Recovered>, json: bool) -> ExitCode {
             "{}",
             serde_json::json!({"event": "recovered", "owner": owner, "migration_id": id, "message": text})
         );
-    } else if owner == "undecided" {
+    } else if owner == "undecided" || code != ExitCode::SUCCESS {
         eprintln!("ferry: {text}");
     } else {
         println!("{text}");

@@ -115,6 +115,15 @@ pub enum MigrateError {
     /// The source completed but the destination gave the VM back (it never ran there).
     #[error("the destination did not take the VM: {0}; it runs on the source")]
     NotTaken(String),
+    /// The source took the VM back, but something of the migration is left (the text says
+    /// what, and the journal stays for `ferry recover`).
+    #[error("{error}; {pending}")]
+    Pending {
+        /// Why the migration failed.
+        error: Box<MigrateError>,
+        /// What is left to do.
+        pending: String,
+    },
     /// Nobody could decide who owns the VM: it stays paused on the source (the text says what to
     /// do).
     #[error("{0}")]
@@ -138,6 +147,18 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// Adds what the settlement left to do (if anything) to the error.
+    pub fn with_pending(mut self, pending: Option<String>) -> Self {
+        if let Some(pending) = pending {
+            let error = std::mem::replace(&mut self.error, MigrateError::Cancelled);
+            self.error = MigrateError::Pending {
+                error: Box::new(error),
+                pending,
+            };
+        }
+        self
+    }
+
     /// A failure in `phase`.
     pub fn new(phase: PhaseName, error: impl Into<MigrateError>) -> Self {
         Failure {

@@ -28,6 +28,10 @@ pub enum SourcePhase {
     /// Capabilities set, RAM migration (being) started. From here the source QEMU's migration
     /// status decides who owns the VM: `completed` means the destination loaded all of it.
     Ram,
+    /// The source took the VM back (and resumed it if it ran): it is never handed over from
+    /// here, whatever the source QEMU says. What stays is what could not be done then: telling
+    /// the agent to roll back, or removing what the record still names from the source QEMU.
+    Returned,
 }
 
 /// What the journal holds.
@@ -141,5 +145,6 @@ mod tests {
         a.remove().expect("remove");
         assert_eq!(a.read().expect("read"), None);
         assert!(SourcePhase::Mirror < SourcePhase::Ram);
+        assert!(SourcePhase::Ram < SourcePhase::Returned);
     }
 }

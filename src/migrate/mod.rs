@@ -372,15 +372,16 @@ async fn run(
                 encrypted: m.encrypted,
             })
         }
-        (Err(mut failure), Outcome::Source { .. }) => {
+        (Err(mut failure), Outcome::Source { pending, .. }) => {
             failure.source_running = m.source_running().await;
-            Err(failure)
+            Err(failure.with_pending(pending))
         }
-        (Ok(_), Outcome::Source { why }) => Err(Failure {
+        (Ok(_), Outcome::Source { why, pending }) => Err(Failure {
             phase: PhaseName::Finish,
             error: MigrateError::NotTaken(why),
             source_running: m.source_running().await,
-        }),
+        }
+        .with_pending(pending)),
         (forward, Outcome::Undecided { why }) => {
             let phase = forward.err().map_or(PhaseName::Finish, |f| f.phase);
             Err(Failure::new(phase, MigrateError::Undecided(why)))
@@ -921,7 +922,7 @@ pub async fn recover(opts: &MigrateOptions, to: Option<&str>) -> Result<Option<R
     if let Some(to) = to {
         record.to = to.to_string();
     }
-    let qemu = match connect(opts, PhaseName::Discover).await {
+    let mut qemu = match connect(opts, PhaseName::Discover).await {
         Ok(qemu) => Some(qemu),
         Err(_) if !record.qemu_pid.is_some_and(pid_exists) => None,
         Err(f) => {
@@ -937,18 +938,15 @@ pub async fn recover(opts: &MigrateOptions, to: Option<&str>) -> Result<Option<R
         (Some(q), Some(pid)) => q.pid().is_some_and(|p| p != pid),
         _ => false,
     };
+    let mut reason = "an interrupted migration was recovered".to_string();
     if restarted {
         // The QEMU behind the socket is not the one that migrated: whatever the old one did, this
-        // one owns its VM now. The destination must not start.
-        let _ = control::resolve(&record.to, &opts.auth, &record.migration_id, false).await;
-        journal.remove().map_err(|e| e.to_string())?;
-        return Ok(Some(Recovered {
-            migration_id: record.migration_id,
-            outcome: Outcome::Source {
-                why: "the source QEMU was restarted since; the destination was told to roll back"
-                    .into(),
-            },
-        }));
+        // one owns its VM now, the old one's nodes and jobs went with it, and the destination
+        // must not start. Only the agent is left to tell.
+        record.phase = SourcePhase::Returned;
+        (record.jobs, record.capabilities, record.parameters) = (Vec::new(), Vec::new(), None);
+        qemu = None;
+        reason = "the source QEMU was restarted since".into();
     }
     let migration_id = record.migration_id.clone();
     let outcome = Settle {
@@ -957,7 +955,7 @@ pub async fn recover(opts: &MigrateOptions, to: Option<&str>) -> Result<Option<R
         auth: &opts.auth,
         link: None,
         agent_wait: opts.agent_wait,
-        reason: "an interrupted migration was recovered".into(),
+        reason,
         known: None,
     }
     .run(record)

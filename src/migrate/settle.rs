@@ -8,6 +8,9 @@
 //!   running and then cancelled here): the source owns the VM. Its mirror jobs, NBD nodes, TLS
 //!   object and files are removed, the capabilities and parameters ferry set are put back, the guest is resumed if it ran before, and the agent is
 //!   told to roll back (or does so by itself when its destination's stream breaks).
+//!   A destination that loaded the whole VM waits for that word (only the source knows its own
+//!   migration failed): when the agent cannot be told, the journal stays, marked
+//!   [`SourcePhase::Returned`], and `ferry recover` tells it later.
 //! - It is `completed` (the destination loaded the whole state, thanks to the return path): the
 //!   agent decides. `Running`: the source QEMU quits. `Abandoned` (the destination is gone and
 //!   never ran, or never existed): the source takes the VM back. No answer: nothing is decided,
@@ -27,6 +30,8 @@ use crate::status::{MigrationInfo, MigrationStatus, WaitError};
 
 /// How long a migration still in flight may take to end after `migrate_cancel`.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long telling the agent to roll back may take.
+const TELL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause between attempts to reach the agent.
 const RETRY_EVERY: Duration = Duration::from_secs(2);
 
@@ -37,6 +42,9 @@ pub enum Outcome {
     Source {
         /// Why the destination did not take it, for the operator.
         why: String,
+        /// What is still to do, when the journal stays: the agent was not told to roll back,
+        /// or something of the migration could not be removed from the source QEMU.
+        pending: Option<String>,
     },
     /// The destination (the agent's `Running`); the source QEMU has quit.
     Destination {
@@ -75,6 +83,11 @@ pub struct Settle<'a> {
 impl Settle<'_> {
     /// Settles the migration `record` describes. See the module doc.
     pub async fn run(mut self, record: SourceRecord) -> Outcome {
+        if record.phase == SourcePhase::Returned {
+            // The VM ran here since: whatever the source QEMU's status says now, it is not
+            // handed over any more; only the clean-up and the agent's word are left.
+            return self.back_to_source(&record, true).await;
+        }
         let status = match self.qemu {
             Some(qemu) => match self.final_status(qemu, &record).await {
                 Ok(info) => Some(info),
@@ -208,14 +221,28 @@ impl Settle<'_> {
     }
 
     /// The source keeps the VM: remove what the migration left in its QEMU, tell the agent,
-    /// resume the guest if it ran before.
+    /// resume the guest if it ran before. What could not be done stays in the journal, marked
+    /// [`SourcePhase::Returned`], for `ferry recover`.
     async fn back_to_source(mut self, record: &SourceRecord, tell_agent: bool) -> Outcome {
+        let returned = record.phase == SourcePhase::Returned;
         let Some(qemu) = self.qemu else {
+            let told = if tell_agent {
+                self.tell_agent_abort(record).await
+            } else {
+                Ok(())
+            };
+            if returned {
+                // It ran here after it was taken back and has quit since: the operator's doing.
+                let mut rest = record.clone();
+                (rest.jobs, rest.capabilities, rest.parameters) = (Vec::new(), Vec::new(), None);
+                let pending = self.keep_or_forget(rest, Vec::new(), told);
+                return Outcome::Source {
+                    why: format!("{}; the source QEMU has quit since", self.reason),
+                    pending,
+                };
+            }
             // Without its QEMU the source has nothing to resume; the destination never loaded
             // the VM (the agent would have taken it). Nothing is left to run.
-            if tell_agent {
-                self.tell_agent_abort(record).await;
-            }
             self.forget(record);
             return Outcome::Undecided {
                 why: format!(
@@ -227,23 +254,35 @@ impl Settle<'_> {
             };
         };
         let mut left = mirror::abandon(qemu, &record.jobs).await;
+        let mut rest = record.clone();
+        if left.is_empty() {
+            rest.jobs.clear();
+        }
+        rest.capabilities.clear();
         for capability in &record.capabilities {
             if let Err(e) = qemu.set_capability(capability, false).await {
                 warn!(%capability, error = %crate::error_chain(&e), "cannot turn a migration capability back off");
                 left.push(format!("capability {capability}"));
+                rest.capabilities.push(capability.clone());
             }
         }
         if let Some(parameters) = &record.parameters {
-            if let Err(e) = qemu.set_migration_parameters(parameters).await {
-                warn!(error = %crate::error_chain(&e), "cannot restore the migration parameters");
-                left.push(format!("migration parameters {parameters}"));
+            match qemu.set_migration_parameters(parameters).await {
+                Ok(()) => rest.parameters = None,
+                Err(e) => {
+                    warn!(error = %crate::error_chain(&e), "cannot restore the migration parameters");
+                    left.push(format!("migration parameters {parameters}"));
+                }
             }
         }
-        if tell_agent {
-            self.tell_agent_abort(record).await;
-        }
+        let told = if tell_agent {
+            self.tell_agent_abort(record).await
+        } else {
+            Ok(())
+        };
         let mut why = self.reason.clone();
-        if record.resume {
+        // A guest the source took back earlier is the operator's since: it stays as it is.
+        if record.resume && !returned {
             match qemu.status().await {
                 Ok((false, state)) => {
                     info!(%state, "resuming the source guest");
@@ -258,16 +297,51 @@ impl Settle<'_> {
                 Err(e) => warn!(error = %crate::error_chain(&e), "query-status"),
             }
         }
-        if left.is_empty() {
-            self.forget(record);
-        } else {
-            // The journal stays so that `ferry recover` can finish the clean-up later.
-            why = format!(
-                "{why}; still in the source QEMU: {} (run `ferry recover` once they can go)",
-                left.join(", ")
-            );
+        let pending = self.keep_or_forget(rest, left, told);
+        Outcome::Source { why, pending }
+    }
+
+    /// After the source took the VM back: the journal goes if nothing is left to do, else it
+    /// stays as `rest`, marked [`SourcePhase::Returned`] (never handed over from then on), and
+    /// the returned line says what is left. Before the RAM phase the agent's word is not
+    /// needed: a destination that never received the VM is rolled back by the agent itself.
+    fn keep_or_forget(
+        &self,
+        mut rest: SourceRecord,
+        left: Vec<String>,
+        told: Result<(), String>,
+    ) -> Option<String> {
+        let untold = told
+            .err()
+            .filter(|_| rest.phase >= SourcePhase::Ram)
+            .map(|e| {
+                format!(
+                    "the agent at {} could not be told to roll back migration {} ({e}): a paused \
+                     copy of the VM may stay there",
+                    rest.to, rest.migration_id
+                )
+            });
+        if left.is_empty() && untold.is_none() {
+            self.forget(&rest);
+            return None;
         }
-        Outcome::Source { why }
+        let mut pending: Vec<String> = untold.into_iter().collect();
+        if !left.is_empty() {
+            pending.push(format!("still in the source QEMU: {}", left.join(", ")));
+        }
+        rest.phase = SourcePhase::Returned;
+        let kept = match self.journal.write(&rest) {
+            Ok(()) => format!(
+                "run `ferry recover --qmp SOCKET` to finish (the journal {} stays; if the \
+                 agent's host is gone for good, remove that file)",
+                self.journal.path().display()
+            ),
+            Err(e) => format!(
+                "and the journal {} could not be updated ({e}): finish by hand",
+                self.journal.path().display()
+            ),
+        };
+        Some(format!("{}; {kept}", pending.join("; ")))
     }
 
     /// The agent rolls back by itself when its destination's stream breaks or its window
@@ -277,13 +351,21 @@ impl Settle<'_> {
     /// that was killed since (writing into a connection whose peer is gone can still succeed)
     /// while a restarted agent holds the migration. An agent that already rolled back answers
     /// the second with `Abandoned`.
-    async fn tell_agent_abort(&mut self, record: &SourceRecord) {
+    ///
+    /// `Err` says why the agent could not be told (no answer on the fresh connection).
+    async fn tell_agent_abort(&mut self, record: &SourceRecord) -> Result<(), String> {
         if let Some(link) = self.link.take() {
             link.abort(&self.reason).await;
         }
         let tell = control::resolve(&record.to, self.auth, &record.migration_id, false);
-        if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(10), tell).await {
-            info!(error = %e, "could not tell the agent to roll back; it will on its own unless its destination loaded the whole VM");
+        match tokio::time::timeout(TELL_TIMEOUT, tell).await {
+            // It answered: rolled back now, or earlier (or it refuses, which is its word).
+            Ok(Ok(_) | Err(ControlError::Refused(_))) => Ok(()),
+            Ok(Err(e)) => {
+                info!(error = %e, "could not tell the agent to roll back");
+                Err(e.to_string())
+            }
+            Err(_) => Err(format!("no answer within {} s", TELL_TIMEOUT.as_secs())),
         }
     }
 

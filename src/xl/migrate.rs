@@ -232,8 +232,13 @@ async fn settle_on_source(
         }
         .run(record)
         .await;
-        if let Outcome::Source { why } | Outcome::Undecided { why } = &outcome {
-            info!(%why, "settled on the source");
+        match outcome {
+            Outcome::Source { why, pending } => {
+                info!(%why, "settled on the source");
+                failure = failure.with_pending(pending);
+            }
+            Outcome::Undecided { why } => info!(%why, "settled on the source"),
+            Outcome::Destination { .. } => {}
         }
     }
     drop(qemu);
