@@ -62,7 +62,8 @@ struct Args {
     /// (repeatable).
     #[arg(long, value_name = "SECTION")]
     skip: Vec<String>,
-    /// Run only these sections (repeatable; same names as --skip), e.g. `--section shaped`.
+    /// Run only these sections (repeatable; same names as --skip), e.g. `--section shaped`;
+    /// `shaped-400` and `shaped-2000` name one link of `shaped`.
     #[arg(long, value_name = "SECTION")]
     section: Vec<String>,
     /// Only these mirror rows (repeatable), e.g. `--only ferry --only ferry-tls`: for quick
@@ -354,8 +355,12 @@ async fn run_all(
             plan.flows.filled,
         ));
     }
-    if on("shaped") {
+    // `--section shaped-400` (or `shaped-2000`) runs one link only.
+    if on("shaped") || shaped.iter().any(|(name, _)| named(name)) {
         for (name, mbit) in shaped {
+            if !on("shaped") && !named(name) {
+                continue;
+            }
             sections.push(MigrationSection {
                 name,
                 setup: &plan.migration,

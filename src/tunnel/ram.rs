@@ -232,6 +232,15 @@ async fn connect_patiently(host: &str, port: u16) -> Result<tokio::net::TcpStrea
     }
 }
 
+/// The most a RAM connection holds unsent in the kernel (`TCP_NOTSENT_LOWAT`). Without a bound
+/// the kernel lets megabytes queue behind a slow link or a busy receiver; QEMU counts them as
+/// sent, so it pauses the guest for the switchover thinking that little is left, and the guest
+/// then waits for the queue to drain as well. Measured (BENCHMARKS.md, session 9): the guest's
+/// pause at the switchover 207 → 120 ms over 4 channels at 400 Mbit/s, 85 → 40 ms over one,
+/// 70-82 → 21-31 ms on loopback; total times unchanged. The bound stays well above what a
+/// fast link drains between two wake-ups of the relay (128 KiB is 100 µs at 10 Gbit/s).
+const UNSENT: u32 = 128 * 1024;
+
 /// TCP, TLS with the client certificate, and the agent's READY.
 async fn open(
     client: &Client,
@@ -239,6 +248,9 @@ async fn open(
     port: u16,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, TunnelError> {
     let tcp = connect_patiently(host, port).await?;
+    if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(UNSENT) {
+        debug!(error = %e, "TCP_NOTSENT_LOWAT refused; the kernel's unsent queue grows as it likes");
+    }
     let mut tls = client.handshake(tcp).await?;
     let ready = timed("waiting for the agent to connect the RAM stream", async {
         tls.read_u8()
