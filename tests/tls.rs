@@ -239,6 +239,42 @@ async fn neither_disk_nor_ram_crosses_the_link_in_the_clear() {
     );
 }
 
+/// The link goes down between two of the RAM stream's connections (the multifd channels open
+/// one after another while the RAM already flows): the relay finds no route to the agent and
+/// waits the cut out, as TCP does under a connection that is open, and the migration completes
+/// on the destination. Without that patience the open failed at once with "Network is
+/// unreachable" and the migration went back to the source (CI, fault matrix: RAM / link down 5 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_while_the_ram_connections_open_is_waited_out() {
+    let ns = Netns::create(12);
+    let mut setup = OneDisk::boot(TOKEN, 64 << 20, 4, 50).await;
+    let storage = setup.tmp.path().join("storage");
+    let agent = FERRY.spawn_agent_in(
+        Some(&ns.name),
+        &storage,
+        &setup.token,
+        &format!("{}:0", ns.dest_ip),
+        &[],
+        &[],
+    );
+    let held = FERRY.held_migrate_with(
+        setup.guest.qmp_socket(),
+        &agent.addr,
+        &setup.token,
+        "source-ram-channel:1",
+        setup.tmp.path(),
+        &["--parallel", "4"],
+    );
+    held.wait_held();
+    // Down for 4 s from the first multifd channel's hold of 1 s: its open finds no route.
+    let cut = ns.partition(4);
+    let (code, said) = held.wait();
+    cut.join().expect("partition thread");
+    assert_eq!(code, 0, "{said}");
+    assert!(said.contains("holding at source-ram-channel"), "{said}");
+    assert_on_destination(&mut setup.guest, &setup.token, &agent).await;
+}
+
 /// The agent's listening ports other than its control port, from `ss`.
 fn data_ports(agent: &AgentProc) -> Vec<u16> {
     let out = Command::new("ss")

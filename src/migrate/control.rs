@@ -99,6 +99,10 @@ pub struct AgentLink {
     reader: tokio::task::JoinHandle<Option<ReadHalf<ClientStream>>>,
     /// The agent's host as given by the operator (NBD and RAM connect there too).
     pub host: String,
+    /// This end's address on the control connection: the relays' connections leave from it
+    /// too (the agent takes the RAM stream only from the source's address, and a route that
+    /// vanishes for a moment must not pick another one).
+    pub local_ip: Option<std::net::IpAddr>,
     /// The destination's RAM port, when `DestinationReady` came during the mirror.
     ready_port: Option<u16>,
     /// Whether `StartDestination` was sent.
@@ -117,6 +121,7 @@ impl AgentLink {
         let token = &auth.token[..];
         let (stream, binding) = dial(to, &auth.tls).await?;
         let host = host_of(to);
+        let local_ip = stream.get_ref().0.local_addr().ok().map(|a| a.ip());
         let (mut rd, mut writer) = tokio::io::split(stream);
 
         let hello = SourceMessage::Hello {
@@ -167,6 +172,7 @@ impl AgentLink {
             incoming,
             reader,
             host,
+            local_ip,
             ready_port: None,
             destination_asked: false,
         })

@@ -708,6 +708,7 @@ impl Migration {
             prepared = prepare(link, vm, opts.tls, ask) => prepared.map_err(&negotiate)?,
         };
         let host = link.host.clone();
+        let link_local = link.local_ip;
         info!(%migration_id, nbd_port, "agent prepared storage");
         reporter.report(&Progress::Prepared {
             migration_id: migration_id.clone(),
@@ -747,7 +748,8 @@ impl Migration {
                 tls.create()
                     .map_err(|e| fail_mirror(MigrateError::Tls(e)))?;
                 let mut tunnel = crate::tunnel::Tunnel::new(&tls.dir, bundle, &host)
-                    .map_err(|e| fail_mirror(e.into()))?;
+                    .map_err(|e| fail_mirror(e.into()))?
+                    .from_address(link_local);
                 if let Some(program) = &opts.keeper {
                     tunnel = tunnel.with_keeper(program.clone());
                 }

@@ -191,21 +191,51 @@ impl Client {
     }
 }
 
-/// A TCP connection to `host:port` with Nagle off (NBD replies and the RAM stream's return
-/// path are small messages someone waits for).
-async fn connect_tcp(host: &str, port: u16) -> Result<tokio::net::TcpStream, TunnelError> {
-    let addr = format!("{}:{port}", crate::protocol::uri_host(host));
-    let tcp = timed("connecting to the agent", async {
-        tokio::net::TcpStream::connect(&addr)
-            .await
-            .map_err(|source| TunnelError::Connect {
-                addr: addr.clone(),
-                source,
-            })
-    })
-    .await?;
-    let _ = tcp.set_nodelay(true);
-    Ok(tcp)
+/// Where the relays connect: the agent's host, from this end's address on the control
+/// connection when known.
+#[derive(Clone, Debug)]
+pub(crate) struct Peer {
+    host: String,
+    local: Option<std::net::IpAddr>,
+}
+
+impl Peer {
+    /// A TCP connection to the agent's `port` with Nagle off (NBD replies and the RAM stream's
+    /// return path are small messages someone waits for).
+    async fn connect(&self, port: u16) -> Result<tokio::net::TcpStream, TunnelError> {
+        let addr = format!("{}:{port}", crate::protocol::uri_host(&self.host));
+        let fail = |source| TunnelError::Connect {
+            addr: addr.clone(),
+            source,
+        };
+        let tcp = timed("connecting to the agent", async {
+            let Some(local) = self.local else {
+                return tokio::net::TcpStream::connect(&addr).await.map_err(fail);
+            };
+            let target = tokio::net::lookup_host(&addr)
+                .await
+                .map_err(fail)?
+                .find(|a| a.is_ipv4() == local.is_ipv4())
+                .ok_or_else(|| {
+                    fail(std::io::Error::new(
+                        std::io::ErrorKind::AddrNotAvailable,
+                        format!("no address of the control connection's family ({local})"),
+                    ))
+                })?;
+            let socket = match local {
+                std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+            }
+            .map_err(fail)?;
+            socket
+                .bind(std::net::SocketAddr::new(local, 0))
+                .map_err(fail)?;
+            socket.connect(target).await.map_err(fail)
+        })
+        .await?;
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
 }
 
 /// Copies both ways until both sides are done; returns the bytes copied (a → b, b → a).
@@ -287,7 +317,7 @@ impl Drop for Running {
 pub struct Tunnel {
     dir: PathBuf,
     client: Arc<Client>,
-    host: String,
+    peer: Peer,
     nbd: Option<Running>,
     ram: Option<Running>,
     keeper: Option<PathBuf>,
@@ -299,11 +329,21 @@ impl Tunnel {
         Ok(Tunnel {
             dir: dir.to_path_buf(),
             client: Arc::new(Client::new(bundle)?),
-            host: host.to_string(),
+            peer: Peer {
+                host: host.to_string(),
+                local: None,
+            },
             nbd: None,
             ram: None,
             keeper: None,
         })
+    }
+
+    /// Connects to the agent from `local` (the control connection's own address) rather than
+    /// from whatever address the route of the moment picks.
+    pub fn from_address(mut self, local: Option<std::net::IpAddr>) -> Tunnel {
+        self.peer.local = local;
+        self
     }
 
     /// Runs `program keep-ram-channels` beside a RAM relay of several connections (multifd),
@@ -318,7 +358,7 @@ impl Tunnel {
         let running = nbd::Relay::start(
             &self.dir.join(NBD_SOCKET),
             self.client.clone(),
-            self.host.clone(),
+            self.peer.clone(),
             port,
         )?;
         let path = running.path().to_path_buf();
@@ -342,7 +382,7 @@ impl Tunnel {
         let running = ram::Relay::start(
             &self.dir.join(RAM_SOCKET),
             self.client.clone(),
-            self.host.clone(),
+            self.peer.clone(),
             port,
             connections,
             keeper,

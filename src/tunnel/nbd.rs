@@ -24,7 +24,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::task::JoinSet;
 use tracing::{debug, warn, Instrument};
 
-use super::{timed, Client, Running, TunnelError};
+use super::{timed, Client, Peer, Running, TunnelError};
 use crate::nbd::wire::{opt, NBDMAGIC, OPTION_REPLY_MAGIC};
 
 /// `IHAVEOPT`: the greeting's second magic, and the prefix of every option.
@@ -42,11 +42,11 @@ const MAX_ERROR_TEXT: u32 = 4096;
 pub struct Relay;
 
 impl Relay {
-    /// Listens on `path` and relays each connection to the agent's NBD server at `host:port`.
-    pub fn start(
+    /// Listens on `path` and relays each connection to the agent's NBD server at `port`.
+    pub(crate) fn start(
         path: &Path,
         client: Arc<Client>,
-        host: String,
+        peer: Peer,
         port: u16,
     ) -> Result<Running, TunnelError> {
         let listener = super::listen_unix(path)?;
@@ -60,12 +60,12 @@ impl Relay {
                     tokio::select! {
                         accepted = listener.accept() => match accepted {
                             Ok((mut qemu, _)) => {
-                                let (client, host) = (client.clone(), host.clone());
+                                let (client, peer) = (client.clone(), peer.clone());
                                 let failed = failed.clone();
                                 connections.spawn(async move {
                                     // QEMU only sees its socket close: the reason is kept for
                                     // the operator's error line before QEMU can report it.
-                                    let tls = match open(&mut qemu, &client, &host, port).await {
+                                    let tls = match open(&mut qemu, &client, &peer, port).await {
                                         Ok(tls) => tls,
                                         Err(e) => {
                                             let why = crate::error_chain(&e);
@@ -108,10 +108,10 @@ impl Relay {
 async fn open(
     qemu: &mut UnixStream,
     client: &Client,
-    host: &str,
+    peer: &Peer,
     port: u16,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TunnelError> {
-    let mut tcp = super::connect_tcp(host, port).await?;
+    let mut tcp = peer.connect(port).await?;
     timed("the NBD greeting", start_tls(qemu, &mut tcp)).await?;
     client.handshake(tcp).await
 }

@@ -28,19 +28,19 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
 use super::keeper::Keeper;
-use super::{timed, Client, Running, TunnelError, BUFFER};
+use super::{timed, Client, Peer, Running, TunnelError, BUFFER};
 
 /// The RAM relay's accept loop.
 pub struct Relay;
 
 impl Relay {
-    /// Listens on `path` and carries up to `connections` connections to the agent's RAM port
-    /// `host:port`; more are refused (QEMU opens exactly as many as it was told). With
+    /// Listens on `path` and carries up to `connections` connections to the agent's RAM
+    /// `port`; more are refused (QEMU opens exactly as many as it was told). With
     /// `keeper`, each connection is also handed to it (see [`super::keeper`]).
-    pub fn start(
+    pub(crate) fn start(
         path: &Path,
         client: Arc<Client>,
-        host: String,
+        peer: Peer,
         port: u16,
         connections: u32,
         keeper: Option<Keeper>,
@@ -87,7 +87,7 @@ impl Relay {
                     // settled.
                     drop(keeper);
                 };
-                tokio::join!(accept, carry_in_order(queued, client, host, port, failed));
+                tokio::join!(accept, carry_in_order(queued, client, peer, port, failed));
             }
             .instrument(tracing::info_span!("ram-relay")),
         );
@@ -104,7 +104,7 @@ impl Relay {
 async fn carry_in_order(
     mut queued: tokio::sync::mpsc::UnboundedReceiver<(Held, bool)>,
     client: Arc<Client>,
-    host: String,
+    peer: Peer,
     port: u16,
     failed: super::Failure,
 ) {
@@ -120,7 +120,10 @@ async fn carry_in_order(
             Some(_) = streams.join_next() => continue,
         };
         let (broken, failed) = (broken.clone(), failed.clone());
-        match open(&client, &host, port).await {
+        if !main {
+            crate::faults::hold("source-ram-channel").await;
+        }
+        match open(&client, &peer, port).await {
             Ok(tls) => {
                 streams.spawn(async move {
                     match carry(qemu, tls, main, &broken).await {
@@ -206,29 +209,34 @@ async fn drain(mut qemu: Held) {
     );
 }
 
-/// How long a link that is down (no route to the agent) is waited out while a RAM connection is
-/// opened. The connections of a multifd stream are opened one after the other while the RAM
-/// already flows; a cut of a few seconds between two of them must not fail the migration when
-/// the same cut under an open connection is ridden out by TCP (fault matrix: RAM / link down 5 s).
-const UNREACHABLE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a link that is down is waited out while a RAM connection is opened. The
+/// connections of a multifd stream are opened one after the other while the RAM already flows;
+/// a cut of a few seconds between two of them must not fail the migration when the same cut
+/// under an open connection is ridden out by TCP (fault matrix: RAM / link down 5 s).
+const CUT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A TCP connection to the agent, retried while there is no route to it (for at most
-/// [`UNREACHABLE_PATIENCE`]); any other failure (refused: the agent is gone) at once.
-async fn connect_patiently(host: &str, port: u16) -> Result<tokio::net::TcpStream, TunnelError> {
-    let deadline = tokio::time::Instant::now() + UNREACHABLE_PATIENCE;
+/// A TCP connection to the agent, tried again while the link looks cut (no route to it, or no
+/// answer: with a default route the SYNs go elsewhere until the link is back) for at most
+/// [`CUT_PATIENCE`]; any other failure (refused: the agent is gone) fails at once.
+async fn connect_patiently(peer: &Peer, port: u16) -> Result<tokio::net::TcpStream, TunnelError> {
+    let deadline = tokio::time::Instant::now() + CUT_PATIENCE;
     loop {
-        match super::connect_tcp(host, port).await {
-            Err(TunnelError::Connect { ref source, .. })
-                if matches!(
-                    source.kind(),
-                    std::io::ErrorKind::NetworkUnreachable | std::io::ErrorKind::HostUnreachable
-                ) && tokio::time::Instant::now() < deadline =>
-            {
-                debug!(error = %source, "no route to the agent; trying again");
-                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-            }
-            other => return other,
+        let result = peer.connect(port).await;
+        let cut = match &result {
+            Err(TunnelError::Connect { source, .. }) => matches!(
+                source.kind(),
+                std::io::ErrorKind::NetworkUnreachable | std::io::ErrorKind::HostUnreachable
+            ),
+            Err(TunnelError::Timeout(_)) => true,
+            _ => false,
+        };
+        if !cut || tokio::time::Instant::now() >= deadline {
+            return result;
         }
+        if let Err(e) = &result {
+            debug!(error = %e, "the link to the agent looks cut; trying again");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
 }
 
@@ -244,10 +252,10 @@ const UNSENT: u32 = 128 * 1024;
 /// TCP, TLS with the client certificate, and the agent's READY.
 async fn open(
     client: &Client,
-    host: &str,
+    peer: &Peer,
     port: u16,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, TunnelError> {
-    let tcp = connect_patiently(host, port).await?;
+    let tcp = connect_patiently(peer, port).await?;
     if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(UNSENT) {
         debug!(error = %e, "TCP_NOTSENT_LOWAT refused; the kernel's unsent queue grows as it likes");
     }
