@@ -62,6 +62,10 @@ pub struct SourceRecord {
     /// its relay's socket), removed when it is settled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<PathBuf>,
+    /// A `returned` record whose agent already heard the rollback (or never needed to: the
+    /// migration ended before the RAM phase): only the source QEMU's clean-up is left.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agent_told: bool,
 }
 
 /// The journal file of one VM.
@@ -138,6 +142,7 @@ mod tests {
             tls: None,
             files: Vec::new(),
             parameters: None,
+            agent_told: false,
         };
         a.write(&record).expect("write");
         assert_eq!(a.read().expect("read"), Some(record));

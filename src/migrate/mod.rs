@@ -739,6 +739,7 @@ impl Migration {
                 .as_ref()
                 .map(|_| tls::SourceTls::plan(&opts.state_dir, tag)),
             files: Vec::new(),
+            agent_told: false,
         };
         self.journal(record.clone(), PhaseName::Mirror)?;
         self.encrypted = record.tls.is_some();

@@ -86,7 +86,8 @@ impl Settle<'_> {
         if record.phase == SourcePhase::Returned {
             // The VM ran here since: whatever the source QEMU's status says now, it is not
             // handed over any more; only the clean-up and the agent's word are left.
-            return self.back_to_source(&record, true).await;
+            let tell = !record.agent_told;
+            return self.back_to_source(&record, tell).await;
         }
         let status = match self.qemu {
             Some(qemu) => match self.final_status(qemu, &record).await {
@@ -311,20 +312,19 @@ impl Settle<'_> {
         left: Vec<String>,
         told: Result<(), String>,
     ) -> Option<String> {
-        let untold = told
-            .err()
-            .filter(|_| rest.phase >= SourcePhase::Ram)
-            .map(|e| {
-                format!(
-                    "the agent at {} could not be told to roll back migration {} ({e}): a paused \
+        let needs_word = rest.phase >= SourcePhase::Ram && !rest.agent_told;
+        let untold = told.err().filter(|_| needs_word).map(|e| {
+            format!(
+                "the agent at {} could not be told to roll back migration {} ({e}): a paused \
                      copy of the VM may stay there",
-                    rest.to, rest.migration_id
-                )
-            });
+                rest.to, rest.migration_id
+            )
+        });
         if left.is_empty() && untold.is_none() {
             self.forget(&rest);
             return None;
         }
+        rest.agent_told = untold.is_none();
         let mut pending: Vec<String> = untold.into_iter().collect();
         if !left.is_empty() {
             pending.push(format!("still in the source QEMU: {}", left.join(", ")));
@@ -389,5 +389,86 @@ pub fn remove_files(files: &[std::path::PathBuf]) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => warn!(file = %file.display(), error = %e, "cannot remove"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn returned(to: &str, agent_told: bool) -> SourceRecord {
+        SourceRecord {
+            phase: SourcePhase::Returned,
+            migration_id: "m1-0".into(),
+            to: to.into(),
+            jobs: Vec::new(),
+            capabilities: Vec::new(),
+            resume: true,
+            qemu_pid: None,
+            parameters: None,
+            tls: None,
+            files: Vec::new(),
+            agent_told,
+        }
+    }
+
+    async fn settle(journal: &Journal, record: SourceRecord) -> Outcome {
+        let auth = control::AgentAuth::with_token(b"0123456789abcdef0123456789abcdef".to_vec());
+        Settle {
+            qemu: None,
+            journal,
+            auth: &auth,
+            link: None,
+            agent_wait: Duration::from_secs(1),
+            reason: "an interrupted migration was recovered".into(),
+            known: None,
+        }
+        .run(record)
+        .await
+    }
+
+    /// A port nobody listens on: the agent cannot be told.
+    fn nobody() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        addr.to_string()
+    }
+
+    #[tokio::test]
+    async fn a_returned_vm_is_never_handed_over_and_its_journal_waits_for_the_agent() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let journal = Journal::for_socket(state.path(), std::path::Path::new("/run/vm/qmp"));
+        let record = returned(&nobody(), false);
+        journal.write(&record).expect("write");
+        // The source QEMU has quit since it took the VM back: without the `returned` mark this
+        // record (phase `ram`, no QEMU) would ask the agent to start its copy.
+        match settle(&journal, record.clone()).await {
+            Outcome::Source {
+                pending: Some(pending),
+                ..
+            } => {
+                assert!(
+                    pending.contains("could not be told to roll back migration m1-0"),
+                    "{pending}"
+                );
+                assert!(pending.contains("ferry recover"), "{pending}");
+            }
+            other => panic!("expected the source with something pending: {other:?}"),
+        }
+        assert_eq!(journal.read().expect("read"), Some(record));
+    }
+
+    #[tokio::test]
+    async fn a_returned_record_whose_agent_heard_it_is_forgotten() {
+        let state = tempfile::tempdir().expect("tempdir");
+        let journal = Journal::for_socket(state.path(), std::path::Path::new("/run/vm/qmp"));
+        let record = returned(&nobody(), true);
+        journal.write(&record).expect("write");
+        match settle(&journal, record).await {
+            Outcome::Source { pending: None, .. } => {}
+            other => panic!("expected the source, nothing pending: {other:?}"),
+        }
+        assert_eq!(journal.read().expect("read"), None);
     }
 }
