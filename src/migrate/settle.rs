@@ -427,6 +427,13 @@ mod tests {
         .await
     }
 
+    /// A journal under `state` holding `record`.
+    fn journaled(state: &std::path::Path, record: &SourceRecord) -> Journal {
+        let journal = Journal::for_socket(state, std::path::Path::new("/run/vm/qmp"));
+        journal.write(record).expect("write");
+        journal
+    }
+
     /// A port nobody listens on: the agent cannot be told.
     fn nobody() -> String {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -438,9 +445,8 @@ mod tests {
     #[tokio::test]
     async fn a_returned_vm_is_never_handed_over_and_its_journal_waits_for_the_agent() {
         let state = tempfile::tempdir().expect("tempdir");
-        let journal = Journal::for_socket(state.path(), std::path::Path::new("/run/vm/qmp"));
         let record = returned(&nobody(), false);
-        journal.write(&record).expect("write");
+        let journal = journaled(state.path(), &record);
         // The source QEMU has quit since it took the VM back: without the `returned` mark this
         // record (phase `ram`, no QEMU) would ask the agent to start its copy.
         match settle(&journal, record.clone()).await {
@@ -462,9 +468,8 @@ mod tests {
     #[tokio::test]
     async fn a_returned_record_whose_agent_heard_it_is_forgotten() {
         let state = tempfile::tempdir().expect("tempdir");
-        let journal = Journal::for_socket(state.path(), std::path::Path::new("/run/vm/qmp"));
         let record = returned(&nobody(), true);
-        journal.write(&record).expect("write");
+        let journal = journaled(state.path(), &record);
         match settle(&journal, record).await {
             Outcome::Source { pending: None, .. } => {}
             other => panic!("expected the source, nothing pending: {other:?}"),
