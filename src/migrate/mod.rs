@@ -925,10 +925,22 @@ pub async fn recover(opts: &MigrateOptions, to: Option<&str>) -> Result<Option<R
     if let Some(to) = to {
         record.to = to.to_string();
     }
-    let mut qemu = match connect(opts, PhaseName::Discover).await {
-        Ok(qemu) => Some(qemu),
-        Err(_) if !record.qemu_pid.is_some_and(pid_exists) => None,
-        Err(f) => {
+    // Only the agent's word is left of a returned migration with nothing in its QEMU: the
+    // monitor (perhaps busy with another client) is not needed.
+    let agent_only = record.phase == SourcePhase::Returned
+        && record.jobs.is_empty()
+        && record.capabilities.is_empty()
+        && record.parameters.is_none();
+    let connected = if agent_only {
+        None
+    } else {
+        Some(connect(opts, PhaseName::Discover).await)
+    };
+    let mut qemu = match connected {
+        None => None,
+        Some(Ok(qemu)) => Some(qemu),
+        Some(Err(_)) if !record.qemu_pid.is_some_and(pid_exists) => None,
+        Some(Err(f)) => {
             return Err(format!(
                 "cannot reach the source QEMU ({}); nothing was changed: is another QMP client \
                  connected to {}?",
@@ -950,6 +962,8 @@ pub async fn recover(opts: &MigrateOptions, to: Option<&str>) -> Result<Option<R
         (record.jobs, record.capabilities, record.parameters) = (Vec::new(), Vec::new(), None);
         qemu = None;
         reason = "the source QEMU was restarted since".into();
+    } else if record.phase == SourcePhase::Returned {
+        reason = "the source took the VM back earlier".into();
     }
     let migration_id = record.migration_id.clone();
     let outcome = Settle {

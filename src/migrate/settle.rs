@@ -238,7 +238,7 @@ impl Settle<'_> {
                 (rest.jobs, rest.capabilities, rest.parameters) = (Vec::new(), Vec::new(), None);
                 let pending = self.keep_or_forget(rest, Vec::new(), told);
                 return Outcome::Source {
-                    why: format!("{}; the source QEMU has quit since", self.reason),
+                    why: self.reason.clone(),
                     pending,
                 };
             }
