@@ -30,8 +30,12 @@ use crate::status::{MigrationInfo, MigrationStatus, WaitError};
 
 /// How long a migration still in flight may take to end after `migrate_cancel`.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long telling the agent to roll back may take.
-const TELL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long telling the agent to roll back may take. An unreachable agent fails sooner (the
+/// connection has its own 10 s); one that is reached answers once its rollback is done, which
+/// waits on its destination QEMU: a QEMU wedged in a cut incoming multifd stream costs the
+/// agent's 15 s bound per call before it is killed (fault matrix: pre-switchover / SIGKILL
+/// ferry migrate took more than 10 s), and an answer cut short reads as "not told".
+const TELL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause between attempts to reach the agent.
 const RETRY_EVERY: Duration = Duration::from_secs(2);
 
