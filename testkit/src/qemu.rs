@@ -72,6 +72,7 @@ impl TestQemu {
     pub fn start(binary: &QemuBinary, monitors: usize) -> TestQemu {
         let mut qemu = Self::spawn(binary, monitors);
         qemu.wait_for_sockets(Duration::from_secs(10));
+        qemu.wait_for_monitors(Duration::from_secs(60));
         qemu
     }
 
@@ -129,6 +130,41 @@ impl TestQemu {
                 self.binary.name
             );
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until every monitor answers a command. A monitor greets from its own thread as
+    /// soon as it listens, but commands wait for QEMU's main loop, which may still be starting:
+    /// on a loaded two-core machine a test's first command once got no answer within the QMP
+    /// client's 10 s (CI21, tests/cli_qmp.rs).
+    fn wait_for_monitors(&mut self, within: Duration) {
+        use std::io::{BufRead, BufReader, Write};
+        let deadline = Instant::now() + within;
+        for socket in &self.sockets {
+            let answered = (|| -> std::io::Result<bool> {
+                let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+                stream
+                    .set_read_timeout(Some(deadline.saturating_duration_since(Instant::now())))?;
+                let mut lines = BufReader::new(stream.try_clone()?);
+                let mut line = String::new();
+                lines.read_line(&mut line)?;
+                stream.write_all(b"{\"execute\": \"qmp_capabilities\"}\n")?;
+                loop {
+                    line.clear();
+                    if lines.read_line(&mut line)? == 0 {
+                        return Ok(false);
+                    }
+                    if line.contains("\"return\"") || line.contains("\"error\"") {
+                        return Ok(true);
+                    }
+                }
+            })();
+            assert!(
+                matches!(answered, Ok(true)),
+                "QEMU {}'s monitor {} did not answer qmp_capabilities within {within:?}: {answered:?}",
+                self.binary.name,
+                socket.display()
+            );
         }
     }
 
