@@ -64,25 +64,20 @@ pub fn report(recovered: Option<&Recovered>, json: bool) -> ExitCode {
             ExitCode::SUCCESS,
         ),
         Some(r) => match &r.outcome {
-            Outcome::Source { why, pending } => (
-                "source",
+            Outcome::Source { why, pending } => {
+                let text = format!(
+                    "migration {} rolled back: the VM stays on the source ({why})",
+                    r.migration_id
+                );
                 match pending {
-                    None => format!(
-                        "migration {} rolled back: the VM stays on the source ({why})",
-                        r.migration_id
+                    None => ("source", text, ExitCode::SUCCESS),
+                    Some(pending) => (
+                        "source",
+                        format!("{text}; but {pending}"),
+                        ExitCode::from(super::EXIT_FAILED),
                     ),
-                    Some(pending) => format!(
-                        "migration {} rolled back: the VM stays on the source ({why}); but \
-                         {pending}",
-                        r.migration_id
-                    ),
-                },
-                if pending.is_some() {
-                    ExitCode::from(super::EXIT_FAILED)
-                } else {
-                    ExitCode::SUCCESS
-                },
-            ),
+                }
+            }
             Outcome::Destination { running, .. } => {
                 let whereabouts = match running {
                     AgentMessage::Running { pid, qmp, .. } => format!(" (pid {pid}, QMP {qmp})"),

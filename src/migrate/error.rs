@@ -148,15 +148,17 @@ pub struct Failure {
 
 impl Failure {
     /// Adds what the settlement left to do (if anything) to the error.
-    pub fn with_pending(mut self, pending: Option<String>) -> Self {
-        if let Some(pending) = pending {
-            let error = std::mem::replace(&mut self.error, MigrateError::Cancelled);
-            self.error = MigrateError::Pending {
-                error: Box::new(error),
-                pending,
-            };
+    pub fn with_pending(self, pending: Option<String>) -> Self {
+        match pending {
+            None => self,
+            Some(pending) => Failure {
+                error: MigrateError::Pending {
+                    error: Box::new(self.error),
+                    pending,
+                },
+                ..self
+            },
         }
-        self
     }
 
     /// A failure in `phase`.

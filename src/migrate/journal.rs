@@ -68,6 +68,19 @@ pub struct SourceRecord {
     pub agent_told: bool,
 }
 
+impl SourceRecord {
+    /// Whether it names anything in the source QEMU to remove or put back (nodes and jobs,
+    /// capabilities, parameters).
+    pub fn names_qemu_state(&self) -> bool {
+        !self.jobs.is_empty() || !self.capabilities.is_empty() || self.parameters.is_some()
+    }
+
+    /// Forgets what it names in the source QEMU: that QEMU is gone, or was replaced.
+    pub fn forget_qemu_state(&mut self) {
+        (self.jobs, self.capabilities, self.parameters) = (Vec::new(), Vec::new(), None);
+    }
+}
+
 /// The journal file of one VM.
 #[derive(Debug, Clone)]
 pub struct Journal {

@@ -927,26 +927,21 @@ pub async fn recover(opts: &MigrateOptions, to: Option<&str>) -> Result<Option<R
     }
     // Only the agent's word is left of a returned migration with nothing in its QEMU: the
     // monitor (perhaps busy with another client) is not needed.
-    let agent_only = record.phase == SourcePhase::Returned
-        && record.jobs.is_empty()
-        && record.capabilities.is_empty()
-        && record.parameters.is_none();
-    let connected = if agent_only {
+    let agent_only = record.phase == SourcePhase::Returned && !record.names_qemu_state();
+    let mut qemu = if agent_only {
         None
     } else {
-        Some(connect(opts, PhaseName::Discover).await)
-    };
-    let mut qemu = match connected {
-        None => None,
-        Some(Ok(qemu)) => Some(qemu),
-        Some(Err(_)) if !record.qemu_pid.is_some_and(pid_exists) => None,
-        Some(Err(f)) => {
-            return Err(format!(
-                "cannot reach the source QEMU ({}); nothing was changed: is another QMP client \
-                 connected to {}?",
-                f.line(),
-                opts.qmp_socket.display()
-            ))
+        match connect(opts, PhaseName::Discover).await {
+            Ok(qemu) => Some(qemu),
+            Err(_) if !record.qemu_pid.is_some_and(pid_exists) => None,
+            Err(f) => {
+                return Err(format!(
+                    "cannot reach the source QEMU ({}); nothing was changed: is another QMP \
+                     client connected to {}?",
+                    f.line(),
+                    opts.qmp_socket.display()
+                ))
+            }
         }
     };
     let restarted = match (&qemu, record.qemu_pid) {
@@ -959,7 +954,7 @@ pub async fn recover(opts: &MigrateOptions, to: Option<&str>) -> Result<Option<R
         // one owns its VM now, the old one's nodes and jobs went with it, and the destination
         // must not start. Only the agent is left to tell.
         record.phase = SourcePhase::Returned;
-        (record.jobs, record.capabilities, record.parameters) = (Vec::new(), Vec::new(), None);
+        record.forget_qemu_state();
         qemu = None;
         reason = "the source QEMU was restarted since".into();
     } else if record.phase == SourcePhase::Returned {

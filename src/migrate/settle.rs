@@ -239,7 +239,7 @@ impl Settle<'_> {
             if returned {
                 // It ran here after it was taken back and has quit since: the operator's doing.
                 let mut rest = record.clone();
-                (rest.jobs, rest.capabilities, rest.parameters) = (Vec::new(), Vec::new(), None);
+                rest.forget_qemu_state();
                 let pending = self.keep_or_forget(rest, Vec::new(), told);
                 return Outcome::Source {
                     why: self.reason.clone(),
@@ -320,7 +320,7 @@ impl Settle<'_> {
         let untold = told.err().filter(|_| needs_word).map(|e| {
             format!(
                 "the agent at {} could not be told to roll back migration {} ({e}): a paused \
-                     copy of the VM may stay there",
+                 copy of the VM may stay there",
                 rest.to, rest.migration_id
             )
         });
