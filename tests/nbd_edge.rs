@@ -413,6 +413,57 @@ fn write_zeroes_punches_holes_unless_no_hole() {
     let _dir = ts.shutdown();
 }
 
+/// The pattern of a mirror onto a sparse disk: zeroing requests over holes pipelined with
+/// writes. Zeroing and trims over holes are answered by the write lane without touching the
+/// file; one over data written earlier still frees it; every request gets its answer.
+#[test]
+fn zeroing_over_holes_pipelined_with_writes() {
+    let ts = server();
+    let path = ts.export_new("p", 64 * MIB, false);
+    let mut c = Raw::open(ts.addr(), "p", Style::Extended);
+    let old = vec![0x42u8; MIB as usize];
+    c.write(1, 60 * MIB, &old);
+    assert_eq!(c.reply(1).error, 0);
+    // MiB i < 32: even ones written, odd ones zeroed (holes); 32..48 trimmed (holes); 60
+    // (data) zeroed.
+    let mut cookies = Vec::new();
+    for i in 0..32u64 {
+        let cookie = 100 + i;
+        if i % 2 == 0 {
+            c.write(cookie, i * MIB, &vec![i as u8 + 1; MIB as usize]);
+        } else {
+            c.send(0, CMD_WRITE_ZEROES, cookie, i * MIB, MIB, &[]);
+        }
+        cookies.push(cookie);
+    }
+    c.send(0, CMD_TRIM, 200, 32 * MIB, 16 * MIB, &[]);
+    c.send(0, CMD_WRITE_ZEROES, 201, 60 * MIB, MIB, &[]);
+    cookies.extend([200, 201]);
+    for cookie in cookies {
+        assert_eq!(c.reply(cookie).error, 0, "request {cookie}");
+    }
+    c.send(0, CMD_FLUSH, 300, 0, 0, &[]);
+    assert_eq!(c.reply(300).error, 0);
+    for i in 0..32u64 {
+        let want = if i % 2 == 0 { i as u8 + 1 } else { 0 };
+        c.read(400 + i, i * MIB, MIB);
+        let got = c.reply(400 + i).assemble(i * MIB, MIB as usize);
+        assert!(got.iter().all(|&b| b == want), "MiB {i} reads {want}");
+    }
+    c.read(500, 60 * MIB, MIB);
+    assert_eq!(
+        c.reply(500).assemble(60 * MIB, MIB as usize),
+        vec![0u8; MIB as usize],
+        "zeroing over data"
+    );
+    let used = allocated(&path);
+    assert!(
+        (16 * MIB..17 * MIB).contains(&used),
+        "only the 16 written MiB are allocated, not the zeroed ones nor the freed data: {used}"
+    );
+    let _dir = ts.shutdown();
+}
+
 #[test]
 fn shutdown_and_removal_finish_in_flight_requests() {
     let ts = server();

@@ -150,17 +150,7 @@ where
         match incoming {
             Ok(Incoming::Op { req, op, bytes }) => {
                 bounds.stats.count_request();
-                // Plain writes go to the write lane, which sends those into holes through the
-                // page cache itself and hands overwrites that go direct to the pool (see `Lane`).
-                let plain_write = match op {
-                    Op::Write {
-                        fua: false,
-                        offset,
-                        len,
-                        ..
-                    } => Some((offset, len as usize)),
-                    _ => None,
-                };
+                let on_lane = OnLane::of(&op);
                 let mut job = Job {
                     export: export.clone(),
                     buffers: buffers.clone(),
@@ -170,21 +160,31 @@ where
                     op,
                     stats: bounds.stats.clone(),
                     route: None,
+                    already_zero: false,
                 };
                 let sink = sink.clone();
                 let token = export.work.token();
-                match plain_write {
-                    Some((offset, len)) => {
+                match on_lane {
+                    Some(on_lane) => {
                         let pool = tokio::runtime::Handle::current();
                         lane.run(Box::new(move || {
-                            let route = job.export.backend.route(offset, len);
-                            job.route = Some(route);
-                            let task = move || finish(job, token, &sink, slot, bytes);
-                            match route {
-                                Route::Cached => task(),
-                                Route::Direct => {
-                                    pool.spawn_blocking(task);
+                            let backend = &job.export.backend;
+                            let here = match on_lane {
+                                OnLane::Write { offset, len } => {
+                                    let route = backend.route(offset, len);
+                                    job.route = Some(route);
+                                    route == Route::Cached
                                 }
+                                OnLane::Zero { offset, len } => {
+                                    job.already_zero = backend.all_hole(offset, len);
+                                    job.already_zero
+                                }
+                            };
+                            let task = move || finish(job, token, &sink, slot, bytes);
+                            if here {
+                                task();
+                            } else {
+                                pool.spawn_blocking(task);
                             }
                         }));
                     }
@@ -325,19 +325,62 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut BufReader<R>, len: u64) -> Resul
     Ok(())
 }
 
+/// Requests the write lane looks at first (see [`Lane`]).
+#[derive(Clone, Copy)]
+enum OnLane {
+    /// A plain write: into a hole it is done on the lane, over data it goes to the pool.
+    Write { offset: u64, len: usize },
+    /// A plain zeroing or trim that may deallocate: over a hole there is nothing to do and the
+    /// lane answers it; over data it goes to the pool.
+    Zero { offset: u64, len: u64 },
+}
+
+impl OnLane {
+    fn of<T>(op: &Op<T>) -> Option<OnLane> {
+        match *op {
+            Op::Write {
+                fua: false,
+                offset,
+                len,
+                ..
+            } => Some(OnLane::Write {
+                offset,
+                len: len as usize,
+            }),
+            Op::WriteZeroes {
+                no_hole: false,
+                fua: false,
+                offset,
+                len,
+                ..
+            }
+            | Op::Trim {
+                fua: false,
+                offset,
+                len,
+            } => Some(OnLane::Zero { offset, len }),
+            _ => None,
+        }
+    }
+}
+
 /// A disk task, run off the runtime threads.
 type Task = Box<dyn FnOnce() + Send>;
 
-/// The thread that takes a connection's plain writes (not FUA), in order, started on first use.
+/// The thread that takes a connection's plain writes (not FUA), and its plain zeroing and
+/// trims, in order, started on first use.
 ///
 /// It asks the backend how each write goes (`Backend::route`: one `lseek`). A write into a hole
 /// goes through the page cache right here: buffered writes to one file serialize on the inode
 /// lock anyway, so spreading them over the blocking pool only adds lock spinning and a thread
 /// wake-up per write (measured: the mirror's 1 MiB writes into a fresh image run faster and
 /// leaner on this one thread than on the pool, BENCHMARKS.md). A direct overwrite goes on to
-/// the blocking pool, where several run side by side. Everything else (reads, flushes,
-/// zeroing, FUA writes, block status) goes to the pool directly and never waits behind these
-/// writes.
+/// the blocking pool, where several run side by side. A zeroing or trim over a range that is
+/// already a hole (`Backend::all_hole`, one `lseek`) is answered here: the mirror of a
+/// sparse disk sends thousands, and a pool thread woken for each, all writing their replies
+/// at once, cost more than the `lseek` (session 10, BENCHMARKS.md); over data it goes to the
+/// pool. Everything else (reads, flushes, FUA requests, zeroing that keeps blocks allocated,
+/// block status) goes to the pool directly and never waits behind these writes.
 #[derive(Default)]
 struct Lane {
     tx: Option<std::sync::mpsc::Sender<Task>>,

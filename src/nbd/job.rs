@@ -27,6 +27,9 @@ pub(crate) struct Job {
     /// How a write goes to the file when the connection already chose (see
     /// [`super::backend::Backend::route`]); `None`: chosen here.
     pub(crate) route: Option<Route>,
+    /// The connection's write lane found the range of a plain zeroing or trim already a hole
+    /// (see [`super::backend::Backend::all_hole`]): nothing is left to do.
+    pub(crate) already_zero: bool,
 }
 
 impl Job {
@@ -41,6 +44,7 @@ impl Job {
             op,
             stats,
             route,
+            already_zero,
         } = self;
         let b = &export.backend;
         let done = match op {
@@ -71,6 +75,12 @@ impl Job {
             Op::Flush => b
                 .flush()
                 .map_err(|e| (nbd_errno(&e), format!("flush failed: {e}"))),
+            Op::Trim { fua: false, .. }
+            | Op::WriteZeroes {
+                no_hole: false,
+                fua: false,
+                ..
+            } if already_zero => Ok(()),
             Op::Trim { offset, len, fua } => b
                 .trim(offset, len, fua)
                 .map_err(|e| (nbd_errno(&e), format!("trim failed: {e}"))),
