@@ -72,6 +72,8 @@ pub(crate) struct Backend {
     direct_ok: AtomicBool,
     /// Cleared once the file refuses `sync_file_range` (see [`super::writeback`]).
     writeback_ok: AtomicBool,
+    /// Background `fdatasync` every so many bulk bytes (see [`super::writeback::Syncer`]).
+    syncer: super::writeback::Syncer,
 }
 
 /// Writes at least this large go to disk directly when aligned (see `Backend::route`).
@@ -137,6 +139,7 @@ impl Backend {
             direct,
             direct_ok: AtomicBool::new(true),
             writeback_ok: AtomicBool::new(true),
+            syncer: Default::default(),
         })
     }
 
@@ -210,7 +213,10 @@ impl Backend {
                     && data.as_ptr() as usize % ALIGN as usize == 0;
                 if aligned {
                     match direct.write_all_at(data, offset) {
-                        Ok(()) => return Ok(()),
+                        Ok(()) => {
+                            self.syncer.wrote(&self.file, data.len() as u64);
+                            return Ok(());
+                        }
                         // The device wants a larger alignment: stop trying.
                         Err(e) if e.raw_os_error() == Some(Errno::EINVAL as i32) => {
                             self.direct_ok.store(false, Ordering::Relaxed);
@@ -226,6 +232,7 @@ impl Backend {
                 self.file.write_all_at(data, offset)?;
                 if data.len() >= DIRECT_FROM {
                     self.start_writeback(offset, data.len() as u64)?;
+                    self.syncer.wrote(&self.file, data.len() as u64);
                 }
                 Ok(())
             }
@@ -288,8 +295,12 @@ impl Backend {
     }
 
     /// `fdatasync`: every write completed before this call, on any connection, is durable.
+    /// Fails for good once a background sync failed (see [`super::writeback::Syncer`]).
     pub(crate) fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.file.sync_data()?;
+        // Its own error, as the kernel gave it (ENOSPC stays ENOSPC for the client); the
+        // background sync's warning in the log says where it came from.
+        self.syncer.failure_after_flush().map_or(Ok(()), Err)
     }
 
     /// Discards a range: punches a hole where the storage can; otherwise does nothing (a trim is

@@ -231,3 +231,25 @@ fn directories_are_refused() {
     let err = Backend::open(dir.path(), true).expect_err("a directory is not an export");
     assert!(err.to_string().contains("not a regular file"), "{err}");
 }
+
+#[test]
+fn a_failed_background_sync_fails_every_later_flush() {
+    fn failing(_: &File) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EIO))
+    }
+    let f = sparse_file(1 << 20, &[]);
+    let mut b = Backend::open(f.path(), false).expect("open");
+    b.flush().expect("a flush before any failure");
+    b.syncer = super::super::writeback::Syncer::with_sync(failing);
+    b.syncer.wrote(&b.file, super::super::writeback::SYNC_EVERY);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while b.syncer.failure().is_none() {
+        assert!(std::time::Instant::now() < until, "the background sync ran");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    for _ in 0..2 {
+        let e = b.flush().expect_err("the data may be lost");
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert_eq!(nbd_errno(&e), super::super::wire::errno::EIO);
+    }
+}
