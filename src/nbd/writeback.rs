@@ -68,8 +68,8 @@ pub(crate) fn refused(e: &io::Error) -> bool {
 /// At most one runs and one waits; a thread of its own (named `nbd-sync`), started on first
 /// need, ends with the export. It syncs a duplicate of the export's descriptor, which shares
 /// the kernel's record of writeback errors with it: an error this sync consumes would not be
-/// reported by the client's next flush, so it is kept here and [`Syncer::failure`] makes every
-/// later flush of the export fail (its data may be lost; the client must not count it durable).
+/// reported by the client's next flush, so it is kept here and [`Syncer::failure_after_flush`]
+/// makes every later flush of the export fail (its data may be lost; the client must not count it durable).
 #[derive(Debug)]
 pub(crate) struct Syncer {
     written: AtomicU64,

@@ -253,3 +253,40 @@ fn a_failed_background_sync_fails_every_later_flush() {
         assert_eq!(nbd_errno(&e), super::super::wire::errno::EIO);
     }
 }
+
+#[test]
+fn every_64_mib_of_large_writes_syncs_in_the_background() {
+    use super::super::writeback::{Syncer, SYNC_EVERY};
+    static SYNCS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    fn counted(f: &File) -> io::Result<()> {
+        SYNCS.fetch_add(1, Ordering::SeqCst);
+        f.sync_data()
+    }
+    const M: usize = 1 << 20;
+    let f = sparse_file(SYNC_EVERY + M as u64, &[]);
+    let mut b = Backend::open(f.path(), false).expect("open");
+    b.syncer = Syncer::with_sync(counted);
+    let raw = vec![0x33u8; M + 4096];
+    let start = raw.as_ptr().align_offset(4096);
+    let data = &raw[start..start + M];
+    // Small writes do not count.
+    for i in 0..64u64 {
+        b.write_at(&data[..4096], i * 4096, false)
+            .expect("small write");
+    }
+    let blocks = (SYNC_EVERY / M as u64) as usize;
+    for i in 0..blocks - 1 {
+        b.write_at(data, (i * M) as u64, false)
+            .expect("large write");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(SYNCS.load(Ordering::SeqCst), 0, "not before 64 MiB");
+    b.write_at(data, ((blocks - 1) * M) as u64, false)
+        .expect("the 64th MiB");
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while SYNCS.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < until, "a background sync ran");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    b.flush().expect("nothing failed");
+}
