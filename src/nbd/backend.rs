@@ -300,7 +300,7 @@ impl Backend {
         self.file.sync_data()?;
         // Its own error, as the kernel gave it (ENOSPC stays ENOSPC for the client); the
         // background sync's warning in the log says where it came from.
-        self.syncer.failure_after_flush().map_or(Ok(()), Err)
+        self.syncer.failure().map_or(Ok(()), Err)
     }
 
     /// Discards a range: punches a hole where the storage can; otherwise does nothing (a trim is

@@ -27,7 +27,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
@@ -68,18 +68,16 @@ pub(crate) fn refused(e: &io::Error) -> bool {
 /// At most one runs and one waits; a thread of its own (named `nbd-sync`), started on first
 /// need, ends with the export. It syncs a duplicate of the export's descriptor, which shares
 /// the kernel's record of writeback errors with it: an error this sync consumes would not be
-/// reported by the client's next flush, so it is kept here and [`Syncer::failure_after_flush`]
-/// makes every later flush of the export fail (its data may be lost; the client must not count it durable).
+/// reported by the client's next flush, so it is kept here and [`Syncer::failure`] makes every
+/// later flush of the export fail (its data may be lost; the client must not count it durable).
 #[derive(Debug)]
 pub(crate) struct Syncer {
     written: AtomicU64,
     wake: Mutex<Option<SyncSender<()>>>,
-    /// The `errno` of the first failed background sync; 0: none.
-    failed: Arc<AtomicI32>,
-    /// Held by a background sync from before its `fdatasync` until its outcome is recorded,
-    /// so that [`Syncer::failure_after_flush`] cannot miss an error that sync took from the
-    /// kernel's record before the client's own flush looked.
-    running: Arc<Mutex<()>>,
+    /// The `errno` of the first failed background sync (0: none), held by a running sync from
+    /// before its `fdatasync` until its outcome is in: [`Syncer::failure`] cannot miss an error
+    /// that sync took from the kernel's record before the client's own flush looked.
+    failed: Arc<Mutex<i32>>,
     /// `File::sync_data`; tests put a failing one in.
     sync: fn(&File) -> io::Result<()>,
 }
@@ -96,7 +94,6 @@ impl Syncer {
             written: AtomicU64::new(0),
             wake: Mutex::new(None),
             failed: Arc::default(),
-            running: Arc::default(),
             sync,
         }
     }
@@ -108,8 +105,7 @@ impl Syncer {
         if total < SYNC_EVERY {
             return;
         }
-        self.written
-            .fetch_sub(total.min(SYNC_EVERY), Ordering::Relaxed);
+        self.written.fetch_sub(SYNC_EVERY, Ordering::Relaxed);
         let Ok(mut wake) = self.wake.lock() else {
             return;
         };
@@ -125,19 +121,14 @@ impl Syncer {
         }
     }
 
-    /// To call after the export's own `fdatasync` returned: the error of a background sync,
-    /// if one failed (the export's data may be lost), waiting for one that is running.
-    pub(crate) fn failure_after_flush(&self) -> Option<io::Error> {
-        let _settled = self
-            .running
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.failure()
-    }
-
-    /// The error of a background sync, if one failed: the export's unsynced data may be lost.
+    /// The error of a background sync, if one failed (the export's data may be lost), waiting
+    /// for one that is running: called after the export's own `fdatasync` returned.
     pub(crate) fn failure(&self) -> Option<io::Error> {
-        match self.failed.load(Ordering::Acquire) {
+        match *self
+            .failed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        {
             0 => None,
             errno => Some(io::Error::from_raw_os_error(errno)),
         }
@@ -149,16 +140,17 @@ impl Syncer {
             .map_err(|e| tracing::debug!(error = %e, "no background sync: cannot duplicate the descriptor"))
             .ok()?;
         let (tx, rx) = sync_channel::<()>(1);
-        let (failed, running, sync) = (self.failed.clone(), self.running.clone(), self.sync);
+        let (failed, sync) = (self.failed.clone(), self.sync);
         let started = std::thread::Builder::new()
             .name("nbd-sync".into())
             .spawn(move || {
                 while rx.recv().is_ok() {
-                    let _running = running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    let mut failed = failed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                     if let Err(e) = sync(&file) {
                         tracing::warn!(error = %e, "background fdatasync of an export failed; its flushes fail from now on");
-                        let errno = e.raw_os_error().unwrap_or(libc::EIO);
-                        let _ = failed.compare_exchange(0, errno, Ordering::AcqRel, Ordering::Acquire);
+                        if *failed == 0 {
+                            *failed = e.raw_os_error().unwrap_or(libc::EIO);
+                        }
                     }
                 }
             });
@@ -173,7 +165,7 @@ impl Syncer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::io::Write;
 
@@ -199,7 +191,8 @@ mod tests {
         Err(io::Error::from_raw_os_error(libc::ENOSPC))
     }
 
-    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    /// Waits (at most 10 s) for what a background sync does on its own thread.
+    pub(in crate::nbd) fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
         let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !done() {
             assert!(std::time::Instant::now() < until, "{what}");

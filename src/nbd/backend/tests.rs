@@ -242,11 +242,9 @@ fn a_failed_background_sync_fails_every_later_flush() {
     b.flush().expect("a flush before any failure");
     b.syncer = super::super::writeback::Syncer::with_sync(failing);
     b.syncer.wrote(&b.file, super::super::writeback::SYNC_EVERY);
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while b.syncer.failure().is_none() {
-        assert!(std::time::Instant::now() < until, "the background sync ran");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    super::super::writeback::tests::wait_for("the background sync ran", || {
+        b.syncer.failure().is_some()
+    });
     for _ in 0..2 {
         let e = b.flush().expect_err("the data may be lost");
         assert_eq!(e.raw_os_error(), Some(libc::EIO));
@@ -283,10 +281,8 @@ fn every_64_mib_of_large_writes_syncs_in_the_background() {
     assert_eq!(SYNCS.load(Ordering::SeqCst), 0, "not before 64 MiB");
     b.write_at(data, ((blocks - 1) * M) as u64, false)
         .expect("the 64th MiB");
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while SYNCS.load(Ordering::SeqCst) == 0 {
-        assert!(std::time::Instant::now() < until, "a background sync ran");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    super::super::writeback::tests::wait_for("a background sync ran", || {
+        SYNCS.load(Ordering::SeqCst) > 0
+    });
     b.flush().expect("nothing failed");
 }
