@@ -6,11 +6,11 @@
 //! connections run at once on the same open file.
 //!
 //! Three descriptors of the one file: the main one (reads, small or unaligned writes, through
-//! the page cache), one with `O_DIRECT` (large page-aligned writes over allocated blocks go
-//! straight to the disk; into holes they go through the page cache, see [`Backend::route`])
-//! and one with `O_DSYNC` (FUA writes: durable on return without syncing the rest of the
-//! file). The kernel keeps cached and direct views coherent. A large cached write has its
-//! writeback started at once (`super::writeback`), so a flush finds little left to write.
+//! the page cache), one with `O_DIRECT` (large page-aligned writes go straight to the disk;
+//! into a hole after a `fallocate` of their range, see [`Backend::route`]) and one with
+//! `O_DSYNC` (FUA writes: durable on return without syncing the rest of the file). The kernel
+//! keeps cached and direct views coherent. A large cached write has its writeback started at
+//! once (`super::writeback`), so a flush finds little left to write.
 //!
 //! Durability: `flush` is `fdatasync`, which covers every write completed before it on any
 //! connection (one file, one page cache, direct writes already on the device) and the metadata
@@ -38,6 +38,9 @@ use super::wire::{errno, state, Extent};
 pub(crate) enum Route {
     /// `O_DIRECT`, straight to the disk.
     Direct,
+    /// Into a hole: the range allocated first (`fallocate`, so that ext4 lets such writes run
+    /// side by side), then `O_DIRECT`.
+    AllocateDirect,
     /// Through the page cache, its writeback started at once.
     Cached,
 }
@@ -70,6 +73,9 @@ pub(crate) struct Backend {
     direct: Option<File>,
     /// Cleared once a direct write is refused for its alignment.
     direct_ok: AtomicBool,
+    /// Cleared once the file refuses `fallocate` (a file system without it): writes into holes
+    /// then go through the page cache.
+    allocate_ok: AtomicBool,
     /// Cleared once the file refuses `sync_file_range` (see [`super::writeback`]).
     writeback_ok: AtomicBool,
     /// Background `fdatasync` every so many bulk bytes (see [`super::writeback::Syncer`]).
@@ -138,6 +144,7 @@ impl Backend {
             size,
             direct,
             direct_ok: AtomicBool::new(true),
+            allocate_ok: AtomicBool::new(true),
             writeback_ok: AtomicBool::new(true),
             syncer: Default::default(),
         })
@@ -154,7 +161,7 @@ impl Backend {
 
     /// Whether a plain write of `len` bytes at `offset` (from a page-aligned buffer) may go to
     /// the disk directly: large, aligned, and the file takes direct I/O.
-    fn goes_direct(&self, offset: u64, len: usize) -> bool {
+    pub(crate) fn goes_direct(&self, offset: u64, len: usize) -> bool {
         self.direct.is_some()
             && self.direct_ok.load(Ordering::Relaxed)
             && len >= DIRECT_FROM
@@ -163,18 +170,27 @@ impl Backend {
     }
 
     /// How a plain (not FUA) write of `len` bytes at `offset` will go: [`Route::Direct`] over
-    /// allocated blocks, [`Route::Cached`] into a hole or when too small or unaligned. Blocks
-    /// (one `lseek`): call it off the runtime threads.
+    /// allocated blocks, [`Route::AllocateDirect`] into a hole, [`Route::Cached`] when too
+    /// small or unaligned (or the file refuses `fallocate`). Blocks (one `lseek`): call it off
+    /// the runtime threads.
     ///
-    /// A write that starts in a hole goes through the page cache: a direct write that allocates
-    /// waits for its own device round trip, and ext4 lets only one allocating direct write per
-    /// file run at a time, so a mirror's 1 MiB requests into a fresh image went at queue depth
-    /// one (0.5-0.8x a page-cache server on long extents, BENCHMARKS.md), where writeback
-    /// merges them. Over allocated blocks direct writes run side by side and skip the copy into
-    /// the page cache (a third less server CPU per GiB).
+    /// Why direct: the copy into the page cache is most of a page-cache server's CPU, and on a
+    /// virtual machine whose host takes back freed memory (free page reporting) every page the
+    /// cache takes anew costs a fault on the host too: the same mirror ran at 0.36-1.06 s/GiB
+    /// of server CPU through the cache, 0.28-0.36 direct (BENCHMARKS.md, session 11).
+    /// Why `fallocate` first into a hole: ext4 runs a direct write that allocates blocks alone
+    /// (inode lock held exclusively), one device round trip at a time, so a mirror's 1 MiB
+    /// requests into a fresh image went at queue depth one (0.5-0.8x a page-cache server on a
+    /// slow disk, BENCHMARKS.md); over blocks already allocated, even unwritten ones, aligned
+    /// direct writes share the lock and run side by side. The `fallocate` covers only the
+    /// write's own range, so the image stays as sparse as what was written.
     pub(crate) fn route(&self, offset: u64, len: usize) -> Route {
-        if self.goes_direct(offset, len) && !self.hole_at(offset) {
+        if !self.goes_direct(offset, len) {
+            Route::Cached
+        } else if !self.hole_at(offset) {
             Route::Direct
+        } else if self.allocate_ok.load(Ordering::Relaxed) {
+            Route::AllocateDirect
         } else {
             Route::Cached
         }
@@ -194,8 +210,10 @@ impl Backend {
 
     /// Writes `data` at `offset` the way [`Backend::route`] chose (FUA writes always go through
     /// the `O_DSYNC` descriptor). A direct write falls back to the page cache when the buffer
-    /// is not page-aligned or the device wants a larger alignment. The kernel keeps the cached
-    /// and direct views coherent.
+    /// is not page-aligned, the device wants a larger alignment or the file refuses
+    /// `fallocate`. The kernel keeps the cached and direct views coherent. A failed
+    /// `fallocate` or direct write of any other kind fails the write: if the range was
+    /// allocated before the write failed, it reads as zeroes, as a hole does.
     ///
     /// A large cached write has its writeback started at once (see [`super::writeback`]), so
     /// the disk works while the rest of the data arrives instead of all at the next flush.
@@ -206,12 +224,12 @@ impl Backend {
         fua: bool,
         route: Route,
     ) -> io::Result<()> {
-        if !fua && route == Route::Direct && self.direct_ok.load(Ordering::Relaxed) {
+        if !fua && route != Route::Cached && self.direct_ok.load(Ordering::Relaxed) {
             if let Some(direct) = &self.direct {
                 let aligned = offset % ALIGN == 0
                     && data.len() as u64 % ALIGN == 0
                     && data.as_ptr() as usize % ALIGN as usize == 0;
-                if aligned {
+                if aligned && (route == Route::Direct || self.allocate(offset, data.len())?) {
                     match direct.write_all_at(data, offset) {
                         Ok(()) => {
                             self.syncer.wrote(&self.file, data.len() as u64);
@@ -236,6 +254,25 @@ impl Backend {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Allocates `[offset, offset + len)` ahead of a direct write into a hole (see
+    /// [`Backend::route`]): true when done, false when the file refuses `fallocate` (then
+    /// holes go through the page cache from now on); any other error (`ENOSPC`, `EIO`) is the
+    /// write's.
+    fn allocate(&self, offset: u64, len: usize) -> io::Result<bool> {
+        if !self.allocate_ok.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        match self.fallocate(FallocateFlags::FALLOC_FL_KEEP_SIZE, offset, len as u64) {
+            Ok(()) => Ok(true),
+            Err(e @ (Errno::EOPNOTSUPP | Errno::ENOSYS)) => {
+                tracing::debug!(error = %e, "fallocate refused; writes into holes go through the page cache");
+                self.allocate_ok.store(false, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
         }
     }
 

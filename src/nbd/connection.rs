@@ -34,7 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, info, warn};
 
-use super::backend::Route;
+use super::backend::{Backend, Route};
 use super::buffers::{Buffers, Payload, PAGE};
 use super::handshake::Session;
 use super::job::{self, Job};
@@ -150,7 +150,7 @@ where
         match incoming {
             Ok(Incoming::Op { req, op, bytes }) => {
                 bounds.stats.count_request();
-                let on_lane = OnLane::of(&op);
+                let on_lane = OnLane::of(&op, &export.backend);
                 let mut job = Job {
                     export: export.clone(),
                     buffers: buffers.clone(),
@@ -328,7 +328,8 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut BufReader<R>, len: u64) -> Resul
 /// Requests the write lane looks at first (see [`Lane`]).
 #[derive(Clone, Copy)]
 enum OnLane {
-    /// A plain write: into a hole it is done on the lane, over data it goes to the pool.
+    /// A plain write that goes through the page cache (small or unaligned, or into a hole of a
+    /// file that refuses `fallocate`) is done on the lane; a direct one goes to the pool.
     Write { offset: u64, len: usize },
     /// A plain zeroing or trim that may deallocate: over a hole there is nothing to do and the
     /// lane answers it; over data it goes to the pool.
@@ -336,14 +337,17 @@ enum OnLane {
 }
 
 impl OnLane {
-    fn of<T>(op: &Op<T>) -> Option<OnLane> {
+    fn of<T>(op: &Op<T>, backend: &Backend) -> Option<OnLane> {
         match *op {
+            // A write large and aligned enough to go direct goes straight to the pool, which
+            // asks the route itself: the `lseek` waits while another write's `fallocate` holds
+            // the file's lock, and here it would hold up every write behind it.
             Op::Write {
                 fua: false,
                 offset,
                 len,
                 ..
-            } => Some(OnLane::Write {
+            } if !backend.goes_direct(offset, len as usize) => Some(OnLane::Write {
                 offset,
                 len: len as usize,
             }),
@@ -370,12 +374,14 @@ type Task = Box<dyn FnOnce() + Send>;
 /// The thread that takes a connection's plain writes (not FUA), and its plain zeroing and
 /// trims, in order, started on first use.
 ///
-/// It asks the backend how each write goes (`Backend::route`: one `lseek`). A write into a hole
-/// goes through the page cache right here: buffered writes to one file serialize on the inode
-/// lock anyway, so spreading them over the blocking pool only adds lock spinning and a thread
-/// wake-up per write (measured: the mirror's 1 MiB writes into a fresh image run faster and
-/// leaner on this one thread than on the pool, BENCHMARKS.md). A direct overwrite goes on to
-/// the blocking pool, where several run side by side. A zeroing or trim over a range that is
+/// It asks the backend how each write goes (`Backend::route`: one `lseek`). A write that goes
+/// through the page cache (small or unaligned, or into a hole of a file that refuses
+/// `fallocate`) is done right here: buffered writes to one file serialize on the inode lock
+/// anyway, so spreading them over the blocking pool only adds lock spinning and a thread
+/// wake-up per write (measured: the mirror's 1 MiB writes into a fresh image ran faster and
+/// leaner on this one thread than on the pool, BENCHMARKS.md). A direct write (over allocated
+/// blocks, or into a hole once its range is allocated) goes on to the blocking pool, where
+/// several run side by side. A zeroing or trim over a range that is
 /// already a hole (`Backend::all_hole`, one `lseek`) is answered here: the mirror of a
 /// sparse disk sends thousands, and a pool thread woken for each, all writing their replies
 /// at once, cost more than the `lseek` (session 10, BENCHMARKS.md); over data it goes to the

@@ -24,7 +24,11 @@ fn writes_into_holes_are_told_from_overwrites() {
     const M: u64 = 1 << 20;
     let f = sparse_file(8 * M, &[(2 * M, M as usize)]);
     let b = Backend::open(f.path(), false).expect("open");
-    // In a hole a direct write would allocate (and serialize on ext4): it goes cached.
+    assert!(b.direct.is_some(), "the temp dir takes O_DIRECT");
+    // In a hole a direct write would allocate (and serialize on ext4): its range is allocated
+    // first.
+    assert_eq!(b.route(0, M as usize), Route::AllocateDirect);
+    assert_eq!(b.route(2 * M, M as usize), Route::Direct);
     assert!(b.hole_at(0));
     assert!(b.hole_at(5 * M));
     assert!(
@@ -45,6 +49,74 @@ fn writes_into_holes_are_told_from_overwrites() {
         assert!(back.iter().all(|&x| x == 0x5a), "bytes at {at}");
     }
     assert!(!b.hole_at(0), "the write allocated");
+    assert_eq!(
+        allocated_bytes(f.path()),
+        2 * M,
+        "only the written ranges are allocated"
+    );
+}
+
+#[test]
+fn direct_writes_into_holes_side_by_side_allocate_only_their_ranges() {
+    const M: usize = 1 << 20;
+    let f = sparse_file(64 * M as u64, &[]);
+    let b = Backend::open(f.path(), false).expect("open");
+    // Eight threads each write every other MiB of their own 8 MiB, as a mirror's requests in
+    // flight do, through the route the lane would choose.
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let b = &b;
+            s.spawn(move || {
+                let mut raw = vec![0u8; M + 4096];
+                let start = raw.as_ptr().align_offset(4096);
+                for i in (0..8u64).step_by(2) {
+                    let at = (t * 8 + i) * M as u64;
+                    let data = &mut raw[start..start + M];
+                    data.fill((t * 8 + i) as u8 + 1);
+                    let route = b.route(at, M);
+                    assert_eq!(route, Route::AllocateDirect, "at {at}");
+                    b.write_routed(data, at, false, route).expect("write");
+                }
+            });
+        }
+    });
+    b.flush().expect("flush");
+    assert!(b.allocate_ok.load(Ordering::Relaxed));
+    assert!(
+        b.direct_ok.load(Ordering::Relaxed),
+        "the writes went direct"
+    );
+    // Data exactly where written (st_blocks would also count ext4's extent tree block).
+    let extents = b.extents(0, 64 * M as u64, 1000).expect("extents");
+    assert_eq!(extents.len(), 64, "{extents:?}");
+    for (i, e) in extents.iter().enumerate() {
+        assert_eq!(e.length, M as u64, "extent {i}");
+        let hole = e.flags & state::HOLE != 0;
+        assert_eq!(hole, i % 2 == 1, "extent {i}: {e:?}");
+    }
+    let image = std::fs::read(f.path()).expect("read the image");
+    for (i, mib) in image.chunks(M).enumerate() {
+        let want = if i % 2 == 0 { i as u8 + 1 } else { 0 };
+        assert!(mib.iter().all(|&x| x == want), "MiB {i}");
+    }
+}
+
+#[test]
+fn a_file_that_refuses_fallocate_takes_writes_into_holes_through_the_page_cache() {
+    const M: usize = 1 << 20;
+    let f = sparse_file(4 * M as u64, &[]);
+    let b = Backend::open(f.path(), false).expect("open");
+    b.allocate_ok.store(false, Ordering::Relaxed);
+    assert_eq!(b.route(0, M), Route::Cached);
+    // A write routed before the refusal was known still lands, through the cache.
+    let raw = vec![0x42u8; M + 4096];
+    let start = raw.as_ptr().align_offset(4096);
+    b.write_routed(&raw[start..start + M], 0, false, Route::AllocateDirect)
+        .expect("write");
+    let mut back = vec![0u8; M];
+    b.read_at(&mut back, 0).expect("read");
+    assert!(back.iter().all(|&x| x == 0x42));
+    assert_eq!(b.route(0, M), Route::Direct, "allocated now: direct");
 }
 
 #[test]
@@ -55,7 +127,6 @@ fn large_cached_writes_start_their_writeback() {
     let raw = vec![0x77u8; M + 4096];
     let start = raw.as_ptr().align_offset(4096);
     let data = &raw[start..start + M];
-    assert_eq!(b.route(0, M), Route::Cached, "into a hole: the page cache");
     b.write_routed(data, 0, false, Route::Cached)
         .expect("cached write");
     // The file system took `sync_file_range` (a wrong flag or range would have turned the
