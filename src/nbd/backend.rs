@@ -268,7 +268,7 @@ impl Backend {
         match self.fallocate(FallocateFlags::FALLOC_FL_KEEP_SIZE, offset, len as u64) {
             Ok(()) => Ok(true),
             Err(e @ (Errno::EOPNOTSUPP | Errno::ENOSYS)) => {
-                tracing::debug!(error = %e, "fallocate refused; writes into holes go through the page cache");
+                tracing::debug!(error = %e, "fallocate refused; holes now go through the cache");
                 self.allocate_ok.store(false, Ordering::Relaxed);
                 Ok(false)
             }

@@ -1,10 +1,10 @@
 //! The transmission phase of one connection: pipelined requests, out-of-order replies.
 //!
 //! ```text
-//!   socket ──► reader (this task) ──► check ──┬─► write lane: plain writes, in order ───┐
-//!                │  one request at a time:     │     (direct overwrites go to the pool) │
+//!   socket ──► reader (this task) ──► check ──┬─► write lane: small plain writes ──────┐
+//!                │  one request at a time:     │     and zeroing, in order              │
 //!                │  header, then payload       └─► blocking pool: everything else ──────┤
-//!                │  straight into a reused buffer         (many at once)                ▼
+//!                │  straight into a reused buffer  (large writes too, many at once)     ▼
 //!                └─ refused requests ──────────────────────────────────────► sink ──► socket
 //! ```
 //!
@@ -374,14 +374,13 @@ type Task = Box<dyn FnOnce() + Send>;
 /// The thread that takes a connection's plain writes (not FUA), and its plain zeroing and
 /// trims, in order, started on first use.
 ///
-/// It asks the backend how each write goes (`Backend::route`: one `lseek`). A write that goes
-/// through the page cache (small or unaligned, or into a hole of a file that refuses
-/// `fallocate`) is done right here: buffered writes to one file serialize on the inode lock
-/// anyway, so spreading them over the blocking pool only adds lock spinning and a thread
-/// wake-up per write (measured: the mirror's 1 MiB writes into a fresh image ran faster and
-/// leaner on this one thread than on the pool, BENCHMARKS.md). A direct write (over allocated
-/// blocks, or into a hole once its range is allocated) goes on to the blocking pool, where
-/// several run side by side. A zeroing or trim over a range that is
+/// A write comes here when it is too small or unaligned to go direct (large aligned ones go to
+/// the blocking pool, see [`OnLane::of`]) and is written through the page cache right here:
+/// buffered writes to one file serialize on the inode lock anyway, so spreading them over the
+/// blocking pool only adds lock spinning and a thread wake-up per write (measured when the
+/// mirror's 1 MiB writes into a fresh image went cached: faster and leaner on this one thread
+/// than on the pool, BENCHMARKS.md). Should the backend still choose a direct route for one
+/// (`Backend::route`), it goes on to the pool. A zeroing or trim over a range that is
 /// already a hole (`Backend::all_hole`, one `lseek`) is answered here: the mirror of a
 /// sparse disk sends thousands, and a pool thread woken for each, all writing their replies
 /// at once, cost more than the `lseek` (session 10, BENCHMARKS.md); over data it goes to the

@@ -1,13 +1,13 @@
 //! Early writeback: start the disk writing a range that was just written through the page cache,
 //! without waiting for it (`sync_file_range(SYNC_FILE_RANGE_WRITE)`).
 //!
-//! Why: a mirror's writes into a fresh image go through the page cache (see
-//! `Backend::route`), and on a host with a lot of memory the kernel's own writeback starts only
-//! past `dirty_background_ratio` (2.4 GB on a 24 GB host) or after 30 s, so all of a mirror's
-//! data used to wait in memory for the client's flush, and the disk sat idle while the network
-//! delivered it. Starting each large range's writeback as soon as it is written overlaps the two:
-//! the flush before the mirror is ready, and the agent's `fdatasync` before `cont`, find little
-//! left to do.
+//! Why: large writes that cannot go direct (unaligned, or a file that refuses direct I/O or
+//! `fallocate`; see `Backend::route`) go through the page cache, and on a host with a lot of
+//! memory the kernel's own writeback starts only past `dirty_background_ratio` (2.4 GB on a
+//! 24 GB host) or after 30 s, so all of a mirror's data used to wait in memory for the client's
+//! flush, and the disk sat idle while the network delivered it. Starting each large range's
+//! writeback as soon as it is written overlaps the two: the flush before the mirror is ready,
+//! and the agent's `fdatasync` before `cont`, find little left to do.
 //!
 //! This changes no durability promise: nothing is acknowledged as durable because of it. Errors of
 //! the writeback it starts are recorded by the kernel against the file and reported by the next
@@ -15,12 +15,12 @@
 //! not wait and so does not consume them. An error of the call itself fails the write it follows
 //! (see `Backend::write_routed`).
 //!
-//! Early writeback only moves the data as far as the device; a device with a volatile cache
-//! (a disk's write cache, or a virtual disk whose host buffers it) still holds it until a cache
-//! flush, and the mirror's flush before `READY` then waited for all of it at once: 0.2-0.7 s
-//! for 512 MiB on these machines, most of the mirror's time to durable. [`Syncer`] also
-//! overlaps that: every [`SYNC_EVERY`] bytes of bulk writes it starts an `fdatasync` on a
-//! thread of its own, so the last flush finds at most that much left.
+//! Early writeback, like a direct write, only moves the data as far as the device; a device
+//! with a volatile cache (a disk's write cache, or a virtual disk whose host buffers it) still
+//! holds it until a cache flush, and the mirror's flush before `READY` then waited for all of
+//! it at once: 0.2-0.7 s for 512 MiB on these machines, most of the mirror's time to durable.
+//! [`Syncer`] also overlaps that: every [`SYNC_EVERY`] bytes of bulk writes it starts an
+//! `fdatasync` on a thread of its own, so the last flush finds at most that much left.
 //!
 //! The one `unsafe` call in the server lives here: nix 0.29 has no wrapper for this system call.
 
