@@ -328,8 +328,8 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut BufReader<R>, len: u64) -> Resul
 /// Requests the write lane looks at first (see [`Lane`]).
 #[derive(Clone, Copy)]
 enum OnLane {
-    /// A plain write that goes through the page cache (small or unaligned, or into a hole of a
-    /// file that refuses `fallocate`) is done on the lane; a direct one goes to the pool.
+    /// A plain write too small or unaligned to go direct: done on the lane, through the page
+    /// cache.
     Write { offset: u64, len: usize },
     /// A plain zeroing or trim that may deallocate: over a hole there is nothing to do and the
     /// lane answers it; over data it goes to the pool.
