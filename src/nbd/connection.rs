@@ -170,10 +170,9 @@ where
                         lane.run(Box::new(move || {
                             let backend = &job.export.backend;
                             let here = match on_lane {
-                                OnLane::Write { offset, len } => {
-                                    let route = backend.route(offset, len);
-                                    job.route = Some(route);
-                                    route == Route::Cached
+                                OnLane::Write => {
+                                    job.route = Some(Route::Cached);
+                                    true
                                 }
                                 OnLane::Zero { offset, len } => {
                                     job.already_zero = backend.all_hole(offset, len);
@@ -329,8 +328,8 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut BufReader<R>, len: u64) -> Resul
 #[derive(Clone, Copy)]
 enum OnLane {
     /// A plain write too small or unaligned to go direct: done on the lane, through the page
-    /// cache.
-    Write { offset: u64, len: usize },
+    /// cache (it stays so: a file never takes direct writes again once it refused one).
+    Write,
     /// A plain zeroing or trim that may deallocate: over a hole there is nothing to do and the
     /// lane answers it; over data it goes to the pool.
     Zero { offset: u64, len: u64 },
@@ -347,10 +346,7 @@ impl OnLane {
                 offset,
                 len,
                 ..
-            } if !backend.goes_direct(offset, len as usize) => Some(OnLane::Write {
-                offset,
-                len: len as usize,
-            }),
+            } if !backend.goes_direct(offset, len as usize) => Some(OnLane::Write),
             Op::WriteZeroes {
                 no_hole: false,
                 fua: false,
@@ -379,8 +375,7 @@ type Task = Box<dyn FnOnce() + Send>;
 /// buffered writes to one file serialize on the inode lock anyway, so spreading them over the
 /// blocking pool only adds lock spinning and a thread wake-up per write (measured when the
 /// mirror's 1 MiB writes into a fresh image went cached: faster and leaner on this one thread
-/// than on the pool, BENCHMARKS.md). Should the backend still choose a direct route for one
-/// (`Backend::route`), it goes on to the pool. A zeroing or trim over a range that is
+/// than on the pool, BENCHMARKS.md). A zeroing or trim over a range that is
 /// already a hole (`Backend::all_hole`, one `lseek`) is answered here: the mirror of a
 /// sparse disk sends thousands, and a pool thread woken for each, all writing their replies
 /// at once, cost more than the `lseek` (session 10, BENCHMARKS.md); over data it goes to the
