@@ -301,6 +301,22 @@ async fn run(
             },
         ));
     }
+    // A migration of this QEMU still running (another tool's) or still being torn down (one
+    // that just failed): ferry's settings and `migrate` would race QEMU's teardown.
+    let torn_down = qemu
+        .wait_migration_torn_down(Duration::from_secs(10))
+        .await
+        .map_err(|e| at(PhaseName::Discover)(source::DiscoverError::Qmp(e)))?;
+    if !torn_down {
+        let mut failure = at(PhaseName::Discover)(source::DiscoverError::Unsupported(
+            "the source QEMU has a migration in progress (or has not finished tearing one down \
+             after 10 s); nothing was changed: let it end, or stop it with `migrate_cancel`, then \
+             run ferry again"
+                .into(),
+        ));
+        failure.source_running = vm.running;
+        return Err(failure);
+    }
     let build = vet_settings(&qemu, &vm, opts).await?;
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let mut m = Migration::new(qemu, journal, started);

@@ -263,21 +263,46 @@ impl Settle<'_> {
         if left.is_empty() {
             rest.jobs.clear();
         }
-        rest.capabilities.clear();
-        for capability in &record.capabilities {
-            if let Err(e) = qemu.set_capability(capability, false).await {
-                warn!(%capability, error = %crate::error_chain(&e), "cannot turn a migration capability back off");
-                left.push(format!("capability {capability}"));
-                rest.capabilities.push(capability.clone());
+        // The capabilities and parameters go back only once QEMU has torn its migration down:
+        // changed before, they can crash the source QEMU (see
+        // `SourceQemu::wait_migration_torn_down`). If it does not within the bound, they stay
+        // as they are and in the journal, for `ferry recover`: a setting left over is harmless,
+        // a crashed source is the VM lost.
+        let torn_down = match qemu.wait_migration_torn_down(CANCEL_TIMEOUT).await {
+            Ok(done) => done,
+            Err(e) => {
+                warn!(error = %crate::error_chain(&e), "cannot tell whether the source QEMU tore its migration down");
+                false
             }
-        }
-        if let Some(parameters) = &record.parameters {
-            match qemu.set_migration_parameters(parameters).await {
-                Ok(()) => rest.parameters = None,
-                Err(e) => {
-                    warn!(error = %crate::error_chain(&e), "cannot restore the migration parameters");
-                    left.push(format!("migration parameters {parameters}"));
+        };
+        if torn_down {
+            rest.capabilities.clear();
+            for capability in &record.capabilities {
+                if let Err(e) = qemu.set_capability(capability, false).await {
+                    warn!(%capability, error = %crate::error_chain(&e), "cannot turn a migration capability back off");
+                    left.push(format!("capability {capability}"));
+                    rest.capabilities.push(capability.clone());
                 }
+            }
+            if let Some(parameters) = &record.parameters {
+                match qemu.set_migration_parameters(parameters).await {
+                    Ok(()) => rest.parameters = None,
+                    Err(e) => {
+                        warn!(error = %crate::error_chain(&e), "cannot restore the migration parameters");
+                        left.push(format!("migration parameters {parameters}"));
+                    }
+                }
+            }
+        } else {
+            warn!("the source QEMU has not torn its migration down; its migration settings stay as the migration left them");
+            left.extend(
+                record
+                    .capabilities
+                    .iter()
+                    .map(|c| format!("capability {c}")),
+            );
+            if let Some(parameters) = &record.parameters {
+                left.push(format!("migration parameters {parameters}"));
             }
         }
         let told = if tell_agent {

@@ -403,6 +403,44 @@ impl SourceQemu {
         wait_migration(&self.qmp, timeout, every, done).await
     }
 
+    /// Waits, at most `timeout`, until QEMU has torn down its last outgoing migration: `true`
+    /// once it has (or never had one), `false` if it still has not.
+    ///
+    /// Why: `query-migrate` says `failed` the moment a channel breaks, but QEMU tears the
+    /// migration down later (its migration thread may sleep in the rate limit first), and its
+    /// teardown reads the capabilities and parameters as they are *then*: with `multifd`
+    /// turned off meanwhile it skips the multifd channels and aborts on their leftover yank
+    /// functions (QEMU 10.0.2, `yank_unregister_instance: Assertion ... failed`, seen in the
+    /// fault matrix as a source QEMU gone after `ferry recover` put the capabilities back; a
+    /// `migrate` issued too early fails with "duplicate yank instance"). The teardown's very
+    /// last step unregisters the migration's yank instance, which `query-yank` (QEMU 6.0 and
+    /// later) lists: its absence is the signal. A QEMU without `query-yank` has no yank to trip.
+    pub async fn wait_migration_torn_down(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<bool, SourceError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let instances = match self.qmp.execute_raw("query-yank", Value::Null).await {
+                Ok(instances) => instances,
+                Err(e) if e.class() == Some("CommandNotFound") => return Ok(true),
+                Err(e) => return Err(ctx("query-yank")(e)),
+            };
+            let migrating = instances
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|i| i.get("type").and_then(Value::as_str) == Some("migration"));
+            if !migrating {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Lets a migration paused at `pre-switchover` finish.
     pub async fn migrate_continue(&self) -> Result<(), SourceError> {
         self.qmp

@@ -53,9 +53,10 @@ impl Relay {
                 // Every connection is taken (and handed to the keeper) as soon as QEMU opens
                 // it, and carried in order by `carry_in_order`: one left waiting in the
                 // listener's backlog would be reset if this process died, breaking a multifd
-                // channel while QEMU sets them up. (Before this, a later `migrate` of the same
-                // QEMU twice failed with "duplicate yank instance" in the fault matrix; not
-                // seen since, cause unconfirmed.)
+                // channel while QEMU sets them up. ("duplicate yank instance" from a later
+                // `migrate` of the same QEMU, seen twice in the fault matrix before, is QEMU's
+                // teardown of the previous migration not being done yet: see
+                // `SourceQemu::wait_migration_torn_down`.)
                 let (queue, queued) = tokio::sync::mpsc::unbounded_channel();
                 let accept = async move {
                     let mut taken = 0u32;
