@@ -7,7 +7,7 @@
 //! - [`migration`]: the short-lived CA, server and client certificates an agent makes for each
 //!   migration, for NBD and the RAM stream (and, for other peers such as `ferry nbd-serve`'s
 //!   clients, the files QEMU's `tls-creds-x509` reads).
-//! - here: the rustls configurations (TLS 1.3 only, the `ring` provider) and the exporter value
+//! - here: the rustls configurations (TLS 1.3 only, the `aws-lc-rs` provider) and the exporter value
 //!   the control handshake binds its token proofs to.
 //!
 //! Why the source may accept an agent certificate it cannot verify: the shared token, not the
@@ -74,9 +74,12 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
 }
 
-/// The one crypto provider: `ring` (no C toolchain beyond cc, no cmake), AES-GCM with AES-NI.
+/// The one crypto provider: `aws-lc-rs`, rustls's default. Its AES-GCM is the fastest here
+/// (AES-128-GCM 12.2-12.4 GB/s against ring's 7.8-9.2 on this machine's AVX-512, in-place
+/// 16 KiB records), and every byte of the disks and the RAM goes through it twice, once per
+/// end. It builds with cc alone (no cmake, no Go) on x86_64 Linux.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// The provider for the disks and the RAM ([`crate::tunnel`]): AES-128-GCM first. rustls
@@ -84,13 +87,13 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// AEAD there is (measured with `bench/run`), and 128-bit keys for one short-lived migration
 /// are ample. The control link keeps the default order.
 pub fn bulk_provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::ring::cipher_suite;
+    use rustls::crypto::aws_lc_rs::cipher_suite;
     Arc::new(CryptoProvider {
         cipher_suites: vec![
             cipher_suite::TLS13_AES_128_GCM_SHA256,
             cipher_suite::TLS13_AES_256_GCM_SHA384,
         ],
-        ..rustls::crypto::ring::default_provider()
+        ..rustls::crypto::aws_lc_rs::default_provider()
     })
 }
 
