@@ -254,9 +254,8 @@ async fn ferry_migrate_leaves_a_vm_with_a_migration_in_progress_alone() {
 
     let token = token_file(tmp.path(), "teardown-test-token-0123456789abcdef");
     let started = Instant::now();
-    let qmp_path = vm.qmp.clone();
-    let to = nobody();
-    let run = tokio::task::spawn_blocking(move || FERRY.migrate(&qmp_path, &to, &token))
+    let (qmp_path, to, token_path) = (vm.qmp.clone(), nobody(), token.clone());
+    let run = tokio::task::spawn_blocking(move || FERRY.migrate(&qmp_path, &to, &token_path))
         .await
         .expect("ferry migrate");
     assert_eq!(run.code, 1, "{}", run.stderr);
@@ -271,6 +270,15 @@ async fn ferry_migrate_leaves_a_vm_with_a_migration_in_progress_alone() {
         "{last}"
     );
     assert!(started.elapsed() < Duration::from_secs(30));
+    // A dry run says the same.
+    let dry = FERRY
+        .migrate_command(&vm.qmp, &nobody(), &token)
+        .arg("--dry-run")
+        .output()
+        .expect("ferry migrate --dry-run");
+    let said = String::from_utf8_lossy(&dry.stdout);
+    assert_eq!(dry.status.code(), Some(1), "{said}");
+    assert!(said.contains("has a migration in progress"), "{said}");
 
     // Nothing was touched: the other migration still runs, with its settings.
     let qemu = vm.connect().await;

@@ -2,9 +2,9 @@
 //! it would do, with nothing changed on either host.
 //!
 //! On the source only read-only QMP commands run (`query-status`, `query-block`, `qom-get`,
-//! `query-memory-size-summary`) and the journal is read, never written or settled; the agent
-//! gets `Check` instead of `Prepare` and answers from the same checks without creating a
-//! directory, an image, a certificate or an NBD server (see [`crate::protocol`]).
+//! `query-memory-size-summary`, `query-yank`) and the journal is read, never written or settled;
+//! the agent gets `Check` instead of `Prepare` and answers from the same checks without creating
+//! a directory, an image, a certificate or an NBD server (see [`crate::protocol`]).
 
 use serde::Serialize;
 
@@ -98,6 +98,10 @@ pub async fn dry_run(opts: &MigrateOptions) -> Result<Plan, Failure> {
         }
         (Err(e), None) => return Err(at(PhaseName::Discover)(e)),
     };
+    // An interrupted migration's own is settled by a real run first (the plan says so).
+    if interrupted.is_none() {
+        super::no_migration_in_flight(&qemu, &vm).await?;
+    }
     let build = super::vet_settings(&qemu, &vm, opts).await?;
     let discover = at::<super::source::SourceError>(PhaseName::Discover);
     let ram_bytes = qemu.ram_size().await.map_err(&discover)?;

@@ -279,6 +279,31 @@ async fn vet_settings(
     Ok(build)
 }
 
+/// Refuses a VM whose QEMU still has a migration: running (another tool's), or failed and not
+/// yet torn down by QEMU (then a bounded wait usually sees it go): ferry's settings and its
+/// `migrate` would race that teardown (see [`SourceQemu::wait_migration_torn_down`]).
+pub(crate) async fn no_migration_in_flight(
+    qemu: &SourceQemu,
+    vm: &crate::vm::VmDescription,
+) -> Result<(), Failure> {
+    let torn_down = qemu
+        .wait_migration_torn_down(Duration::from_secs(10))
+        .await
+        .map_err(|e| at(PhaseName::Discover)(source::DiscoverError::Qmp(e)))?;
+    if torn_down {
+        return Ok(());
+    }
+    let mut failure = at(PhaseName::Discover)(source::DiscoverError::Unsupported(
+        "the source QEMU has a migration in progress (or has not finished tearing one down after \
+         10 s); nothing was changed: let it end, or stop it with `migrate_cancel`, then run ferry \
+         again"
+            .into(),
+    ));
+    // Nothing was touched: the VM runs (or stays paused) as before.
+    failure.source_running = vm.running;
+    Err(failure)
+}
+
 async fn run(
     opts: &MigrateOptions,
     reporter: &mut dyn Reporter,
@@ -301,22 +326,7 @@ async fn run(
             },
         ));
     }
-    // A migration of this QEMU still running (another tool's) or still being torn down (one
-    // that just failed): ferry's settings and `migrate` would race QEMU's teardown.
-    let torn_down = qemu
-        .wait_migration_torn_down(Duration::from_secs(10))
-        .await
-        .map_err(|e| at(PhaseName::Discover)(source::DiscoverError::Qmp(e)))?;
-    if !torn_down {
-        let mut failure = at(PhaseName::Discover)(source::DiscoverError::Unsupported(
-            "the source QEMU has a migration in progress (or has not finished tearing one down \
-             after 10 s); nothing was changed: let it end, or stop it with `migrate_cancel`, then \
-             run ferry again"
-                .into(),
-        ));
-        failure.source_running = vm.running;
-        return Err(failure);
-    }
+    no_migration_in_flight(&qemu, &vm).await?;
     let build = vet_settings(&qemu, &vm, opts).await?;
     let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let mut m = Migration::new(qemu, journal, started);
