@@ -7,8 +7,8 @@
 //! - [`migration`]: the short-lived CA, server and client certificates an agent makes for each
 //!   migration, for NBD and the RAM stream (and, for other peers such as `ferry nbd-serve`'s
 //!   clients, the files QEMU's `tls-creds-x509` reads).
-//! - here: the rustls configurations (TLS 1.3 only, the `aws-lc-rs` provider) and the exporter value
-//!   the control handshake binds its token proofs to.
+//! - here: the rustls configurations (TLS 1.3 only, the `aws-lc-rs` provider) and the exporter
+//!   value the control handshake binds its token proofs to.
 //!
 //! Why the source may accept an agent certificate it cannot verify: the shared token, not the
 //! certificate, authenticates the agent. Both HMAC proofs cover the TLS exporter of the session
