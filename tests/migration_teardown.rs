@@ -295,3 +295,77 @@ async fn ferry_migrate_leaves_a_vm_with_a_migration_in_progress_alone() {
     );
     let _ = qemu.migrate_cancel().await;
 }
+
+/// A QEMU whose migration is not torn down within the bound (here: one that still runs, for a
+/// record from before the RAM phase, which settling does not cancel): the capabilities and
+/// parameters stay as they are, and the journal keeps them, named as left over, for `ferry
+/// recover`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_stay_in_the_journal_while_qemu_has_not_torn_its_migration_down() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vm = BareQemu::start(tmp.path(), Path::new(ferry_testkit::DEFAULT_QEMU));
+    let qemu = vm.connect().await;
+    qemu.set_capability("pause-before-switchover", true)
+        .await
+        .expect("capability");
+    let socket = tmp.path().join("elsewhere.sock");
+    let listener = UnixListener::bind(&socket).expect("listen");
+    qemu.migrate(&ferry::migrate::source::Endpoint::Unix(socket.clone()))
+        .await
+        .expect("migrate");
+    let (_held, _) = tokio::time::timeout(Duration::from_secs(20), listener.accept())
+        .await
+        .expect("QEMU connects")
+        .expect("accept");
+
+    let state = tempfile::tempdir().expect("state");
+    let journal = Journal::for_socket(state.path(), &vm.qmp);
+    let record = SourceRecord {
+        phase: SourcePhase::Mirror,
+        migration_id: "m-not-torn-down".into(),
+        to: nobody(),
+        jobs: Vec::new(),
+        capabilities: vec!["pause-before-switchover".into()],
+        resume: false,
+        qemu_pid: None,
+        parameters: Some(json!({"max-bandwidth": 134217728})),
+        tls: None,
+        files: Vec::new(),
+        agent_told: false,
+    };
+    journal.write(&record).expect("journal");
+    let auth = AgentAuth::with_token(b"0123456789abcdef0123456789abcdef".to_vec());
+    let outcome = Settle {
+        qemu: Some(&qemu),
+        journal: &journal,
+        auth: &auth,
+        link: None,
+        agent_wait: Duration::from_secs(1),
+        reason: "test".into(),
+        known: None,
+    }
+    .run(record.clone())
+    .await;
+    match &outcome {
+        Outcome::Source {
+            pending: Some(pending),
+            ..
+        } => assert!(
+            pending.contains("still in the source QEMU: capability pause-before-switchover, migration parameters"),
+            "{pending}"
+        ),
+        other => panic!("expected the source, with the settings left: {other:?}"),
+    }
+    let kept = journal.read().expect("read").expect("the journal stays");
+    assert_eq!(kept.phase, SourcePhase::Returned);
+    assert_eq!(kept.capabilities, record.capabilities);
+    assert_eq!(kept.parameters, record.parameters);
+    assert!(
+        qemu.capabilities_off(&["pause-before-switchover"])
+            .await
+            .expect("caps")
+            .is_empty(),
+        "the capability was left on"
+    );
+    let _ = qemu.migrate_cancel().await;
+}
