@@ -105,6 +105,65 @@ fn nobody() -> String {
     addr.to_string()
 }
 
+/// Someone else's migration of `qemu`, stuck: its destination (returned; keep it) takes the
+/// connection and never reads.
+async fn stuck_migration(qemu: &SourceQemu, dir: &Path) -> UnixStream {
+    let socket = dir.join("elsewhere.sock");
+    let listener = UnixListener::bind(&socket).expect("listen");
+    qemu.migrate(&ferry::migrate::source::Endpoint::Unix(socket))
+        .await
+        .expect("migrate");
+    let (held, _) = tokio::time::timeout(Duration::from_secs(20), listener.accept())
+        .await
+        .expect("QEMU connects")
+        .expect("accept");
+    held
+}
+
+/// A journal of the VM behind `qmp` under `state`, holding a record of a migration at `phase`
+/// that turned `capabilities` on and changed the `parameters` (their old values), to an agent
+/// that cannot be told.
+fn journaled(
+    state: &Path,
+    qmp: &Path,
+    phase: SourcePhase,
+    capabilities: &[&str],
+    parameters: serde_json::Value,
+) -> (Journal, SourceRecord) {
+    let journal = Journal::for_socket(state, qmp);
+    let record = SourceRecord {
+        phase,
+        migration_id: "m-teardown".into(),
+        to: nobody(),
+        jobs: Vec::new(),
+        capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+        resume: false,
+        qemu_pid: None,
+        parameters: Some(parameters),
+        tls: None,
+        files: Vec::new(),
+        agent_told: false,
+    };
+    journal.write(&record).expect("journal");
+    (journal, record)
+}
+
+/// Settles `record` as `ferry recover` would.
+async fn settle(qemu: &SourceQemu, journal: &Journal, record: SourceRecord) -> Outcome {
+    let auth = AgentAuth::with_token(b"0123456789abcdef0123456789abcdef".to_vec());
+    Settle {
+        qemu: Some(qemu),
+        journal,
+        auth: &auth,
+        link: None,
+        agent_wait: Duration::from_secs(1),
+        reason: "test".into(),
+        known: None,
+    }
+    .run(record)
+    .await
+}
+
 /// A multifd migration fails while QEMU's migration thread sleeps in the rate limit; settling
 /// right away must leave the source QEMU alive, with its settings back. Without the wait, QEMU
 /// 10.0.2 aborted in 5 of 6 runs of this test.
@@ -157,33 +216,14 @@ async fn settle_a_migration_failed_by_a_multifd_channel(program: &Path) {
 
     // Settle as `ferry recover` would, right away.
     let state = tempfile::tempdir().expect("state");
-    let journal = Journal::for_socket(state.path(), &vm.qmp);
-    let record = SourceRecord {
-        phase: SourcePhase::Ram,
-        migration_id: "m-teardown".into(),
-        to: nobody(),
-        jobs: Vec::new(),
-        capabilities: vec!["multifd".into()],
-        resume: false,
-        qemu_pid: None,
-        parameters: Some(found.clone()),
-        tls: None,
-        files: Vec::new(),
-        agent_told: false,
-    };
-    journal.write(&record).expect("journal");
-    let auth = AgentAuth::with_token(b"0123456789abcdef0123456789abcdef".to_vec());
-    let outcome = Settle {
-        qemu: Some(&qemu),
-        journal: &journal,
-        auth: &auth,
-        link: None,
-        agent_wait: Duration::from_secs(1),
-        reason: "test".into(),
-        known: None,
-    }
-    .run(record)
-    .await;
+    let (journal, record) = journaled(
+        state.path(),
+        &vm.qmp,
+        SourcePhase::Ram,
+        &["multifd"],
+        found.clone(),
+    );
+    let outcome = settle(&qemu, &journal, record).await;
     match &outcome {
         // Only the agent's word is pending: the source QEMU has nothing of the migration left.
         Outcome::Source {
@@ -237,20 +277,11 @@ async fn settling_a_failed_multifd_migration_waits_for_qemus_teardown_qemu_7_2()
 async fn ferry_migrate_leaves_a_vm_with_a_migration_in_progress_alone() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let vm = BareQemu::start(tmp.path(), Path::new(ferry_testkit::DEFAULT_QEMU));
-    // Someone else's migration, stuck: its destination takes the connection and never reads.
-    let socket = tmp.path().join("elsewhere.sock");
-    let listener = UnixListener::bind(&socket).expect("listen");
-    {
+    let _held = {
         let qemu = vm.connect().await;
         qemu.cont().await.expect("cont");
-        qemu.migrate(&ferry::migrate::source::Endpoint::Unix(socket.clone()))
-            .await
-            .expect("migrate");
-    }
-    let (_held, _) = tokio::time::timeout(Duration::from_secs(20), listener.accept())
-        .await
-        .expect("QEMU connects")
-        .expect("accept");
+        stuck_migration(&qemu, tmp.path()).await
+    };
 
     let token = token_file(tmp.path(), "teardown-test-token-0123456789abcdef");
     let started = Instant::now();
@@ -308,44 +339,17 @@ async fn settings_stay_in_the_journal_while_qemu_has_not_torn_its_migration_down
     qemu.set_capability("pause-before-switchover", true)
         .await
         .expect("capability");
-    let socket = tmp.path().join("elsewhere.sock");
-    let listener = UnixListener::bind(&socket).expect("listen");
-    qemu.migrate(&ferry::migrate::source::Endpoint::Unix(socket.clone()))
-        .await
-        .expect("migrate");
-    let (_held, _) = tokio::time::timeout(Duration::from_secs(20), listener.accept())
-        .await
-        .expect("QEMU connects")
-        .expect("accept");
+    let _held = stuck_migration(&qemu, tmp.path()).await;
 
     let state = tempfile::tempdir().expect("state");
-    let journal = Journal::for_socket(state.path(), &vm.qmp);
-    let record = SourceRecord {
-        phase: SourcePhase::Mirror,
-        migration_id: "m-not-torn-down".into(),
-        to: nobody(),
-        jobs: Vec::new(),
-        capabilities: vec!["pause-before-switchover".into()],
-        resume: false,
-        qemu_pid: None,
-        parameters: Some(json!({"max-bandwidth": 134217728})),
-        tls: None,
-        files: Vec::new(),
-        agent_told: false,
-    };
-    journal.write(&record).expect("journal");
-    let auth = AgentAuth::with_token(b"0123456789abcdef0123456789abcdef".to_vec());
-    let outcome = Settle {
-        qemu: Some(&qemu),
-        journal: &journal,
-        auth: &auth,
-        link: None,
-        agent_wait: Duration::from_secs(1),
-        reason: "test".into(),
-        known: None,
-    }
-    .run(record.clone())
-    .await;
+    let (journal, record) = journaled(
+        state.path(),
+        &vm.qmp,
+        SourcePhase::Mirror,
+        &["pause-before-switchover"],
+        json!({"max-bandwidth": 134217728}),
+    );
+    let outcome = settle(&qemu, &journal, record.clone()).await;
     match &outcome {
         Outcome::Source {
             pending: Some(pending),
