@@ -36,6 +36,9 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
 /// agent's 15 s bound per call before it is killed (fault matrix: pre-switchover / SIGKILL
 /// ferry migrate took more than 10 s), and an answer cut short reads as "not told".
 const TELL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long QEMU may take to tear an ended migration down before its channels are yanked (it
+/// normally takes milliseconds; see `SourceQemu::wait_ended_migration_torn_down`).
+const TEARDOWN_PATIENCE: Duration = Duration::from_secs(5);
 /// Pause between attempts to reach the agent.
 const RETRY_EVERY: Duration = Duration::from_secs(2);
 
@@ -268,7 +271,10 @@ impl Settle<'_> {
         // `SourceQemu::wait_migration_torn_down`). If it does not within the bound, they stay
         // as they are and in the journal, for `ferry recover`: a setting left over is harmless,
         // a crashed source is the VM lost.
-        let torn_down = match qemu.wait_migration_torn_down(CANCEL_TIMEOUT).await {
+        let torn_down = match qemu
+            .wait_ended_migration_torn_down(TEARDOWN_PATIENCE, CANCEL_TIMEOUT)
+            .await
+        {
             Ok(done) => done,
             Err(e) => {
                 warn!(error = %crate::error_chain(&e), "cannot tell whether the source QEMU tore its migration down");

@@ -441,6 +441,34 @@ impl SourceQemu {
         }
     }
 
+    /// [`wait_migration_torn_down`](Self::wait_migration_torn_down) for a migration that has
+    /// ended: if QEMU has not torn it down after `patience`, and `query-migrate` says it is
+    /// over (`failed`, `cancelled`, `completed`), its channels are yanked (QMP `yank` of the
+    /// `migration` instance, QEMU's own way out of a hung channel: a migration thread blocked
+    /// writing into a connection nobody reads never reaches its teardown), and the wait goes
+    /// on until `timeout`. A migration still running is never yanked.
+    pub async fn wait_ended_migration_torn_down(
+        &self,
+        patience: std::time::Duration,
+        timeout: std::time::Duration,
+    ) -> Result<bool, SourceError> {
+        if self.wait_migration_torn_down(patience).await? {
+            return Ok(true);
+        }
+        if self.query_migrate().await?.status.is_final() {
+            tracing::warn!(
+                "the source QEMU's migration ended but is not torn down; yanking its channels"
+            );
+            // An instance gone meanwhile is an error here, and the wait below sees it gone.
+            let _ = self
+                .qmp
+                .execute_raw("yank", json!({"instances": [{"type": "migration"}]}))
+                .await;
+        }
+        self.wait_migration_torn_down(timeout.saturating_sub(patience))
+            .await
+    }
+
     /// Lets a migration paused at `pre-switchover` finish.
     pub async fn migrate_continue(&self) -> Result<(), SourceError> {
         self.qmp
