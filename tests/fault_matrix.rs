@@ -340,6 +340,8 @@ async fn run_case(rig: &mut Rig, phase: Phase, fault: Fault) -> Row {
     if recovered {
         let (code, json, stderr) = FERRY.recover(&qmp_path, &rig.token);
         recover_said = format!("{json} {stderr}");
+        // Kept with the case's other logs, for a post-mortem (`FERRY_MATRIX_KEEP`).
+        let _ = std::fs::write(case_dir.join("recover.log"), &recover_said);
         assert_eq!(
             code,
             0,

@@ -686,4 +686,124 @@ mod tests {
         let err = disks_from_query_block(&blocks).expect_err("refused");
         assert!(err.to_string().contains("eject it first"), "{err}");
     }
+
+    /// What a scripted monitor (below) was asked, and when.
+    type Asked = std::sync::Arc<std::sync::Mutex<Vec<(String, std::time::Instant)>>>;
+
+    /// A monitor that answers like a QEMU whose migration is `status` and whose `migration`
+    /// yank instance stays registered until a `yank` of it comes, or, with `torn_down_after`,
+    /// until that long after the connection. Records every command it is sent.
+    async fn scripted_monitor(
+        status: &'static str,
+        torn_down_after: Option<std::time::Duration>,
+    ) -> (tempfile::TempDir, SourceQemu, Asked) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("qmp.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let asked = Asked::default();
+        let log = asked.clone();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let since = std::time::Instant::now();
+            let (rd, mut wr) = stream.into_split();
+            let mut lines = tokio::io::BufReader::new(rd).lines();
+            let greeting = json!({"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 2},
+                "package": ""}, "capabilities": []}});
+            wr.write_all(format!("{greeting}\n").as_bytes())
+                .await
+                .expect("greet");
+            let mut yanked = false;
+            while let Ok(Some(line)) = lines.next_line().await {
+                let request: Value = serde_json::from_str(&line).expect("JSON");
+                let command = request["execute"].as_str().unwrap_or_default().to_string();
+                let torn_down = yanked || torn_down_after.is_some_and(|t| since.elapsed() >= t);
+                let answer = match command.as_str() {
+                    "query-migrate" => json!({"status": status}),
+                    "query-yank" if torn_down => json!([]),
+                    "query-yank" => json!([{"type": "migration"}]),
+                    "yank" => {
+                        yanked =
+                            request["arguments"]["instances"] == json!([{"type": "migration"}]);
+                        json!({})
+                    }
+                    _ => json!({}),
+                };
+                log.lock()
+                    .expect("lock")
+                    .push((command, std::time::Instant::now()));
+                let reply = json!({"return": answer, "id": request["id"]});
+                wr.write_all(format!("{reply}\n").as_bytes())
+                    .await
+                    .expect("answer");
+            }
+        });
+        let qmp = qmp::Qmp::connect_unix(&path).await.expect("connect");
+        (dir, SourceQemu::new(qmp), asked)
+    }
+
+    fn yanks(asked: &Asked) -> Vec<std::time::Instant> {
+        let asked = asked.lock().expect("lock");
+        asked
+            .iter()
+            .filter(|(c, _)| c == "yank")
+            .map(|(_, t)| *t)
+            .collect()
+    }
+
+    const PATIENCE: std::time::Duration = std::time::Duration::from_millis(300);
+    const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+    #[tokio::test]
+    async fn an_ended_migration_not_torn_down_is_yanked_after_the_patience() {
+        let (_dir, qemu, asked) = scripted_monitor("failed", None).await;
+        let started = std::time::Instant::now();
+        let torn_down = qemu
+            .wait_ended_migration_torn_down(PATIENCE, TIMEOUT)
+            .await
+            .expect("waited");
+        assert!(torn_down, "the yank let the teardown finish");
+        let yanks = yanks(&asked);
+        assert_eq!(
+            yanks.len(),
+            1,
+            "one yank: {:?}",
+            asked.lock().expect("lock")
+        );
+        assert!(
+            yanks[0].duration_since(started) >= PATIENCE,
+            "yanked only after {PATIENCE:?}, not at once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_running_migration_is_never_yanked() {
+        let (_dir, qemu, asked) = scripted_monitor("active", None).await;
+        let torn_down = qemu
+            .wait_ended_migration_torn_down(PATIENCE, TIMEOUT)
+            .await
+            .expect("waited");
+        assert!(!torn_down, "still migrating: not torn down");
+        assert!(
+            yanks(&asked).is_empty(),
+            "{:?}",
+            asked.lock().expect("lock")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_ended_migration_that_tears_down_in_time_is_not_yanked() {
+        let (_dir, qemu, asked) =
+            scripted_monitor("failed", Some(std::time::Duration::from_millis(100))).await;
+        let torn_down = qemu
+            .wait_ended_migration_torn_down(PATIENCE, TIMEOUT)
+            .await
+            .expect("waited");
+        assert!(torn_down);
+        assert!(
+            yanks(&asked).is_empty(),
+            "{:?}",
+            asked.lock().expect("lock")
+        );
+    }
 }
