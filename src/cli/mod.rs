@@ -82,6 +82,10 @@ pub fn main() -> ExitCode {
         // No runtime, no logging: a few blocking reads (see `tunnel::keeper`).
         return crate::tunnel::keeper::run();
     }
+    if matches!(cli.command, Command::Migrate(_) | Command::Xl(_)) {
+        // Before the runtime's threads exist: they relay the encrypted streams.
+        crate::tunnel::keep_freed_memory();
+    }
     init_tracing(matches!(cli.command, Command::Agent(_)));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -238,6 +238,29 @@ impl Peer {
     }
 }
 
+/// Has this process keep the memory it frees for its next allocations instead of handing it
+/// back to the kernel at once. For a process that relays encrypted streams (`ferry migrate`):
+/// rustls makes a buffer for each TLS record it seals and frees it once written, and glibc gave
+/// a thread heap's freed top back (`madvise`, a TLB flush on every CPU) as soon as more than its
+/// adaptive threshold was free, so the next records faulted the same pages in again: 12% of the
+/// NBD relay's thread in an encrypted mirror (`perf`), and the whole migration 5-8% slower
+/// (BENCHMARKS.md, session 13). A relay lives for one migration and its peak is a few buffers
+/// per connection, so keeping that peak costs little. Not for the agent, a long-running
+/// service (measured: no gain there). Without glibc, nothing to do.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` only sets allocator parameters (thread-safe in glibc); no pointer is
+    // involved, and a refused value just leaves glibc's default.
+    #[allow(unsafe_code)]
+    unsafe {
+        // Setting the trim threshold turns glibc's adaptive thresholds off, so the mmap
+        // threshold is set too, to the most the adaptive rule would reach (32 MiB on 64-bit):
+        // buffers below it come from the heap and are reused.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}
+
 /// Copies both ways until both sides are done; returns the bytes copied (a → b, b → a).
 pub async fn splice<A, B>(mut a: A, mut b: B) -> std::io::Result<(u64, u64)>
 where
