@@ -1,4 +1,4 @@
-//! The targets of BENCHMARKS.md (issue 12's acceptance), checked against a run's rows.
+//! The targets of BENCHMARKS.md (issues 11 and 12's acceptance), checked against a run's rows.
 
 use super::Report;
 
@@ -97,6 +97,20 @@ impl Report {
                         format!("{section}: {flow} total time ≤ 1.0x native"),
                         format!("{:.2}x ({a:.2} vs {b:.2} s)", a / b),
                         a <= b,
+                    ));
+                }
+            }
+        }
+        // Issue 11: what encryption costs a whole migration, against the same flow in the clear.
+        for section in ["migration", "filled"] {
+            let rows = self.migration_rows(section);
+            let mig = |flow: &str| rows.iter().find(|r| r.flow == flow && r.completed > 0);
+            if let (Some(tls), Some(plain)) = (mig("ferry"), mig("ferry --insecure")) {
+                if let (Some(a), Some(b)) = (tls.total_s, plain.total_s) {
+                    out.push((
+                        format!("{section}: ferry (TLS) total ≤ 1.15x ferry --insecure"),
+                        format!("{:.2}x ({a:.2} vs {b:.2} s)", a / b),
+                        a <= 1.15 * b,
                     ));
                 }
             }
