@@ -242,11 +242,12 @@ impl Peer {
 /// back to the kernel at once. For a process that relays encrypted streams (`ferry migrate`):
 /// rustls makes a buffer for each TLS record it seals and frees it once written, and glibc gave
 /// a thread heap's freed top back (`madvise`, a TLB flush on every CPU) as soon as more than its
-/// adaptive threshold was free, so the next records faulted the same pages in again: 12% of the
-/// NBD relay's thread in an encrypted mirror (`perf`), and the whole migration 5-8% slower
-/// (BENCHMARKS.md, session 13). A relay lives for one migration and its peak is a few buffers
-/// per connection, so keeping that peak costs little. Not for the agent, a long-running
-/// service (measured: no gain there). Without glibc, nothing to do.
+/// adaptive threshold was free, so the next records faulted the same pages in again: a quarter
+/// of `ferry migrate`'s CPU over an encrypted migration (`perf`), the filled guest's migration
+/// 8% slower (BENCHMARKS.md, session 13). A relay lives for one migration and its peak is a few
+/// buffers per connection, so keeping that peak costs little (largest resident size 14.5 →
+/// 15.1 MiB). Not for the agent, a long-running service (measured: no gain there). Without
+/// glibc, nothing to do (tests/freed_memory.rs checks the effect).
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `mallopt` only sets allocator parameters (thread-safe in glibc); no pointer is
